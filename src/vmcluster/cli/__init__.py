@@ -1,0 +1,1 @@
+"""The ``vmcluster`` command: one module per noun."""

@@ -1,0 +1,1 @@
+"""The pure core of vmcluster: no I/O, no clocks, no randomness."""

@@ -1,0 +1,1 @@
+"""QEMU: command lines, processes, QMP sessions and the accelerator probe."""

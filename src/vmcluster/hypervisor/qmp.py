@@ -1,0 +1,148 @@
+"""A QMP session with one QEMU, over its unix socket, on top of ``qemu.qmp``.
+
+The session adds what vmcluster needs on top of the library: typed status, a timeout on every
+command, QEMU events as a typed stream, and one error type (HypervisorError, with the library's
+exception chained) for everything that can go wrong. CancelledError is never caught.
+"""
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError, Runstate
+
+from vmcluster.errors import HypervisorError
+from vmcluster.logs import event, get_logger
+
+log = get_logger(__name__)
+
+COMMAND_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 10.0
+
+# The QEMU events a VM's owner acts on; others are passed through too.
+WATCHED_EVENTS = (
+    "STOP",
+    "RESUME",
+    "SHUTDOWN",
+    "POWERDOWN",
+    "RESET",
+    "BLOCK_IO_ERROR",
+    "GUEST_PANICKED",
+    "MIGRATION",
+    "DEVICE_DELETED",
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunStatus:
+    """QEMU's run state, as ``query-status`` reports it (running, paused, io-error, ...)."""
+
+    status: str
+    running: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QemuEvent:
+    name: str
+    data: dict[str, Any] = field(default_factory=dict)
+    timestamp: float = 0.0
+
+
+class QmpSession:
+    """One connection to one QEMU's QMP socket. Use as ``async with QmpSession(...) as s``."""
+
+    def __init__(self, socket_path: Path, *, name: str) -> None:
+        self.socket_path = socket_path
+        self.name = name
+        self._client = QMPClient(name)
+        self._listener = EventListener()
+        self._client.register_listener(self._listener)
+
+    async def connect(self, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+        """Connect, retrying while QEMU has not created its socket yet."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    try:
+                        await self._client.connect(str(self.socket_path))
+                        return
+                    except ConnectError as exc:
+                        if not isinstance(exc.exc, FileNotFoundError | ConnectionRefusedError):
+                            raise
+                    await asyncio.sleep(0.05)
+        except TimeoutError as exc:
+            raise HypervisorError(
+                f"VM {self.name}: no QMP answer on {self.socket_path} within {timeout_s:.0f} s"
+            ) from exc
+        except QMPError as exc:
+            raise HypervisorError(f"VM {self.name}: cannot connect to QMP: {exc}") from exc
+
+    async def close(self) -> None:
+        # disconnect() re-raises whatever ended the session (EOF when QEMU exited): expected here.
+        with contextlib.suppress(QMPError, EOFError, OSError):
+            await self._client.disconnect()
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._client.runstate is Runstate.RUNNING
+
+    async def execute(
+        self, command: str, arguments: dict[str, object] | None = None, *,
+        timeout_s: float = COMMAND_TIMEOUT_S,
+    ) -> Any:  # fmt: skip
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self._client.execute(command, arguments)
+        except TimeoutError as exc:
+            raise HypervisorError(
+                f"VM {self.name}: QMP {command} got no answer in {timeout_s:.0f} s"
+            ) from exc
+        except ExecuteError as exc:
+            raise HypervisorError(f"VM {self.name}: QMP {command} failed: {exc}") from exc
+        except (QMPError, EOFError, OSError) as exc:
+            raise HypervisorError(f"VM {self.name}: QMP {command} failed: {exc!r}") from exc
+
+    async def status(self) -> RunStatus:
+        reply = await self.execute("query-status")
+        return RunStatus(status=str(reply["status"]), running=bool(reply["running"]))
+
+    async def powerdown(self) -> None:
+        """Press the guest's ACPI power button (a graceful shutdown request)."""
+        await self.execute("system_powerdown")
+
+    async def events(self) -> AsyncIterator[QemuEvent]:
+        """QEMU's events as they arrive, until the session ends."""
+        while self.connected:
+            get = asyncio.ensure_future(self._listener.get())
+            ended = asyncio.ensure_future(self._client.runstate_changed())
+            try:
+                done, _ = await asyncio.wait({get, ended}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                get.cancel()
+                ended.cancel()
+            if get in done:
+                qemu_event = _event_of(dict(get.result()))
+                log.info(event("qemu.event", vm=self.name, qemu_event=qemu_event.name))
+                yield qemu_event
+
+
+def _event_of(msg: dict[str, Any]) -> QemuEvent:
+    stamp = msg.get("timestamp") or {}
+    when = float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
+    return QemuEvent(name=str(msg["event"]), data=dict(msg.get("data") or {}), timestamp=when)
