@@ -6,7 +6,7 @@ import click
 
 from vmcluster.cli.common import data_dir, output_option, print_json, print_table, stdout
 from vmcluster.core.units import human_size
-from vmcluster.guest.image import build_image, list_images
+from vmcluster.guest.image import build_image, image_is_current, list_images
 
 
 @click.group()
@@ -19,8 +19,12 @@ def image() -> None:
 @click.option("--force", is_flag=True, help="Rebuild even if an up-to-date image exists.")
 def build(name: str, force: bool) -> None:
     """Build the probe guest image from Debian packages (apt-get download, no install)."""
-    stdout.print(f"building image {name} (apt-get download + unpack) ...")
-    info = build_image(data_dir().images, name, force=force)
+    images = data_dir().images
+    if force or not image_is_current(images, name):
+        stdout.print(f"building image {name} (apt-get download + unpack) ...", markup=False)
+    else:
+        stdout.print(f"image {name} is up to date (--force rebuilds it)", markup=False)
+    info = build_image(images, name, force=force)
     stdout.print(
         f"image {info.name}: kernel {info.kernel_version}, initramfs "
         f"{human_size(info.initrd_bytes)}, modules {' '.join(info.modules)}",

@@ -91,14 +91,20 @@ def get_image(images_dir: Path, name: str) -> ImageInfo:
     raise NotFound(f"image {name!r} is not built: run 'vmcluster image build'")
 
 
+def image_is_current(images_dir: Path, name: str) -> bool:
+    """True if image ``name`` is built from the current recipe."""
+    try:
+        return get_image(images_dir, name).recipe == recipe_hash()
+    except NotFound:
+        return False
+
+
 def build_image(images_dir: Path, name: str = "probe", *, force: bool = False) -> ImageInfo:
     """Build image ``name`` unless an up-to-date one exists (``force`` rebuilds)."""
     check_name(name, what="image")
     target = images_dir / name
-    if not force and (target / "image.json").exists():
-        info = get_image(images_dir, name)
-        if info.recipe == recipe_hash():
-            return info
+    if not force and image_is_current(images_dir, name):
+        return get_image(images_dir, name)
     for tool in ("apt-get", "apt-cache", "dpkg-deb"):
         if shutil.which(tool) is None:
             raise MissingDependency(f"{tool} not found: building an image needs a Debian host")
@@ -122,7 +128,7 @@ def build_image(images_dir: Path, name: str = "probe", *, force: bool = False) -
             path=str(target),
             kernel_package=kernel_package,
             kernel_version=kernel_version,
-            busybox_package=debs[BUSYBOX_PACKAGE].name,
+            busybox_package=_package_version(debs[BUSYBOX_PACKAGE]),
             modules=[m for m, _ in modules],
             recipe=recipe_hash(),
             built_at=time.time(),
@@ -176,6 +182,11 @@ def _download(dest: Path, packages: list[str]) -> dict[str, Path]:
             raise ImageBuildError(f"apt-get download gave no .deb for {package}")
         debs[package] = matches[0]
     return debs
+
+
+def _package_version(deb: Path) -> str:
+    """'busybox-static 1:1.35.0-4' for a .deb file."""
+    return " ".join(_run(["dpkg-deb", "-W", str(deb)]).split())
 
 
 def _unpack(deb: Path, dest: Path) -> Path:

@@ -32,6 +32,7 @@ log = get_logger(__name__)
 STOP_TIMEOUT_S = 30.0
 KILL_WAIT_S = 10.0
 OBSERVE_QMP_TIMEOUT_S = 2.0
+POWERDOWN_REPEAT_S = 2.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -259,14 +260,23 @@ class LocalHost:
         return await self.status(name)
 
     async def _graceful_stop(self, name: str, proc: process.ProcessId, timeout_s: float) -> str:
+        """Press the power button until the guest powers off; kill QEMU after ``timeout_s``.
+
+        A guest still booting has no handler for the button yet and loses the press, so the
+        button is pressed again every POWERDOWN_REPEAT_S.
+        """
+        deadline = time.monotonic() + timeout_s
         try:
             async with QmpSession(self._qmp_socket(name), name=name) as session:
-                await session.powerdown()
+                while (remaining := deadline - time.monotonic()) > 0:
+                    await session.powerdown()
+                    if await process.wait_exit(proc, min(remaining, POWERDOWN_REPEAT_S)):
+                        return "powered off"
         except HypervisorError as exc:
+            if not process.is_alive(proc):  # it powered off while we pressed again
+                return "powered off"
             log.warning(event("vm.stop.powerdown-failed", vm=name, reason=str(exc)))
         else:
-            if await process.wait_exit(proc, timeout_s):
-                return "powered off"
             log.warning(event("vm.stop.timeout", vm=name, seconds=timeout_s))
         await self._kill(proc)
         return "killed after the guest did not power off"
