@@ -65,3 +65,19 @@ def _kill_leftovers(home: DataDir) -> None:
                 leftovers.append(f"{state.parent.name} (pid {proc.pid})")
     shutil.rmtree(home.runtime, ignore_errors=True)
     assert not leftovers, f"test left QEMU running: {', '.join(leftovers)}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_outlives_the_suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After the whole suite, no process may still run from a test's directory."""
+    yield
+    base = str(tmp_path_factory.getbasetemp())
+    survivors = []
+    for proc_dir in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if base in cmdline and "pytest" not in cmdline:
+            survivors.append(f"{proc_dir.name}: {cmdline[:120]}")
+    assert not survivors, "processes outlived the test suite:\n" + "\n".join(survivors)

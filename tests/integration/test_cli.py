@@ -5,8 +5,8 @@ import os
 from pathlib import Path
 
 import pytest
-
 from tests.support import CliResult, run_cli
+
 from vmcluster.paths import DataDir
 
 

@@ -8,8 +8,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from tests.support import kill_by_pid, run_cli
+
 from vmcluster.core.model import DiskSpec, NicMode, NicSpec, VmSpec, VmState, default_mac
 from vmcluster.core.units import MIB
 from vmcluster.guest import record
