@@ -225,3 +225,17 @@ def test_human_size_is_close_to_the_value(size: int) -> None:
     if match.group(2) == "B":
         assert size < 1024
         assert "." not in match.group(1)
+
+
+@pytest.mark.parametrize("text", ["10iB", "10i", "\u0661\u0662M", "1 KiBB"])
+def test_parse_size_rejects_malformed_units_and_non_ascii_digits(text: str) -> None:
+    with pytest.raises(InvalidInput, match="invalid disk size"):
+        parse_size(text, what="disk size")
+
+
+@pytest.mark.parametrize(
+    ("size", "shown"),
+    [(1023, "1023 B"), (1048575, "1.0 MiB"), (1536, "1.5 KiB"), (3 * 1024**4, "3.0 TiB")],
+)
+def test_human_size_never_shows_1024_of_a_unit(size: int, shown: str) -> None:
+    assert human_size(size) == shown

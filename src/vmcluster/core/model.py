@@ -14,7 +14,7 @@ from typing import Any
 from vmcluster.core.units import MIB, TIB, format_size
 from vmcluster.errors import InvalidInput
 
-NAME_RE = re.compile(r"^[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+NAME_RE = re.compile(r"[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?")
 NAME_RULE = "use 1-63 lowercase letters, digits and '-', starting with a letter"
 
 MIN_MEMORY_MIB = 64
@@ -31,7 +31,7 @@ DEFAULT_IMAGE = "probe"
 
 def check_name(name: str, *, what: str) -> str:
     """Return ``name`` if it is a valid object name, else raise InvalidInput."""
-    if not isinstance(name, str) or NAME_RE.match(name) is None:
+    if not isinstance(name, str) or NAME_RE.fullmatch(name) is None:
         raise InvalidInput(f"invalid {what} name {name!r}: {NAME_RULE}")
     return name
 

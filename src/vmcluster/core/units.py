@@ -10,7 +10,9 @@ GIB = 1024 * MIB
 TIB = 1024 * GIB
 
 _UNITS = {"": 1, "B": 1, "K": KIB, "M": MIB, "G": GIB, "T": TIB}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(
+    r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(?:I?B)?|(B))?\s*", re.IGNORECASE | re.ASCII
+)
 
 
 def parse_size(text: str, *, what: str, default_unit: str = "") -> int:
@@ -19,13 +21,13 @@ def parse_size(text: str, *, what: str, default_unit: str = "") -> int:
     A bare number is in ``default_unit`` ("" for bytes, "M" for MiB). The result must be a whole
     number of bytes. ``what`` names the value in the error message.
     """
-    match = _SIZE_RE.match(text)
+    match = _SIZE_RE.fullmatch(text)
     if match is None:
         raise InvalidInput(
             f"invalid {what} {text!r}: use a number with an optional unit K, M, G, T"
         )
-    number, unit = match.group(1), match.group(2).upper()
-    has_unit = unit != "" or text.strip().upper().endswith("B")
+    number, unit, byte_unit = match.group(1), (match.group(2) or "").upper(), match.group(3)
+    has_unit = bool(unit or byte_unit)
     multiplier = _UNITS[unit] if has_unit else _UNITS[default_unit.upper()]
     whole, _, frac = number.partition(".")
     numerator = int(whole + frac) * multiplier
@@ -45,9 +47,10 @@ def format_size(size_bytes: int) -> str:
 
 def human_size(size_bytes: int) -> str:
     """An approximate size for people: 1189979 -> '1.1 MiB'."""
-    value = float(size_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
+    if size_bytes < KIB:
+        return f"{size_bytes} B"
+    for unit, factor in (("KiB", KIB), ("MiB", MIB), ("GiB", GIB)):
+        shown = f"{size_bytes / factor:.1f}"
+        if float(shown) < 1024:
+            return f"{shown} {unit}"
+    return f"{size_bytes / TIB:.1f} TiB"

@@ -15,7 +15,7 @@ class ModuleFormatError(ValueError):
 
 def modinfo(elf: bytes) -> dict[str, str]:
     """The key=value pairs of an ELF64 module's .modinfo section (last value wins)."""
-    if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
+    if len(elf) < 0x40 or elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
         raise ModuleFormatError("not a 64-bit little-endian ELF file")
     try:
         (shoff,) = struct.unpack_from("<Q", elf, 0x28)
@@ -24,6 +24,8 @@ def modinfo(elf: bytes) -> dict[str, str]:
         def section(index: int) -> tuple[int, int, int]:
             base = shoff + index * shentsize
             name, _type, _flags, _addr, offset, size = struct.unpack_from("<IIQQQQ", elf, base)
+            if offset + size > len(elf):
+                raise ModuleFormatError(f"section {index} lies past the end of the file")
             return name, offset, size
 
         _, strtab_off, strtab_size = section(shstrndx)
@@ -35,7 +37,7 @@ def modinfo(elf: bytes) -> dict[str, str]:
                 fields = elf[offset : offset + size].split(b"\0")
                 pairs = (f.decode("utf-8", "replace").partition("=") for f in fields if b"=" in f)
                 return {key: value for key, _, value in pairs}
-    except (struct.error, ValueError) as exc:
+    except (struct.error, ValueError, OverflowError) as exc:
         raise ModuleFormatError(f"truncated or corrupt ELF file: {exc}") from exc
     raise ModuleFormatError("no .modinfo section")
 

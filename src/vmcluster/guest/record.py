@@ -21,7 +21,7 @@ SECTOR_BYTES = 512
 RECORD_BASE_SECTOR = 2048  # records start after the first MiB
 MAGIC = "VMCPROBE1"
 
-_LINE_RE = re.compile(rf"^{MAGIC} ([a-z0-9-]+) (\d+) ([0-9a-f]+) (\d+)$")
+_LINE_RE = re.compile(rf"{MAGIC} ([a-z0-9-]+) (\d+) ([0-9a-f]+) ([1-9]\d*)", re.ASCII)
 _ACK_RE = re.compile(r"(?:^|\s)ACK (\d+)\s*$")
 
 
@@ -52,7 +52,7 @@ def encode(record: Record) -> bytes:
 def decode(sector: bytes, *, seq: int) -> Record | None:
     """The record in ``sector`` if it is a valid record for ``seq``, else None."""
     line = sector.split(b"\n", 1)[0].decode("ascii", "replace")
-    match = _LINE_RE.match(line)
+    match = _LINE_RE.fullmatch(line)
     if match is None or int(match.group(4)) != seq:
         return None
     return Record(

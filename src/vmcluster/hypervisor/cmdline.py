@@ -49,7 +49,7 @@ class Launch:
 
 def qemu_opt_value(value: str) -> str:
     """Quote a value for QEMU's key=value,key=value option syntax (commas are doubled)."""
-    if any(ord(c) < 32 for c in value):
+    if any(ord(c) < 32 or 0x7F <= ord(c) <= 0x9F for c in value):
         raise ValueError(f"control character in QEMU option value {value!r}")
     return value.replace(",", ",,")
 
