@@ -121,7 +121,7 @@ def launch_daemon(argv: list[str], pidfile: Path, *, what: str) -> ProcessId:
         raise MissingDependency(f"{argv[0]} not found: {INSTALL_HINT}") from exc
     except subprocess.TimeoutExpired as exc:
         raise HypervisorError(
-            f"{what}: QEMU did not finish starting in {LAUNCH_TIMEOUT_S:.0f} s"
+            f"{what}: QEMU did not finish starting in {LAUNCH_TIMEOUT_S:g} s"
         ) from exc
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]

@@ -7,13 +7,22 @@ exception chained) for everything that can go wrong. CancelledError is never cau
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from asyncio import FIRST_COMPLETED
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError, Runstate
+from qemu.qmp import (
+    ConnectError,
+    EventListener,
+    ExecuteError,
+    Message,
+    QMPClient,
+    QMPError,
+    Runstate,
+)
 
 from vmcluster.errors import HypervisorError
 from vmcluster.logs import event, get_logger
@@ -22,6 +31,7 @@ log = get_logger(__name__)
 
 COMMAND_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 10.0
+END_CHECK_S = 1.0
 
 # The QEMU events a VM's owner acts on; others are passed through too.
 WATCHED_EVENTS = (
@@ -76,7 +86,7 @@ class QmpSession:
                     await asyncio.sleep(0.05)
         except TimeoutError as exc:
             raise HypervisorError(
-                f"VM {self.name}: no QMP answer on {self.socket_path} within {timeout_s:.0f} s"
+                f"VM {self.name}: no QMP answer on {self.socket_path} within {timeout_s:g} s"
             ) from exc
         except QMPError as exc:
             raise HypervisorError(f"VM {self.name}: cannot connect to QMP: {exc}") from exc
@@ -111,7 +121,7 @@ class QmpSession:
                 return await self._client.execute(command, arguments)
         except TimeoutError as exc:
             raise HypervisorError(
-                f"VM {self.name}: QMP {command} got no answer in {timeout_s:.0f} s"
+                f"VM {self.name}: QMP {command} got no answer in {timeout_s:g} s"
             ) from exc
         except ExecuteError as exc:
             raise HypervisorError(f"VM {self.name}: QMP {command} failed: {exc}") from exc
@@ -126,20 +136,33 @@ class QmpSession:
         """Press the guest's ACPI power button (a graceful shutdown request)."""
         await self.execute("system_powerdown")
 
-    async def events(self) -> AsyncIterator[QemuEvent]:
-        """QEMU's events as they arrive, until the session ends."""
-        while self.connected:
+    async def events(self) -> AsyncGenerator[QemuEvent, None]:
+        """QEMU's events as they arrive; when QEMU hangs up, the ones still queued, then the end.
+
+        Events received just before QEMU exits (SHUTDOWN after a guest power-off) are delivered:
+        the queue is drained before the end of the session ends the stream.
+        """
+        while True:
+            for msg in self._listener.clear():
+                yield self._received(msg)
+            if not self.connected:
+                return
             get = asyncio.ensure_future(self._listener.get())
+            # The end of the session wakes us; the timeout is a safety net for a state change that
+            # happens before the waiter is registered.
             ended = asyncio.ensure_future(self._client.runstate_changed())
             try:
-                done, _ = await asyncio.wait({get, ended}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({get, ended}, timeout=END_CHECK_S, return_when=FIRST_COMPLETED)
             finally:
-                get.cancel()
+                get.cancel()  # a cancelled get leaves its item in the queue
                 ended.cancel()
-            if get in done:
-                qemu_event = _event_of(dict(get.result()))
-                log.info(event("qemu.event", vm=self.name, qemu_event=qemu_event.name))
-                yield qemu_event
+            if get.done() and not get.cancelled():
+                yield self._received(get.result())
+
+    def _received(self, msg: Message) -> QemuEvent:
+        qemu_event = _event_of(dict(msg))
+        log.info(event("qemu.event", vm=self.name, qemu_event=qemu_event.name))
+        return qemu_event
 
 
 def _event_of(msg: dict[str, Any]) -> QemuEvent:

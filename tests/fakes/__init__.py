@@ -1,0 +1,1 @@
+"""Fakes of the outside world (QEMU and friends) for tests that must not need the real thing."""
