@@ -8,6 +8,7 @@ packages=(
     etcd-server          # the cluster database
     etcd-client          # etcdctl
     iproute2             # namespaces, bridges, taps (the lab)
+    nftables             # the lab's network partitions
     python3-venv         # the project's virtual environment
     libnbd-bin           # nbdinfo, a real NBD client for tests
     ca-certificates
