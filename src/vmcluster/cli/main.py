@@ -7,6 +7,7 @@ import click
 
 from vmcluster import __version__, logs
 from vmcluster.cli.image import image
+from vmcluster.cli.lab import lab
 from vmcluster.cli.vm import vm
 from vmcluster.errors import VmclusterError
 
@@ -43,6 +44,7 @@ def cli(ctx: click.Context, verbose: int, debug: bool) -> None:
 
 cli.add_command(vm)
 cli.add_command(image)
+cli.add_command(lab)
 
 
 def main() -> None:

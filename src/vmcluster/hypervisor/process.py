@@ -10,6 +10,7 @@ for the VM's QEMU.
 import asyncio
 import contextlib
 import os
+import select
 import signal
 import subprocess
 from dataclasses import dataclass
@@ -97,6 +98,22 @@ async def wait_exit(proc: ProcessId, timeout_s: float | None) -> bool:
         finally:
             loop.remove_reader(fd)
         return True
+    finally:
+        os.close(fd)
+
+
+def wait_exit_blocking(proc: ProcessId, timeout_s: float) -> bool:
+    """Like :func:`wait_exit`, for callers without an event loop."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except ProcessLookupError:
+        return True
+    try:
+        if not is_alive(proc):
+            return True
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(int(timeout_s * 1000))) or not is_alive(proc)
     finally:
         os.close(fd)
 

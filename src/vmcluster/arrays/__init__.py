@@ -1,0 +1,1 @@
+"""Array drivers: storage systems that hold LUNs and export them over NBD."""

@@ -1,0 +1,128 @@
+"""An array built from qemu-storage-daemon, driven over its QMP socket.
+
+The daemon keeps its block nodes and exports in memory only, so the array's configuration (LUNs
+and their exports) is kept in ``array.json`` beside the LUN files and replayed by :meth:`restore`
+after the daemon restarts, as an array's firmware restores its configuration at power-on. LUN
+data lives in raw files and survives restarts.
+
+QMP used: ``blockdev-add`` (a raw node over a file), ``block-export-add`` (type nbd),
+``block-export-del`` (mode hard cuts connected clients), ``query-block-exports``.
+"""
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from vmcluster.core.model import check_name
+from vmcluster.errors import AlreadyExists, NotFound
+from vmcluster.hypervisor.qmp import QmpSession
+from vmcluster.logs import event, get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass(slots=True, kw_only=True)
+class Lun:
+    name: str
+    size_bytes: int
+    exports: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True, kw_only=True)
+class ArrayConfig:
+    luns: dict[str, Lun] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> "ArrayConfig":
+        if not path.exists():
+            return cls()
+        data = json.loads(path.read_text())
+        return cls(luns={k: Lun(**v) for k, v in data.get("luns", {}).items()})
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"luns": {k: asdict(v) for k, v in self.luns.items()}}, indent=2))
+        os.replace(tmp, path)
+
+
+class QsdArray:
+    """One qemu-storage-daemon array: its QMP socket and its directory of LUN files."""
+
+    def __init__(self, *, name: str, qmp_socket: Path, directory: Path) -> None:
+        self.name = name
+        self.qmp_socket = qmp_socket
+        self.directory = directory
+
+    @property
+    def config_path(self) -> Path:
+        return self.directory / "array.json"
+
+    def lun_path(self, lun: str) -> Path:
+        return self.directory / "luns" / f"{lun}.raw"
+
+    def _session(self) -> QmpSession:
+        return QmpSession(self.qmp_socket, name=f"array {self.name}")
+
+    async def create_lun(self, lun: str, size_bytes: int) -> None:
+        check_name(lun, what="LUN")
+        config = ArrayConfig.load(self.config_path)
+        if lun in config.luns:
+            raise AlreadyExists(f"array {self.name}: LUN {lun!r} already exists")
+        path = self.lun_path(lun)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("xb") as f:
+            f.truncate(size_bytes)
+        try:
+            async with self._session() as session:
+                await self._add_node(session, lun)
+        except BaseException:
+            path.unlink()
+            raise
+        config.luns[lun] = Lun(name=lun, size_bytes=size_bytes)
+        config.save(self.config_path)
+        log.info(event("array.lun.created", array=self.name, lun=lun, size_bytes=size_bytes))
+
+    async def export(self, lun: str, export_name: str) -> None:
+        """Export ``lun`` over NBD as ``export_name`` (writable)."""
+        config = ArrayConfig.load(self.config_path)
+        if lun not in config.luns:
+            raise NotFound(f"array {self.name}: no LUN {lun!r}")
+        async with self._session() as session:
+            await self._add_export(session, lun, export_name)
+        config.luns[lun].exports.append(export_name)
+        config.save(self.config_path)
+        log.info(event("array.export.added", array=self.name, lun=lun, export=export_name))
+
+    async def exports(self) -> list[str]:
+        async with self._session() as session:
+            reply = await session.execute("query-block-exports")
+        return sorted(str(e["id"]) for e in reply)
+
+    async def restore(self) -> None:
+        """Re-create every configured LUN node and export (after the daemon restarted)."""
+        config = ArrayConfig.load(self.config_path)
+        async with self._session() as session:
+            for lun in config.luns.values():
+                await self._add_node(session, lun.name)
+                for export_name in lun.exports:
+                    await self._add_export(session, lun.name, export_name)
+        log.info(event("array.restored", array=self.name, luns=len(config.luns)))
+
+    async def _add_node(self, session: QmpSession, lun: str) -> None:
+        await session.execute(
+            "blockdev-add",
+            {
+                "driver": "raw",
+                "node-name": f"lun-{lun}",
+                "file": {"driver": "file", "filename": str(self.lun_path(lun))},
+                "cache": {"direct": False, "no-flush": False},
+            },
+        )
+
+    async def _add_export(self, session: QmpSession, lun: str, export_name: str) -> None:
+        await session.execute(
+            "block-export-add",
+            {"type": "nbd", "id": export_name, "node-name": f"lun-{lun}", "name": export_name,
+             "writable": True},
+        )  # fmt: skip

@@ -1,0 +1,209 @@
+"""``vmcluster lab``: a whole multi-host cluster on this machine, built from network namespaces."""
+
+import datetime
+import os
+import sys
+
+import click
+
+from vmcluster.cli.common import data_dir, output_option, print_json, print_table, stdout
+from vmcluster.lab import faults as lab_faults
+from vmcluster.lab.lab import Lab, list_labs, resolve_lab
+from vmcluster.lab.plan import parse_network
+
+name_option = click.option("--name", help="Lab name (default: the current lab).")
+
+
+@click.group()
+def lab() -> None:
+    """A multi-host lab cluster on this machine (needs root)."""
+
+
+@lab.command()
+@click.option("--name", default="lab", show_default=True, help="Lab name (1-10 letters/digits).")
+@click.option("--nodes", default=3, show_default=True, type=int, help="Cluster nodes (1-8).")
+@click.option("--arrays", default=2, show_default=True, type=int, help="Storage arrays (0-4).")
+@click.option("--witness", is_flag=True, help="Add a witness host running an etcd member.")
+def up(name: str, nodes: int, arrays: int, witness: bool) -> None:
+    """Build a lab: namespaces, networks, an etcd cluster and NBD arrays."""
+    started = datetime.datetime.now()
+    the_lab = Lab(data_dir(), name)
+    the_lab.up(nodes=nodes, arrays=arrays, witness=witness)
+    status = the_lab.status()
+    seconds = (datetime.datetime.now() - started).total_seconds()
+    stdout.print(f"lab {name} is up in {seconds:.1f} s (now the current lab)", markup=False)
+    _print_hosts(status)
+    stdout.print(f"etcd: {', '.join(status['etcd_endpoints'])}", markup=False)
+    for array in status["arrays"]:
+        stdout.print(f"array {array['host']}: {' '.join(array['nbd'].values())}  "
+                     f"qmp {array['qmp_socket']}", markup=False)  # fmt: skip
+
+
+def _print_hosts(status: dict[str, object]) -> None:
+    hosts = status["hosts"]
+    assert isinstance(hosts, list)
+    networks = ["cluster1", "cluster2", "storage-a", "storage-b", "vm"]
+    rows = []
+    for host in hosts:
+        cells = []
+        for net in networks:
+            if net not in host["addresses"]:
+                cells.append("")
+                continue
+            address = host["addresses"][net] or "bridge"
+            down = host["links"][net] == "down"
+            cells.append(f"{address} (down)" if down else address)
+        rows.append([host["name"], host["role"], *cells])
+    print_table(["HOST", "ROLE", *(n.upper() for n in networks)], rows)
+
+
+@lab.command()
+@name_option
+@output_option
+def status(name: str | None, output: str) -> None:
+    """Hosts, addresses, processes, links and faults of a lab."""
+    result = resolve_lab(data_dir(), name).status()
+    if output == "json":
+        print_json(result)
+        return
+    stdout.print(f"lab {result['name']}: {result['status']}", markup=False)
+    _print_hosts(result)
+    stdout.print("")
+    print_table(
+        ["ROLE", "HOST", "PID", "ALIVE"],
+        [(p["role"], p["host"], p["pid"], "yes" if p["alive"] else "NO")
+         for p in result["processes"]],
+    )  # fmt: skip
+    stdout.print("")
+    faults = result["faults"]
+    stdout.print("faults: " + ("none" if not faults else ""), markup=False)
+    for fault in faults:
+        stdout.print(f"  {lab_faults.describe(fault)}", markup=False)
+
+
+@lab.command("list")
+@output_option
+def list_(output: str) -> None:
+    """Labs on this machine."""
+    names = list_labs(data_dir())
+    if output == "json":
+        print_json(names)
+    else:
+        for lab_name in names:
+            stdout.print(lab_name, markup=False)
+
+
+@lab.command()
+@name_option
+def down(name: str | None) -> None:
+    """Stop every process of the lab and remove its namespaces and state."""
+    data = data_dir()
+    the_lab = Lab(data, name) if name else resolve_lab(data, None)
+    removed = the_lab.down()
+    processes = sum(1 for r in removed if r.startswith("process"))
+    namespaces = sum(1 for r in removed if r.startswith("namespace"))
+    if removed:
+        stdout.print(f"lab {the_lab.name} removed: {processes} processes stopped, "
+                     f"{namespaces} namespaces deleted", markup=False)  # fmt: skip
+    else:
+        stdout.print(f"lab {the_lab.name}: nothing to remove", markup=False)
+
+
+@lab.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@name_option
+@click.argument("host")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec(name: str | None, host: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND inside HOST's network namespace: vmcluster lab exec n1 -- ip addr."""
+    the_lab = resolve_lab(data_dir(), name)
+    namespace = the_lab.plan().host(host).namespace
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise click.UsageError("no command given: vmcluster lab exec HOST -- COMMAND...")
+    argv = ["ip", "netns", "exec", namespace, *command]
+    sys.stdout.flush()
+    os.execvp(argv[0], argv)
+
+
+@lab.group()
+def fault() -> None:
+    """Inject faults: crash, restart, link, partition, freeze, thaw, slow, heal."""
+
+
+def _done(message: str) -> None:
+    stdout.print(message, markup=False)
+
+
+@fault.command()
+@name_option
+@click.argument("host")
+def crash(name: str | None, host: str) -> None:
+    """Power-cut HOST: SIGKILL all its processes at once; its links go down."""
+    _done(lab_faults.crash(resolve_lab(data_dir(), name), host))
+
+
+@fault.command()
+@name_option
+@click.argument("host")
+def restart(name: str | None, host: str) -> None:
+    """Bring a crashed HOST back: links up, its processes started again."""
+    _done(lab_faults.restart(resolve_lab(data_dir(), name), host))
+
+
+@fault.command()
+@name_option
+@click.argument("host")
+@click.argument("network")
+@click.argument("state", type=click.Choice(["down", "up"]))
+def link(name: str | None, host: str, network: str, state: str) -> None:
+    """Take HOST's link on NETWORK down or up."""
+    _done(lab_faults.set_link(resolve_lab(data_dir(), name), host, parse_network(network),
+                              up=state == "up"))  # fmt: skip
+
+
+@fault.command(context_settings={"ignore_unknown_options": True})
+@name_option
+@click.argument("groups", nargs=-1, required=True)
+def partition(name: str | None, groups: tuple[str, ...]) -> None:
+    """Cut cluster traffic between two groups: partition n1 / n2 n3."""
+    if groups.count("/") != 1:
+        raise click.UsageError("write two groups separated by '/': partition n1 / n2 n3")
+    split = groups.index("/")
+    _done(lab_faults.partition(resolve_lab(data_dir(), name), list(groups[:split]),
+                               list(groups[split + 1 :])))  # fmt: skip
+
+
+@fault.command()
+@name_option
+@click.option("--role", default="agent", show_default=True, help="Which process to freeze.")
+@click.argument("host")
+def freeze(name: str | None, role: str, host: str) -> None:
+    """SIGSTOP HOST's agent (or another --role: etcd, array)."""
+    _done(lab_faults.freeze(resolve_lab(data_dir(), name), host, role))
+
+
+@fault.command()
+@name_option
+@click.option("--role", default="agent", show_default=True, help="Which process to thaw.")
+@click.argument("host")
+def thaw(name: str | None, role: str, host: str) -> None:
+    """SIGCONT a frozen process of HOST."""
+    _done(lab_faults.thaw(resolve_lab(data_dir(), name), host, role))
+
+
+@fault.command()
+@name_option
+@click.argument("host")
+@click.argument("network")
+@click.argument("rate")
+def slow(name: str | None, host: str, network: str, rate: str) -> None:
+    """Limit HOST's link on NETWORK to RATE (e.g. 1mbit, 500kbit) both ways (tbf)."""
+    _done(lab_faults.slow(resolve_lab(data_dir(), name), host, parse_network(network), rate))
+
+
+@fault.command()
+@name_option
+def heal(name: str | None) -> None:
+    """Undo every fault: restart crashed hosts, links up, partitions and limits gone, thaw."""
+    _done(lab_faults.heal(resolve_lab(data_dir(), name)))

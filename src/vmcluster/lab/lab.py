@@ -1,0 +1,394 @@
+"""Building, inspecting and removing a lab.
+
+``Lab.up`` records every namespace and process in the lab's state file *before* creating it, and
+on any failure removes what it had made, so nothing is left half-built. ``Lab.down`` removes
+exactly what the state names plus anything inside the lab's own namespaces (prefix
+``vmc-<lab>-``), so it also cleans up after a ``lab up`` whose process crashed.
+"""
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from vmcluster.arrays.qsd import ArrayConfig, QsdArray
+from vmcluster.errors import (
+    AlreadyExists,
+    InvalidInput,
+    MissingDependency,
+    NotFound,
+    VmclusterError,
+)
+from vmcluster.hypervisor import process
+from vmcluster.lab import netns
+from vmcluster.lab.plan import (
+    ETCD_CLIENT_PORT,
+    ETCD_PEER_PORT,
+    NAMESPACE_PREFIX,
+    NBD_PORT,
+    Host,
+    LabPlan,
+    Network,
+    Role,
+    check_lab_name,
+    make_plan,
+)
+from vmcluster.lab.procs import Tracked, kill_and_wait, spawn
+from vmcluster.lab.state import LabState, locked
+from vmcluster.logs import event, get_logger
+from vmcluster.paths import DataDir
+
+log = get_logger(__name__)
+
+REQUIRED_TOOLS = ("ip", "tc", "nft", "setsid", "etcd", "etcdctl", "qemu-storage-daemon")
+ETCD_HEALTH_TIMEOUT_S = 60.0
+PROBE_LUN = "lab-probe"
+PROBE_LUN_BYTES = 1024 * 1024
+
+
+class Lab:
+    """One lab: its plan, its state on disk, and operations on it."""
+
+    def __init__(self, data: DataDir, name: str) -> None:
+        self.data = data
+        self.name = check_lab_name(name)
+        self.dir = data.root / "labs" / name
+        self.run_dir = data.runtime / f"lab-{name}"
+        self.state_path = self.dir / "lab.json"
+        self.lock_path = data.root / "labs" / f".{name}.lock"
+
+    # ----- state -----
+
+    def exists(self) -> bool:
+        return self.state_path.exists()
+
+    def load(self) -> LabState:
+        try:
+            return LabState.load(self.state_path)
+        except FileNotFoundError:
+            raise NotFound(f"lab {self.name!r} does not exist: run 'vmcluster lab up'") from None
+
+    def plan(self, state: LabState | None = None) -> LabPlan:
+        state = state or self.load()
+        return make_plan(state.name, nodes=state.nodes, arrays=state.arrays, witness=state.witness)
+
+    def host_dir(self, host: str) -> Path:
+        return self.dir / host
+
+    def array(self, host: Host) -> QsdArray:
+        return QsdArray(name=host.name, qmp_socket=self.run_dir / f"{host.name}.qmp",
+                        directory=self.host_dir(host.name))  # fmt: skip
+
+    # ----- up -----
+
+    def up(self, *, nodes: int = 3, arrays: int = 2, witness: bool = False) -> LabState:
+        _require_root_and_tools()
+        plan = make_plan(self.name, nodes=nodes, arrays=arrays, witness=witness)
+        with locked(self.lock_path):
+            if self.exists():
+                raise AlreadyExists(
+                    f"lab {self.name!r} already exists: 'vmcluster lab down --name {self.name}' "
+                    "removes it"
+                )
+            stray = netns.namespaces_with_prefix(f"{NAMESPACE_PREFIX}{self.name}-")
+            if stray:
+                raise AlreadyExists(
+                    f"namespaces of a lab named {self.name!r} exist ({', '.join(stray)}): "
+                    f"'vmcluster lab down --name {self.name}' removes them"
+                )
+            self.dir.mkdir(parents=True)
+            self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            state = LabState(name=self.name, nodes=nodes, arrays=arrays, witness=witness)
+            state.save(self.state_path)
+            started = time.monotonic()
+            try:
+                self._build_network(plan, state)
+                self._start_etcd(plan, state)
+                self._start_arrays(plan, state)
+                self._wait_etcd_healthy(plan, ETCD_HEALTH_TIMEOUT_S)
+            except BaseException as exc:
+                log.error(event("lab.up.failed", lab=self.name, reason=str(exc)))
+                state.status = "failed"
+                state.save(self.state_path)
+                self._remove(state)
+                raise
+            state.status = "up"
+            state.save(self.state_path)
+        set_context(self.data, self.name)
+        log.info(event("lab.up", lab=self.name, nodes=nodes, arrays=arrays, witness=witness,
+                       seconds=round(time.monotonic() - started, 1)))  # fmt: skip
+        return state
+
+    def _build_network(self, plan: LabPlan, state: LabState) -> None:
+        for namespace in plan.namespaces:
+            state.namespaces.append(namespace)
+            state.save(self.state_path)
+            netns.add(namespace)
+        switch = plan.switch_namespace
+        for network in Network:
+            netns.ip(switch, "link", "add", f"br-{network}", "type", "bridge")
+            netns.ip(switch, "link", "set", f"br-{network}", "up")
+        for host in plan.hosts:
+            for link in host.links:
+                netns.ip(switch, "link", "add", link.switch_ifname, "type", "veth",
+                         "peer", "name", link.host_ifname, "netns", host.namespace)  # fmt: skip
+                netns.ip(switch, "link", "set", link.switch_ifname, "master",
+                         f"br-{link.network}", "up")  # fmt: skip
+                if link.address is not None:
+                    netns.ip(host.namespace, "addr", "add", str(link.address),
+                             "dev", link.host_ifname)  # fmt: skip
+                netns.ip(host.namespace, "link", "set", link.host_ifname, "up")
+            if host.role is Role.NODE:
+                # The node's guests plug their taps into br-vm, uplinked to the vm network.
+                netns.ip(host.namespace, "link", "add", "br-vm", "type", "bridge")
+                netns.ip(host.namespace, "link", "set", "vm-uplink", "master", "br-vm")
+                netns.ip(host.namespace, "link", "set", "br-vm", "up")
+
+    def _etcd_tracked(self, plan: LabPlan, host: Host) -> Tracked:
+        c1, c2 = host.address(Network.CLUSTER1), host.address(Network.CLUSTER2)
+        argv = (
+            "etcd",
+            "--name", host.name,
+            "--data-dir", str(self.host_dir(host.name) / "etcd"),
+            "--listen-peer-urls", f"http://{c1}:{ETCD_PEER_PORT}",
+            "--initial-advertise-peer-urls", f"http://{c1}:{ETCD_PEER_PORT}",
+            "--listen-client-urls",
+            f"http://{c1}:{ETCD_CLIENT_PORT},http://{c2}:{ETCD_CLIENT_PORT},"
+            f"http://127.0.0.1:{ETCD_CLIENT_PORT}",
+            "--advertise-client-urls",
+            f"http://{c1}:{ETCD_CLIENT_PORT},http://{c2}:{ETCD_CLIENT_PORT}",
+            "--initial-cluster", plan.etcd_initial_cluster(),
+            "--initial-cluster-state", "new",
+            "--initial-cluster-token", f"vmcluster-lab-{plan.name}",
+            "--heartbeat-interval", "100",
+            "--election-timeout", "1000",
+            "--logger", "zap",
+            "--log-level", "warn",
+        )  # fmt: skip
+        return Tracked(role="etcd", host=host.name, argv=argv, namespace=host.namespace,
+                       log_path=str(self.host_dir(host.name) / "etcd.log"),
+                       pidfile=str(self.run_dir / f"{host.name}-etcd.pid"))  # fmt: skip
+
+    def _array_tracked(self, host: Host) -> Tracked:
+        socket = self.run_dir / f"{host.name}.qmp"
+        argv = (
+            "qemu-storage-daemon",
+            "--chardev", f"socket,id=qmp,path={socket},server=on,wait=off",
+            "--monitor", "chardev=qmp",
+            "--nbd-server", f"addr.type=inet,addr.host=0.0.0.0,addr.port={NBD_PORT}",
+        )  # fmt: skip
+        return Tracked(role="array", host=host.name, argv=argv, namespace=host.namespace,
+                       log_path=str(self.host_dir(host.name) / "array.log"),
+                       pidfile=str(self.run_dir / f"{host.name}-array.pid"))  # fmt: skip
+
+    def _start(self, state: LabState, tracked: Tracked) -> Tracked:
+        state.processes.append(tracked)
+        state.save(self.state_path)
+        started = spawn(tracked)
+        state.replace_process(tracked, started)
+        state.save(self.state_path)
+        return started
+
+    def _start_etcd(self, plan: LabPlan, state: LabState) -> None:
+        for host in plan.etcd_members:
+            self.host_dir(host.name).mkdir(parents=True, exist_ok=True)
+            self._start(state, self._etcd_tracked(plan, host))
+
+    def _start_arrays(self, plan: LabPlan, state: LabState) -> None:
+        for host in plan.arrays:
+            self.host_dir(host.name).mkdir(parents=True, exist_ok=True)
+            self._start(state, self._array_tracked(host))
+        for host in plan.arrays:
+            array = self.array(host)
+            asyncio.run(array.restore())
+            if PROBE_LUN not in ArrayConfig.load(array.config_path).luns:
+                asyncio.run(array.create_lun(PROBE_LUN, PROBE_LUN_BYTES))
+                asyncio.run(array.export(PROBE_LUN, PROBE_LUN))
+
+    def etcd_health(self, plan: LabPlan, via: Host | None = None) -> dict[str, bool]:
+        """Health of each etcd member as seen from ``via`` (default: the first live member)."""
+        members = plan.etcd_members
+        via = via or members[0]
+        endpoints = ",".join(
+            f"http://{h.address(Network.CLUSTER1)}:{ETCD_CLIENT_PORT}" for h in members
+        )
+        out = netns.run(
+            ["ip", "netns", "exec", via.namespace, "etcdctl", "--endpoints", endpoints,
+             "--dial-timeout", "1s", "--command-timeout", "2s", "endpoint", "health", "-w", "json"],
+            check=False,
+        )  # fmt: skip
+        health = {h.name: False for h in members}
+        by_endpoint = {
+            f"http://{h.address(Network.CLUSTER1)}:{ETCD_CLIENT_PORT}": h.name for h in members
+        }
+        try:
+            for entry in json.loads(out or "[]"):
+                name = by_endpoint.get(entry.get("endpoint", ""))
+                if name is not None:
+                    health[name] = bool(entry.get("health"))
+        except ValueError:
+            pass
+        return health
+
+    def _wait_etcd_healthy(self, plan: LabPlan, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        health: dict[str, bool] = {}
+        while time.monotonic() < deadline:
+            health = self.etcd_health(plan)
+            if health and all(health.values()):
+                return
+            time.sleep(0.3)
+        sick = ", ".join(name for name, ok in health.items() if not ok)
+        raise VmclusterError(
+            f"lab {self.name}: etcd members not healthy after {timeout_s:g} s: {sick}"
+        )
+
+    # ----- down -----
+
+    def down(self) -> list[str]:
+        """Remove the lab; returns what was removed. Safe to run twice."""
+        _require_root()
+        with locked(self.lock_path):
+            state = None
+            if self.exists():
+                try:
+                    state = self.load()
+                except (ValueError, KeyError) as exc:
+                    log.warning(event("lab.state.unreadable", lab=self.name, reason=str(exc)))
+            removed = self._remove(state)
+        if get_context(self.data) == self.name:
+            clear_context(self.data)
+        return removed
+
+    def _remove(self, state: LabState | None) -> list[str]:
+        removed: list[str] = []
+        if state is not None:
+            for tracked in state.processes:
+                if tracked.alive:
+                    # A frozen process must be thawed to die promptly on some kernels.
+                    kill_and_wait(tracked)
+                    removed.append(f"process {tracked.role}@{tracked.host} pid {tracked.pid}")
+        namespaces = set(netns.namespaces_with_prefix(f"{NAMESPACE_PREFIX}{self.name}-"))
+        if state is not None:
+            namespaces |= {ns for ns in state.namespaces if netns.exists(ns)}
+        for namespace in sorted(namespaces):
+            for pid in netns.pids(namespace):  # anything else still running inside the lab
+                proc = process.identify(pid)
+                if proc is not None and process.send_signal(proc, signal.SIGKILL):
+                    process.wait_exit_blocking(proc, 10.0)
+                    removed.append(f"process pid {pid} in {namespace}")
+        for namespace in sorted(namespaces):
+            netns.delete(namespace)
+            removed.append(f"namespace {namespace}")
+        for path in (self.dir, self.run_dir):
+            if path.exists():
+                shutil.rmtree(path)
+        log.info(event("lab.down", lab=self.name, removed=len(removed)))
+        return removed
+
+    # ----- status -----
+
+    def status(self) -> dict[str, Any]:
+        state = self.load()
+        plan = self.plan(state)
+        switch_links = _link_flags(plan.switch_namespace)
+        hosts = []
+        for host in plan.hosts:
+            up = {
+                link.network: "UP" in switch_links.get(link.switch_ifname, [])
+                for link in host.links
+            }
+            hosts.append({
+                "name": host.name,
+                "role": str(host.role),
+                "namespace": host.namespace,
+                "addresses": {str(link.network): str(link.address.ip) if link.address else None
+                              for link in host.links},
+                "links": {str(net): "up" if is_up else "down" for net, is_up in up.items()},
+            })  # fmt: skip
+        processes = [
+            {"role": p.role, "host": p.host, "pid": p.pid, "alive": p.alive,
+             "log": p.log_path}
+            for p in state.processes
+        ]  # fmt: skip
+        arrays = [
+            {"host": h.name, "qmp_socket": str(self.array(h).qmp_socket),
+             "nbd": {str(n): f"nbd://{h.address(n)}:{NBD_PORT}" for n in h.networks}}
+            for h in plan.arrays
+        ]  # fmt: skip
+        return {
+            "name": self.name,
+            "status": state.status,
+            "dir": str(self.dir),
+            "created_at": state.created_at,
+            "hosts": hosts,
+            "processes": processes,
+            "arrays": arrays,
+            "etcd_endpoints": plan.etcd_endpoints(),
+            "faults": state.faults,
+        }
+
+
+def _link_flags(namespace: str) -> dict[str, list[str]]:
+    if not netns.exists(namespace):
+        return {}
+    return {link["ifname"]: list(link.get("flags", [])) for link in netns.links(namespace)}
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise MissingDependency("vmcluster lab needs root (it creates network namespaces)")
+
+
+def _require_root_and_tools() -> None:
+    _require_root()
+    missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
+    if missing:
+        raise MissingDependency(f"the lab needs {', '.join(missing)}: run 'make setup'")
+
+
+# ----- the current lab (context) -----
+
+
+def _context_path(data: DataDir) -> Path:
+    return data.root / "context.json"
+
+
+def set_context(data: DataDir, lab: str) -> None:
+    data.root.mkdir(parents=True, exist_ok=True)
+    _context_path(data).write_text(json.dumps({"lab": lab}) + "\n")
+
+
+def get_context(data: DataDir) -> str | None:
+    try:
+        return str(json.loads(_context_path(data).read_text())["lab"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def clear_context(data: DataDir) -> None:
+    _context_path(data).unlink(missing_ok=True)
+
+
+def list_labs(data: DataDir) -> list[str]:
+    root = data.root / "labs"
+    return sorted(p.parent.name for p in root.glob("*/lab.json")) if root.is_dir() else []
+
+
+def resolve_lab(data: DataDir, name: str | None) -> Lab:
+    """The lab named, else the current one (set by 'lab up'), else the only one there is."""
+    if name is not None:
+        return Lab(data, name)
+    current = get_context(data)
+    if current is not None and Lab(data, current).exists():
+        return Lab(data, current)
+    labs = list_labs(data)
+    if len(labs) == 1:
+        return Lab(data, labs[0])
+    if not labs:
+        raise NotFound("no lab is up: run 'vmcluster lab up'")
+    raise InvalidInput(f"several labs exist ({', '.join(labs)}): choose one with --name")
