@@ -10,9 +10,6 @@ from hypothesis import strategies as st
 from vmcluster.errors import InvalidInput
 from vmcluster.lab.faults import _burst_bytes, describe
 
-# ----- import -----
-
-
 # ----- describe -----
 
 

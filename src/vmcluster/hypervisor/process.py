@@ -13,6 +13,7 @@ import os
 import select
 import signal
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,36 +55,43 @@ def is_alive(proc: ProcessId) -> bool:
     return identify(proc.pid) == proc
 
 
-def send_signal(proc: ProcessId, sig: signal.Signals) -> bool:
-    """Signal ``proc`` if it is still the same process; False if it is gone."""
+@contextlib.contextmanager
+def _pidfd(proc: ProcessId) -> Iterator[int | None]:
+    """A pidfd pinning ``proc``, or None if ``proc`` has exited (or its pid was reused).
+
+    The identity is checked after the pidfd is opened: the pidfd pins one exact process, so a pid
+    reused between the check and the use of the pidfd cannot be affected.
+    """
     try:
         fd = os.pidfd_open(proc.pid)
     except ProcessLookupError:
-        return False
+        yield None
+        return
     try:
-        # Checked after opening the pidfd: the pidfd pins this exact process, so a pid reused
-        # between the check and the signal cannot receive it.
-        if not is_alive(proc):
-            return False
-        signal.pidfd_send_signal(fd, sig)
-        return True
-    except ProcessLookupError:
-        return False
+        yield fd if is_alive(proc) else None
     finally:
         os.close(fd)
 
 
+def send_signal(proc: ProcessId, sig: signal.Signals) -> bool:
+    """Signal ``proc`` if it is still the same process; False if it is gone."""
+    with _pidfd(proc) as fd:
+        if fd is None:
+            return False
+        try:
+            signal.pidfd_send_signal(fd, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+
 async def wait_exit(proc: ProcessId, timeout_s: float | None) -> bool:
     """Wait until ``proc`` has exited; True if it did within ``timeout_s``."""
-    try:
-        fd = os.pidfd_open(proc.pid)
-    except ProcessLookupError:
-        return True
-    loop = asyncio.get_running_loop()
-    exited = loop.create_future()
-    try:
-        if not is_alive(proc):
+    with _pidfd(proc) as fd:
+        if fd is None:
             return True
+        loop = asyncio.get_running_loop()
+        exited = loop.create_future()
 
         def on_exit() -> None:
             if not exited.done():
@@ -98,24 +106,16 @@ async def wait_exit(proc: ProcessId, timeout_s: float | None) -> bool:
         finally:
             loop.remove_reader(fd)
         return True
-    finally:
-        os.close(fd)
 
 
 def wait_exit_blocking(proc: ProcessId, timeout_s: float) -> bool:
     """Like :func:`wait_exit`, for callers without an event loop."""
-    try:
-        fd = os.pidfd_open(proc.pid)
-    except ProcessLookupError:
-        return True
-    try:
-        if not is_alive(proc):
+    with _pidfd(proc) as fd:
+        if fd is None:
             return True
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         return bool(poller.poll(int(timeout_s * 1000))) or not is_alive(proc)
-    finally:
-        os.close(fd)
 
 
 def launch_daemon(argv: list[str], pidfile: Path, *, what: str) -> ProcessId:
