@@ -37,3 +37,12 @@ def configure(verbosity: int) -> None:
     if verbosity >= 3:
         logging.getLogger("qemu.qmp").setLevel(logging.DEBUG)
         logging.getLogger("qemu.qmp").addHandler(handler)
+
+
+def configure_agent_logging() -> None:
+    """The agent logs every event at info level to stderr (journald or the lab's log file)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger("vmcluster")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)

@@ -6,6 +6,8 @@ from typing import Any
 import click
 
 from vmcluster import __version__, logs
+from vmcluster.cli.agent import agent
+from vmcluster.cli.cluster import cluster, events, node
 from vmcluster.cli.image import image
 from vmcluster.cli.lab import lab
 from vmcluster.cli.vm import vm
@@ -45,6 +47,10 @@ def cli(ctx: click.Context, verbose: int, debug: bool) -> None:
 cli.add_command(vm)
 cli.add_command(image)
 cli.add_command(lab)
+cli.add_command(agent)
+cli.add_command(cluster)
+cli.add_command(node)
+cli.add_command(events)
 
 
 def main() -> None:

@@ -11,11 +11,15 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from vmcluster.agent.config import AgentConfig, Secrets
 from vmcluster.arrays.qsd import ArrayConfig, QsdArray
+from vmcluster.cli.client import lab_cli_file
+from vmcluster.clusterstate.keys import Keys, dumps
 from vmcluster.errors import (
     AlreadyExists,
     InvalidInput,
@@ -26,6 +30,7 @@ from vmcluster.errors import (
 from vmcluster.hypervisor import process
 from vmcluster.lab import netns
 from vmcluster.lab.plan import (
+    CLUSTER_NETWORKS,
     ETCD_CLIENT_PORT,
     ETCD_PEER_PORT,
     NAMESPACE_PREFIX,
@@ -46,6 +51,8 @@ log = get_logger(__name__)
 
 REQUIRED_TOOLS = ("ip", "tc", "nft", "setsid", "etcd", "etcdctl", "qemu-storage-daemon")
 ETCD_HEALTH_TIMEOUT_S = 60.0
+CLUSTER_READY_TIMEOUT_S = 60.0
+AGENT_API_PORT = 7480
 PROBE_LUN = "lab-probe"
 PROBE_LUN_BYTES = 1024 * 1024
 
@@ -110,6 +117,9 @@ class Lab:
                 self._start_etcd(plan, state)
                 self._start_arrays(plan, state)
                 self._wait_etcd_healthy(plan, ETCD_HEALTH_TIMEOUT_S)
+                self._create_cluster(plan)
+                self._start_agents(plan, state)
+                self._wait_cluster_ready(plan, CLUSTER_READY_TIMEOUT_S)
             except BaseException as exc:
                 log.error(event("lab.up.failed", lab=self.name, reason=str(exc)))
                 state.status = "failed"
@@ -208,6 +218,82 @@ class Lab:
             if PROBE_LUN not in ArrayConfig.load(array.config_path).luns:
                 asyncio.run(array.create_lun(PROBE_LUN, PROBE_LUN_BYTES))
                 asyncio.run(array.export(PROBE_LUN, PROBE_LUN))
+
+    # ----- the cluster: secrets, record, agents -----
+
+    @property
+    def secrets_file(self) -> Path:
+        return self.dir / "secrets.json"
+
+    def api_socket(self, node: str) -> Path:
+        return self.run_dir / f"{node}-api.sock"
+
+    def _create_cluster(self, plan: LabPlan) -> None:
+        Secrets.generate().write(self.secrets_file)
+        record = dumps({"name": plan.name, "networks": [str(n) for n in CLUSTER_NETWORKS],
+                        "created_at": time.time(), "lab": True})  # fmt: skip
+        first = plan.nodes[0]
+        netns.run(["ip", "netns", "exec", first.namespace, "etcdctl", "--endpoints",
+                   f"http://127.0.0.1:{ETCD_CLIENT_PORT}", "put", Keys(plan.name).cluster_record,
+                   record.decode()])  # fmt: skip
+        cli_file = lab_cli_file(self.data, self.name)
+        cli_file.write_text(json.dumps({
+            "api": {n.name: f"unix://{self.api_socket(n.name)}" for n in plan.nodes},
+            "secrets_file": str(self.secrets_file),
+        }, indent=2) + "\n")  # fmt: skip
+
+    def _agent_tracked(self, plan: LabPlan, host: Host) -> Tracked:
+        own = [f"http://127.0.0.1:{ETCD_CLIENT_PORT}"]
+        others = [f"http://{m.address(net)}:{ETCD_CLIENT_PORT}" for net in CLUSTER_NETWORKS
+                  for m in plan.etcd_members if m.name != host.name]  # fmt: skip
+        config = AgentConfig(
+            cluster=plan.name,
+            node=host.name,
+            networks={str(n): host.address(n) for n in CLUSTER_NETWORKS},
+            etcd=tuple(own + others),
+            secrets_file=str(self.secrets_file),
+            data_dir=str(self.host_dir(host.name) / "data"),
+            api_listen=f"{host.address(Network.CLUSTER1)}:{AGENT_API_PORT}",
+            api_socket=str(self.api_socket(host.name)),
+        )
+        path = self.host_dir(host.name) / "agent.toml"
+        path.write_text(config.to_toml())
+        argv = (sys.executable, "-m", "vmcluster", "agent", "--config", str(path))
+        return Tracked(role="agent", host=host.name, argv=argv, namespace=host.namespace,
+                       log_path=str(self.host_dir(host.name) / "agent.log"),
+                       pidfile=str(self.run_dir / f"{host.name}-agent.pid"))  # fmt: skip
+
+    def _start_agents(self, plan: LabPlan, state: LabState) -> None:
+        for host in plan.nodes:
+            self._start(state, self._agent_tracked(plan, host))
+
+    def cluster_nodes(self, via: str | None = None) -> list[dict[str, Any]]:
+        """``GET /v1/nodes`` from a node's agent (any node by default)."""
+        from vmcluster.cli.client import ApiClient, ClusterTarget
+
+        info = json.loads(lab_cli_file(self.data, self.name).read_text())
+        target = ClusterTarget(endpoints=info["api"], secrets_file=info["secrets_file"])
+        result = ApiClient(target, via=via).get("/v1/nodes")
+        assert isinstance(result, list)
+        return result
+
+    def _wait_cluster_ready(self, plan: LabPlan, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                nodes = self.cluster_nodes()
+                states = {n["name"]: n["state"] for n in nodes}
+                leaders = [n["name"] for n in nodes if n["leader"]]
+                if len(states) == len(plan.nodes) and set(states.values()) == {"up"} \
+                        and len(leaders) == 1:  # fmt: skip
+                    return
+                last = f"states {states}, leaders {leaders}"
+            except VmclusterError as exc:
+                last = str(exc)
+            time.sleep(0.3)
+        raise VmclusterError(f"lab {self.name}: the cluster is not ready after {timeout_s:g} s "
+                             f"({last}); see {self.dir}/n*/agent.log")  # fmt: skip
 
     def etcd_health(self, plan: LabPlan, via: Host | None = None) -> dict[str, bool]:
         """Health of each etcd member as seen from ``via`` (default: the first live member)."""

@@ -1,0 +1,1 @@
+"""The node agent: the asyncio shell around the pure core (membership, controller decisions)."""

@@ -1,0 +1,346 @@
+"""The node agent: membership, quorum, leader election, the controller and the API, on asyncio.
+
+One TaskGroup holds every loop for the agent's lifetime:
+
+- lease: holds the node's lease and ``nodes/<n>/alive``; quorum is "my lease is known valid";
+- cache: follows the cluster's keys (reads are served from it);
+- heartbeats: sends every interval on every cluster network; received ones feed the detector;
+- detector: the pure FailureDetector, woken at its next deadline; link changes are published in
+  ``nodes/<n>/status`` (bound to the lease);
+- election: the leader key, created with the lease; the holder runs the controller;
+- controller: ``decide(view, recorded)`` on every change; its actions are committed only while
+  this node still holds the leader key (a compare on the key's revision);
+- api: REST on TCP and/or a unix socket.
+"""
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from vmcluster.agent.cache import ClusterCache
+from vmcluster.agent.config import AgentConfig, Secrets
+from vmcluster.agent.heartbeats import HeartbeatIO
+from vmcluster.clusterstate.keys import Keys, dumps
+from vmcluster.clusterstate.store import (
+    Commit,
+    LeaseExpired,
+    Put,
+    Store,
+    StoreUnavailable,
+)
+from vmcluster.core.cluster import ClusterView, NodeState, evaluate
+from vmcluster.core.decide import EmitEvent, RecordedView, RecordView, decide
+from vmcluster.core.membership import DetectorSettings, FailureDetector
+from vmcluster.logs import event, get_logger
+from vmcluster.protocols.heartbeat import Heartbeat
+
+log = get_logger(__name__)
+
+MAX_EVENTS = 1000
+CONTROLLER_PERIOD_S = 1.0
+
+
+@dataclass(slots=True)
+class QuorumState:
+    has_quorum: bool = False
+    lease_id: int = 0
+    valid_until: float = 0.0  # monotonic: the lease is surely alive before this
+    lost_at: float | None = None  # wall clock
+
+
+class Agent:
+    def __init__(
+        self,
+        config: AgentConfig,
+        secrets: Secrets,
+        store: Store,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.secrets = secrets
+        self.store = store
+        self.clock = clock
+        self.keys = Keys(config.cluster)
+        self.networks = tuple(sorted(config.networks))
+        self.incarnation = time.time_ns()
+        self.cache = ClusterCache(store, self.keys)
+        t = config.timings
+        settings = DetectorSettings(
+            heartbeat_interval_s=t.heartbeat_interval_s,
+            threshold=t.heartbeat_threshold,
+            cross_site_threshold=t.cross_site_threshold,
+        )
+        self.detector = FailureDetector(me=config.node, networks=self.networks, settings=settings)
+        self.quorum = QuorumState()
+        self.is_leader = False
+        self.started_at = time.time()
+        self._wake_detector = asyncio.Event()
+        self._links_changed = asyncio.Event()
+        self._heartbeats = HeartbeatIO(
+            cluster=config.cluster, node=config.node, incarnation=self.incarnation,
+            key=secrets.cluster_key, port=config.heartbeat_port, on_heartbeat=self._heard,
+        )  # fmt: skip
+        self.ready = asyncio.Event()
+
+    # ----- life -----
+
+    async def run(self) -> None:
+        from vmcluster.api.server import serve  # the API depends on the agent, not the reverse
+
+        log.info(event("agent.starting", cluster=self.config.cluster, node=self.config.node,
+                       incarnation=self.incarnation))  # fmt: skip
+        await self._heartbeats.open(dict(self.config.networks))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._lease_loop(), name="lease")
+                tg.create_task(self.cache.run(), name="cache")
+                tg.create_task(self._heartbeat_loop(), name="heartbeats")
+                tg.create_task(self._detector_loop(), name="detector")
+                tg.create_task(self._status_loop(), name="status")
+                tg.create_task(self._election_loop(), name="election")
+                tg.create_task(self._controller_loop(), name="controller")
+                tg.create_task(serve(self), name="api")
+                self.ready.set()
+        finally:
+            self._heartbeats.close()
+            await self.store.close()
+
+    # ----- lease and quorum -----
+
+    async def _lease_loop(self) -> None:
+        ttl = self.config.timings.lease_ttl_s
+        while True:
+            try:
+                sent = self.clock()
+                lease = await self.store.grant_lease(ttl)
+                self.quorum.lease_id = lease
+                self.quorum.valid_until = sent + ttl
+                # The spec and the alive key appear together: a member is never seen half-joined.
+                alive = {"incarnation": self.incarnation, "since": time.time()}
+                await self.store.commit(Commit(puts={
+                    self.keys.node(self.config.node, "spec"): Put(value=dumps(self._spec())),
+                    self.keys.node(self.config.node, "alive"): Put(value=dumps(alive), lease=lease),
+                }))  # fmt: skip
+                await self._quorum_regained()
+                await self._keep_lease(lease, ttl)
+            except (StoreUnavailable, LeaseExpired) as exc:
+                self._quorum_maybe_lost(str(exc))
+                await asyncio.sleep(min(0.5, ttl / 4))
+
+    async def _keep_lease(self, lease: int, ttl: int) -> None:
+        while True:
+            await asyncio.sleep(ttl / 4)
+            sent = self.clock()
+            try:
+                await self.store.keepalive(lease)
+                self.quorum.valid_until = sent + ttl
+                if not self.quorum.has_quorum:
+                    await self._quorum_regained()
+            except StoreUnavailable as exc:
+                self._quorum_maybe_lost(str(exc))
+            # LeaseExpired propagates: the lease is gone, grant a new one
+
+    def _quorum_maybe_lost(self, reason: str) -> None:
+        if self.quorum.has_quorum and self.clock() >= self.quorum.valid_until:
+            self.quorum.has_quorum = False
+            self.quorum.lost_at = time.time()
+            self.is_leader = False
+            log.warning(event("quorum.lost", node=self.config.node, reason=reason))
+
+    async def _quorum_regained(self) -> None:
+        if self.quorum.has_quorum:
+            return
+        self.quorum.has_quorum = True
+        if self.quorum.lost_at is not None:
+            log.warning(event("quorum.regained", node=self.config.node))
+            await self._emit("quorum.lost", self.config.node,
+                             f"no quorum from {time.ctime(self.quorum.lost_at)}")  # fmt: skip
+            await self._emit("quorum.regained", self.config.node, "lease renewed")
+            self.quorum.lost_at = None
+        else:
+            log.info(event("quorum.joined", node=self.config.node))
+            await self._emit("node.joined", self.config.node,
+                             f"agent started (incarnation {self.incarnation})")  # fmt: skip
+
+    def has_quorum(self) -> bool:
+        return self.quorum.has_quorum and self.clock() < self.quorum.valid_until
+
+    def _spec(self) -> dict[str, Any]:
+        return {
+            "name": self.config.node,
+            "site": self.config.site,
+            "addresses": dict(self.config.networks),
+            "api": self.config.api_listen,
+            "heartbeat_port": self.config.heartbeat_port,
+        }
+
+    # ----- heartbeats and the failure detector -----
+
+    def _peers(self) -> dict[str, dict[str, str]]:
+        return {name: dict(parts["spec"].get("addresses", {}))
+                for name, parts in self.cache.nodes().items()
+                if "spec" in parts and name != self.config.node}  # fmt: skip
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.config.timings.heartbeat_interval_s
+        while True:
+            peers = self._peers()
+            self.detector.set_peers(peers)
+            self._heartbeats.send(peers, paused=self._paused())
+            self._wake_detector.set()
+            await asyncio.sleep(interval)
+
+    def _paused(self) -> bool:
+        admin = self.cache.json(self.keys.node(self.config.node, "admin")) or {}
+        return bool(admin.get("paused"))
+
+    def _heard(self, heartbeat: Heartbeat) -> None:
+        self.detector.receive(heartbeat.node, heartbeat.network, self.clock())
+        self._wake_detector.set()
+
+    async def _detector_loop(self) -> None:
+        while True:
+            now = self.clock()
+            self.detector.handle_timer(now)
+            while (change := self.detector.next_event()) is not None:
+                log.info(event(f"link.{change.state}", node=self.config.node, peer=change.peer,
+                               network=change.network))  # fmt: skip
+                self._links_changed.set()
+            deadline = self.detector.next_deadline()
+            self._wake_detector.clear()
+            timeout = None if deadline is None else max(0.0, deadline - self.clock())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake_detector.wait()
+
+    async def _status_loop(self) -> None:
+        """Publish this node's link view once it has had time to hear its peers, then on change."""
+        t = self.config.timings
+        await asyncio.sleep(t.heartbeat_interval_s * (t.heartbeat_threshold + 1))
+        published: dict[str, dict[str, str]] | None = None
+        lease = 0
+        while True:
+            links = {peer: {net: str(s) for net, s in nets.items()}
+                     for peer, nets in self.detector.links().items()}  # fmt: skip
+            if self.has_quorum() and (links != published or lease != self.quorum.lease_id):
+                try:
+                    lease = self.quorum.lease_id
+                    await self.store.put(
+                        self.keys.node(self.config.node, "status"),
+                        dumps({"links": links, "incarnation": self.incarnation, "at": time.time()}),
+                        lease=lease,
+                    )
+                    published = links
+                except (StoreUnavailable, LeaseExpired) as exc:
+                    log.info(event("status.publish.failed", reason=str(exc)))
+            self._links_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._links_changed.wait()
+
+    # ----- leader election and the controller -----
+
+    async def _election_loop(self) -> None:
+        await self.cache.loaded.wait()
+        while True:
+            leader = self.cache.leader()
+            if leader is None and self.has_quorum():
+                try:
+                    won = await self.store.create(
+                        self.keys.leader,
+                        dumps({"node": self.config.node, "since": time.time()}),
+                        lease=self.quorum.lease_id,
+                    )
+                    if won:
+                        log.warning(event("leader.elected", node=self.config.node))
+                except (StoreUnavailable, LeaseExpired) as exc:
+                    log.info(event("election.failed", reason=str(exc)))
+            self.is_leader = self.has_quorum() and self.cache.leader() == self.config.node
+            await self.cache.wait_changed(0.5)
+
+    async def _controller_loop(self) -> None:
+        last_reason = ""
+        while True:
+            await self.cache.wait_changed(CONTROLLER_PERIOD_S)
+            if not (self.is_leader and self.has_quorum()):
+                continue
+            leader_entry = self.cache.entries.get(self.keys.leader)
+            if leader_entry is None:
+                continue
+            view = self.view()
+            recorded_raw = self.cache.json(self.keys.view) or {}
+            recorded = RecordedView(nodes=recorded_raw.get("nodes", {}),
+                                    networks=recorded_raw.get("networks", {}),
+                                    leader=recorded_raw.get("leader"))  # fmt: skip
+            decision = decide(view, recorded, self.clock())
+            if decision.reason != last_reason:
+                log.info(event("controller.cycle", reason=decision.reason))
+                last_reason = decision.reason
+            if not decision.actions:
+                continue
+            puts: dict[str, Put] = {}
+            for action in decision.actions:
+                if isinstance(action, EmitEvent):
+                    key, value = self._event_record(action.kind, action.subject, action.reason)
+                    puts[key] = Put(value=value)
+                elif isinstance(action, RecordView):
+                    puts[self.keys.view] = Put(value=dumps({
+                        "nodes": dict(action.view.nodes), "networks": dict(action.view.networks),
+                        "leader": action.view.leader,
+                    }))  # fmt: skip
+            try:
+                # Only while this node still holds the leader key (fencing a deposed leader).
+                applied = await self.store.commit(
+                    Commit(expect={self.keys.leader: leader_entry.mod_revision}, puts=puts)
+                )
+                if not applied:
+                    log.info(event("controller.deposed", node=self.config.node))
+                await self._trim_events()
+            except (StoreUnavailable, LeaseExpired) as exc:
+                log.info(event("controller.commit.failed", reason=str(exc)))
+
+    def view(self) -> ClusterView:
+        """The cluster as this node sees it now (its own state is NoQuorum without quorum)."""
+        view = evaluate(self.cache.facts(self.networks))
+        me = self.config.node
+        if not self.has_quorum() and me in view.nodes:
+            nodes = dict(view.nodes)
+            mine = nodes[me]
+            nodes[me] = type(mine)(name=me, state=NodeState.NO_QUORUM, networks=mine.networks,
+                                   leader=False)  # fmt: skip
+            view = ClusterView(nodes=nodes, networks=view.networks, leader=view.leader)
+        return view
+
+    # ----- events -----
+
+    def _event_record(self, kind: str, subject: str, reason: str) -> tuple[str, bytes]:
+        now = time.time()
+        event_id = f"{time.time_ns():020d}-{self.config.node}-{os.urandom(2).hex()}"
+        value = {"time": now, "kind": kind, "subject": subject, "reason": reason,
+                 "node": self.config.node}  # fmt: skip
+        log.info(event("cluster.event", kind=kind, subject=subject, reason=reason))
+        return self.keys.event(event_id), dumps(value)
+
+    async def _emit(self, kind: str, subject: str, reason: str) -> None:
+        key, value = self._event_record(kind, subject, reason)
+        try:
+            await self.store.put(key, value)
+        except StoreUnavailable as exc:
+            log.info(event("event.write.failed", kind=kind, reason=str(exc)))
+
+    async def _trim_events(self) -> None:
+        keys = sorted(k for k in self.cache.entries if k.startswith(self.keys.events_prefix))
+        for key in keys[: max(0, len(keys) - MAX_EVENTS)]:
+            await self.store.delete(key)
+
+    # ----- admin -----
+
+    async def set_paused(self, node: str, paused: bool) -> None:
+        await self.store.put(self.keys.node(node, "admin"), dumps({"paused": paused}))
+        await self._emit("node.paused" if paused else "node.resumed", node,
+                         f"by an admin through {self.config.node}")  # fmt: skip

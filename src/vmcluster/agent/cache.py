@@ -1,0 +1,145 @@
+"""The agent's copy of its cluster's keys, kept current by a watch, and the facts derived from it.
+
+Reads (API, controller) are served from this cache: they keep working, marked stale, when the
+node has lost quorum.
+"""
+
+import asyncio
+import contextlib
+from typing import Any
+
+from vmcluster.clusterstate.keys import Keys, loads
+from vmcluster.clusterstate.store import (
+    Entry,
+    EventKind,
+    Store,
+    StoreUnavailable,
+    WatchCompacted,
+    WatchEvent,
+)
+from vmcluster.core.cluster import ClusterFacts
+from vmcluster.core.membership import LinkState
+from vmcluster.logs import event, get_logger
+
+log = get_logger(__name__)
+
+
+class ClusterCache:
+    def __init__(self, store: Store, keys: Keys) -> None:
+        self.store = store
+        self.keys = keys
+        self.entries: dict[str, Entry] = {}
+        self.revision = 0
+        self.loaded = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._listeners: set[asyncio.Queue[WatchEvent]] = set()
+
+    async def run(self) -> None:
+        """Load, then follow every change; reload after a compaction or an outage."""
+        while True:
+            try:
+                snapshot = await self.store.get_prefix(self.keys.prefix)
+                self.entries = {e.key: e for e in snapshot.entries}
+                self.revision = snapshot.revision
+                self.loaded.set()
+                self._signal()
+                async for change in self.store.watch_prefix(
+                    self.keys.prefix, start_revision=snapshot.revision + 1
+                ):
+                    self._apply(change)
+            except (StoreUnavailable, WatchCompacted) as exc:
+                log.info(event("cache.reload", reason=type(exc).__name__))
+                await asyncio.sleep(0.5)
+
+    def _apply(self, change: WatchEvent) -> None:
+        if change.kind is EventKind.PUT:
+            old = self.entries.get(change.key)
+            created = old.create_revision if old else change.revision
+            self.entries[change.key] = Entry(key=change.key, value=change.value,
+                                             create_revision=created,
+                                             mod_revision=change.revision)  # fmt: skip
+        else:
+            self.entries.pop(change.key, None)
+        self.revision = change.revision
+        for queue in self._listeners:
+            queue.put_nowait(change)
+        self._signal()
+
+    def _signal(self) -> None:
+        self._changed.set()
+
+    async def wait_changed(self, timeout_s: float | None = None) -> None:
+        """Wait for the next change (or the timeout)."""
+        self._changed.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._changed.wait()
+
+    @contextlib.contextmanager
+    def listen(self) -> Any:
+        queue: asyncio.Queue[WatchEvent] = asyncio.Queue()
+        self._listeners.add(queue)
+        try:
+            yield queue
+        finally:
+            self._listeners.discard(queue)
+
+    def json(self, key: str) -> dict[str, Any] | None:
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        try:
+            return loads(entry.value)
+        except ValueError:
+            log.warning(event("cache.value.invalid", key=key))
+            return None
+
+    def nodes(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """node -> part (spec, alive, status, admin) -> value."""
+        found: dict[str, dict[str, dict[str, Any]]] = {}
+        for key in self.entries:
+            split = self.keys.split_node_key(key)
+            if split is not None:
+                value = self.json(key)
+                if value is not None:
+                    found.setdefault(split[0], {})[split[1]] = value
+        return found
+
+    def leader(self) -> str | None:
+        value = self.json(self.keys.leader)
+        return None if value is None else str(value.get("node"))
+
+    def facts(self, networks: tuple[str, ...]) -> ClusterFacts:
+        nodes = self.nodes()
+        members = tuple(sorted(n for n, parts in nodes.items() if "spec" in parts))
+        reports = {}
+        for name, parts in nodes.items():
+            status = parts.get("status")
+            if status is not None and "alive" in parts:
+                reports[name] = {
+                    peer: {net: LinkState(state) for net, state in links.items()}
+                    for peer, links in status.get("links", {}).items()
+                }
+        return ClusterFacts(
+            members=members,
+            networks=networks,
+            alive=frozenset(n for n, parts in nodes.items() if "alive" in parts),
+            paused=frozenset(
+                n for n, parts in nodes.items() if parts.get("admin", {}).get("paused")
+            ),
+            reports=reports,
+            leader=self.leader(),
+        )
+
+    def events(self, limit: int = 100) -> list[tuple[int, dict[str, Any]]]:
+        """The newest ``limit`` events, oldest first, with their revisions."""
+        found = sorted(
+            (key, entry) for key, entry in self.entries.items()
+            if key.startswith(self.keys.events_prefix)
+        )  # fmt: skip
+        result = []
+        for key, entry in found[-limit:] if limit else found:
+            value = self.json(key)
+            if value is not None:
+                result.append((entry.mod_revision, value))
+        return result

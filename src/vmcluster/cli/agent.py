@@ -1,0 +1,37 @@
+"""``vmcluster agent``: run the node agent in the foreground (systemd runs it this way)."""
+
+import asyncio
+import contextlib
+import signal
+from pathlib import Path
+
+import click
+
+from vmcluster.agent.agent import Agent
+from vmcluster.agent.config import Secrets, load_config
+from vmcluster.clusterstate.etcd import EtcdStore
+from vmcluster.logs import configure_agent_logging
+
+STORE_TIMEOUT_S = 1.0  # shorter than the lease TTL: a stuck etcd call must not outlive the lease
+
+
+@click.command()
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path),
+              help="Agent configuration file (TOML).")  # fmt: skip
+def agent(config_path: Path) -> None:
+    """Run the node agent: membership, quorum, leader election, controller and REST API."""
+    config = load_config(config_path)
+    secrets = Secrets.read(Path(config.secrets_file))
+    configure_agent_logging()
+
+    async def main() -> None:
+        the_agent = Agent(config, secrets, EtcdStore(list(config.etcd), timeout_s=STORE_TIMEOUT_S))
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await the_agent.run()
+
+    asyncio.run(main())

@@ -1,0 +1,130 @@
+"""The CLI's client for the agents' REST API: which agents to ask, with which token.
+
+Where the CLI finds the cluster, in order:
+1. ``$VMCLUSTER_API`` (comma-separated ``unix:///path`` or ``http://host:port`` URLs) and
+   ``$VMCLUSTER_SECRETS`` (the secrets file holding the token);
+2. the current lab (set by ``vmcluster lab up``): every node's local API socket;
+3. this host's agent: ``unix:///run/vmcluster/api.sock`` and ``/etc/vmcluster/secrets.json``.
+Any agent can answer; the CLI tries them in order and says which addresses it tried.
+"""
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from vmcluster.agent.config import Secrets
+from vmcluster.errors import InvalidState, NotFound, VmclusterError
+from vmcluster.paths import DataDir
+
+DEFAULT_API = "unix:///run/vmcluster/api.sock"
+DEFAULT_SECRETS = "/etc/vmcluster/secrets.json"
+REQUEST_TIMEOUT_S = 10.0
+
+
+class ApiUnreachable(VmclusterError):
+    """No agent answered."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterTarget:
+    endpoints: dict[str, str]  # node (or "local") -> URL
+    secrets_file: str
+
+
+def lab_cli_file(data: DataDir, lab: str) -> Path:
+    return data.root / "labs" / lab / "cli.json"
+
+
+def find_target(data: DataDir) -> ClusterTarget:
+    env_api = os.environ.get("VMCLUSTER_API")
+    if env_api:
+        urls = [u.strip() for u in env_api.split(",") if u.strip()]
+        secrets_file = os.environ.get("VMCLUSTER_SECRETS", DEFAULT_SECRETS)
+        endpoints = {f"api{i + 1}": url for i, url in enumerate(urls)}
+        return ClusterTarget(endpoints=endpoints, secrets_file=secrets_file)
+    from vmcluster.lab.lab import get_context
+
+    lab = get_context(data)
+    if lab is not None and lab_cli_file(data, lab).exists():
+        info = json.loads(lab_cli_file(data, lab).read_text())
+        return ClusterTarget(endpoints=dict(info["api"]), secrets_file=info["secrets_file"])
+    return ClusterTarget(endpoints={"local": DEFAULT_API}, secrets_file=DEFAULT_SECRETS)
+
+
+def _session(url: str) -> tuple[aiohttp.ClientSession, str]:
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=3, sock_read=REQUEST_TIMEOUT_S)
+    if url.startswith("unix://"):
+        connector = aiohttp.UnixConnector(path=url.removeprefix("unix://"))
+        return aiohttp.ClientSession(connector=connector, timeout=timeout), "http://agent"
+    return aiohttp.ClientSession(timeout=timeout), url.rstrip("/")
+
+
+class ApiClient:
+    def __init__(self, target: ClusterTarget, *, via: str | None = None) -> None:
+        if via is not None and via not in target.endpoints:
+            raise NotFound(f"no API address known for node {via!r}: known are "
+                           f"{', '.join(sorted(target.endpoints))}")  # fmt: skip
+        self.endpoints = [target.endpoints[via]] if via else list(target.endpoints.values())
+        self.token = Secrets.read(Path(target.secrets_file)).token
+
+    async def _first(self, attempt: Callable[[aiohttp.ClientSession, str], Any]) -> Any:
+        errors = []
+        for url in self.endpoints:
+            session, base = _session(url)
+            try:
+                async with session:
+                    return await attempt(session, base)
+            except (aiohttp.ClientConnectionError, TimeoutError, OSError) as exc:
+                errors.append(f"{url} ({type(exc).__name__})")
+        raise ApiUnreachable(f"cannot reach the cluster API: tried {', '.join(errors)}")
+
+    async def request(self, method: str, path: str) -> Any:
+        async def attempt(session: aiohttp.ClientSession, base: str) -> Any:
+            headers = {"Authorization": f"Bearer {self.token}"}
+            async with session.request(method, base + path, headers=headers) as response:
+                body = await response.json(content_type=None)
+                if response.status == 404:
+                    raise NotFound(body.get("error", "not found"))
+                if response.status == 503:
+                    raise InvalidState(body.get("error", "unavailable"))
+                if response.status >= 400:
+                    raise VmclusterError(f"API {method} {path}: {response.status} "
+                                         f"{body.get('error', '')}")  # fmt: skip
+                return body
+
+        return await self._first(attempt)
+
+    def get(self, path: str) -> Any:
+        return asyncio.run(self.request("GET", path))
+
+    def post(self, path: str) -> Any:
+        return asyncio.run(self.request("POST", path))
+
+    async def stream_lines(self, path: str) -> AsyncIterator[dict[str, Any]]:
+        """JSON objects from an NDJSON stream (blank keep-alive lines are skipped)."""
+        url = self.endpoints[0]
+        for candidate in self.endpoints:  # the first that answers
+            url = candidate
+            session, base = _session(url)
+            try:
+                async with (
+                    session,
+                    session.get(
+                        base + path, headers={"Authorization": f"Bearer {self.token}"}
+                    ) as response,
+                ):
+                    if response.status >= 400:
+                        raise VmclusterError(f"API GET {path}: {response.status}")
+                    async for line in response.content:
+                        if line.strip():
+                            yield json.loads(line)
+                    return
+            except (aiohttp.ClientConnectionError, OSError):
+                continue
+        raise ApiUnreachable(f"cannot reach the cluster API: tried {', '.join(self.endpoints)}")

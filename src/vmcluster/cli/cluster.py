@@ -1,0 +1,180 @@
+"""``vmcluster cluster``, ``node`` and ``events``: the cluster, through its agents' API."""
+
+import asyncio
+import datetime
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from vmcluster.agent.config import Secrets
+from vmcluster.cli.client import ApiClient, find_target
+from vmcluster.cli.common import data_dir, output_option, print_fields, print_json, print_table
+from vmcluster.cli.common import stdout as out
+from vmcluster.clusterstate.etcd import EtcdStore
+from vmcluster.clusterstate.keys import Keys, dumps
+from vmcluster.core.model import check_name
+from vmcluster.errors import AlreadyExists
+
+via_option = click.option("--via", metavar="NODE", help="Ask this node's agent (default: any).")
+
+
+def _client(via: str | None) -> ApiClient:
+    return ApiClient(find_target(data_dir()), via=via)
+
+
+@click.group()
+def cluster() -> None:
+    """The cluster as a whole."""
+
+
+@cluster.command()
+@click.argument("name")
+@click.option("--etcd", "endpoints", required=True, help="etcd endpoints, comma-separated.")
+@click.option(
+    "--secrets-file",
+    default="/etc/vmcluster/secrets.json",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Where to write the token and cluster key.",
+)
+@click.option("--networks", default="cluster1,cluster2", show_default=True,
+              help="The cluster networks, comma-separated.")  # fmt: skip
+def create(name: str, endpoints: str, secrets_file: Path, networks: str) -> None:
+    """Create a cluster: its record in etcd and its secrets (API token, heartbeat key).
+
+    Copy the secrets file (mode 600) to every node; then start an agent on each node.
+    """
+    check_name(name, what="cluster")
+    nets = [check_name(n.strip(), what="network") for n in networks.split(",") if n.strip()]
+    if secrets_file.exists():
+        raise AlreadyExists(f"secrets file {secrets_file} already exists: remove it or choose "
+                            "another --secrets-file")  # fmt: skip
+
+    async def write() -> bool:
+        store = EtcdStore([e.strip() for e in endpoints.split(",") if e.strip()])
+        try:
+            record = {
+                "name": name,
+                "networks": nets,
+                "created_at": datetime.datetime.now().timestamp(),
+            }
+            return await store.create(Keys(name).cluster_record, dumps(record))
+        finally:
+            await store.close()
+
+    if not asyncio.run(write()):
+        raise AlreadyExists(f"cluster {name!r} already exists in that etcd")
+    Secrets.generate().write(secrets_file)
+    out.print(f"created cluster {name}; secrets in {secrets_file} (copy to every node, mode 600)",
+              markup=False)  # fmt: skip
+
+
+@cluster.command()
+@via_option
+@output_option
+def status(via: str | None, output: str) -> None:
+    """Quorum, leader, networks and node counts."""
+    data = _client(via).get("/v1/cluster")
+    if output == "json":
+        print_json(data)
+        return
+    print_fields([
+        ("cluster", data["name"]),
+        ("answered by", data["served_by"]),
+        ("quorum", "yes" if data["quorum"] else "NO (this node's view may be stale)"),
+        ("leader", data["leader"]),
+        ("nodes", ", ".join(f"{n} {s}" for s, n in data["nodes"].items())),
+        ("networks", ", ".join(f"{k} {v}" for k, v in data["networks"].items())),
+    ])  # fmt: skip
+
+
+@click.group()
+def node() -> None:
+    """Cluster nodes."""
+
+
+def _network_cell(networks: dict[str, str]) -> str:
+    return " ".join(f"{net}:{state}" for net, state in sorted(networks.items()))
+
+
+@node.command("list")
+@via_option
+@output_option
+def list_(via: str | None, output: str) -> None:
+    """Every node with its state, per-network state and the leader."""
+    nodes = _client(via).get("/v1/nodes")
+    if output == "json":
+        print_json(nodes)
+        return
+    print_table(["NODE", "STATE", "LEADER", "NETWORKS"],
+                [(n["name"], n["state"], "*" if n["leader"] else "", _network_cell(n["networks"]))
+                 for n in nodes])  # fmt: skip
+
+
+@node.command()
+@click.argument("name")
+@via_option
+@output_option
+def show(name: str, via: str | None, output: str) -> None:
+    """One node in detail."""
+    data = _client(via).get(f"/v1/nodes/{name}")
+    if output == "json":
+        print_json(data)
+        return
+    print_fields([
+        ("node", data["name"]), ("state", data["state"]), ("leader", data["leader"]),
+        ("paused", data["paused"]), ("site", data["site"]),
+        ("networks", _network_cell(data["networks"])),
+        ("addresses", " ".join(f"{k}={v}" for k, v in sorted(data["addresses"].items()))),
+    ])  # fmt: skip
+
+
+@node.command()
+@click.argument("name")
+@via_option
+def pause(name: str, via: str | None) -> None:
+    """Pause a node (it stays a member; later: no VMs are placed on it)."""
+    _client(via).post(f"/v1/nodes/{name}/pause")
+    out.print(f"node {name} paused", markup=False)
+
+
+@node.command()
+@click.argument("name")
+@via_option
+def resume(name: str, via: str | None) -> None:
+    """Resume a paused node."""
+    _client(via).post(f"/v1/nodes/{name}/resume")
+    out.print(f"node {name} resumed", markup=False)
+
+
+def _event_line(e: dict[str, Any]) -> str:
+    when = datetime.datetime.fromtimestamp(e["time"]).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    return f"{when}  {e['kind']:<20} {e['subject']:<10} {e['reason']}"
+
+
+@click.command()
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new events.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=0),
+              help="How many of the newest events to show first.")  # fmt: skip
+@via_option
+@output_option
+def events(follow: bool, limit: int, via: str | None, output: str) -> None:
+    """Cluster events: node up/down, networks, leader, quorum."""
+    client = _client(via)
+    if not follow:
+        data = client.get(f"/v1/events?limit={limit}")
+        if output == "json":
+            print_json(data)
+        else:
+            for e in data:
+                out.print(_event_line(e), markup=False)
+        return
+
+    async def stream() -> None:
+        async for e in client.stream_lines(f"/v1/events?follow=true&limit={limit}"):
+            line = json.dumps(e) if output == "json" else _event_line(e)
+            click.echo(line)
+
+    asyncio.run(stream())

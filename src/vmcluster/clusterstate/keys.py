@@ -1,0 +1,73 @@
+"""The key schema of the cluster database (version 1). See docs/cluster-database.md.
+
+    /vmcluster/v1/<cluster>/cluster             cluster record: name, networks, timings
+    /vmcluster/v1/<cluster>/nodes/<n>/spec      a member: addresses per network, API, site
+    /vmcluster/v1/<cluster>/nodes/<n>/alive     bound to the node's lease: incarnation, since
+    /vmcluster/v1/<cluster>/nodes/<n>/status    the node's link view: peer -> network -> up/down
+    /vmcluster/v1/<cluster>/nodes/<n>/admin     admin intent: paused
+    /vmcluster/v1/<cluster>/leader              bound to the leader's lease: node, since
+    /vmcluster/v1/<cluster>/view                the controller's last recorded view
+    /vmcluster/v1/<cluster>/events/<id>         events, bounded; <id> sorts by time
+
+Values are JSON objects (UTF-8).
+"""
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+ROOT = "/vmcluster/v1"
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    cluster: str
+
+    @property
+    def prefix(self) -> str:
+        return f"{ROOT}/{self.cluster}/"
+
+    @property
+    def cluster_record(self) -> str:
+        return f"{self.prefix}cluster"
+
+    @property
+    def nodes_prefix(self) -> str:
+        return f"{self.prefix}nodes/"
+
+    def node(self, node: str, part: str) -> str:
+        assert part in ("spec", "alive", "status", "admin"), part
+        return f"{self.nodes_prefix}{node}/{part}"
+
+    @property
+    def leader(self) -> str:
+        return f"{self.prefix}leader"
+
+    @property
+    def view(self) -> str:
+        return f"{self.prefix}view"
+
+    @property
+    def events_prefix(self) -> str:
+        return f"{self.prefix}events/"
+
+    def event(self, event_id: str) -> str:
+        return f"{self.events_prefix}{event_id}"
+
+    def split_node_key(self, key: str) -> tuple[str, str] | None:
+        """'.../nodes/n1/alive' -> ('n1', 'alive'); None for other keys."""
+        if not key.startswith(self.nodes_prefix):
+            return None
+        node, _, part = key[len(self.nodes_prefix) :].partition("/")
+        return (node, part) if node and part else None
+
+
+def dumps(value: dict[str, Any]) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def loads(raw: bytes) -> dict[str, Any]:
+    data = json.loads(raw.decode())
+    if not isinstance(data, dict):
+        raise ValueError("expected a JSON object")
+    return data

@@ -1,0 +1,83 @@
+"""The controller's decisions. Pure: ``decide(view, recorded, now)`` returns actions and a reason.
+
+The controller (the agent holding the leader key) compares the cluster view computed from the
+database with the view it last recorded there, and turns every difference into an event; then it
+records the new view. A new leader therefore continues where the old one stopped, without
+repeating events. (Failover, placement and the rest join this function in later work.)
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from vmcluster.core.cluster import ClusterView
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecordedView:
+    """What the controller last recorded: node -> state, network -> state, and the leader."""
+
+    nodes: Mapping[str, str] = field(default_factory=dict)
+    networks: Mapping[str, str] = field(default_factory=dict)
+    leader: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EmitEvent:
+    kind: str  # node.down, network.partitioned, leader.changed, ...
+    subject: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecordView:
+    view: RecordedView
+
+
+Action = EmitEvent | RecordView
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Decision:
+    actions: tuple[Action, ...]
+    reason: str
+
+
+def recorded_of(view: ClusterView) -> RecordedView:
+    return RecordedView(
+        nodes={name: str(node.state) for name, node in view.nodes.items()},
+        networks={name: str(state) for name, state in view.networks.items()},
+        leader=view.leader,
+    )
+
+
+def decide(view: ClusterView, recorded: RecordedView, now: float) -> Decision:
+    del now  # no timed decisions yet
+    current = recorded_of(view)
+    events: list[Action] = []
+    changes: list[str] = []
+    for name, state in current.nodes.items():
+        before = recorded.nodes.get(name)
+        if before != state:
+            reason = f"{before or 'unknown'} -> {state}"
+            events.append(EmitEvent(kind=f"node.{state}", subject=name, reason=reason))
+            changes.append(f"node {name} {reason}")
+    for name in sorted(set(recorded.nodes) - set(current.nodes)):
+        events.append(EmitEvent(kind="node.removed", subject=name, reason="no longer a member"))
+        changes.append(f"node {name} removed")
+    for network, state in current.networks.items():
+        before = recorded.networks.get(network)
+        if before != state:
+            reason = f"{before or 'unknown'} -> {state}"
+            events.append(EmitEvent(kind=f"network.{state}", subject=network, reason=reason))
+            changes.append(f"network {network} {reason}")
+    if current.leader != recorded.leader:
+        reason = f"{recorded.leader or 'none'} -> {current.leader or 'none'}"
+        events.append(
+            EmitEvent(kind="leader.changed", subject=current.leader or "-", reason=reason)
+        )
+        changes.append(f"leader {reason}")
+    if not events:
+        up = sum(1 for s in current.nodes.values() if s == "up")
+        return Decision(actions=(), reason=f"no change: {up}/{len(current.nodes)} nodes up, "
+                                           f"leader {current.leader}")  # fmt: skip
+    return Decision(actions=(*events, RecordView(view=current)), reason="; ".join(changes))
