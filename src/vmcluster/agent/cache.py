@@ -23,6 +23,8 @@ from vmcluster.logs import event, get_logger
 
 log = get_logger(__name__)
 
+FRESHNESS_CHECK_S = 1.0
+
 
 class ClusterCache:
     def __init__(self, store: Store, keys: Keys) -> None:
@@ -35,21 +37,63 @@ class ClusterCache:
         self._listeners: set[asyncio.Queue[WatchEvent]] = set()
 
     async def run(self) -> None:
-        """Load, then follow every change; reload after a compaction or an outage."""
+        """Load, then follow every change; reload after a compaction, an outage or a stall."""
         while True:
             try:
                 snapshot = await self.store.get_prefix(self.keys.prefix)
-                self.entries = {e.key: e for e in snapshot.entries}
-                self.revision = snapshot.revision
-                self.loaded.set()
-                self._signal()
-                async for change in self.store.watch_prefix(
-                    self.keys.prefix, start_revision=snapshot.revision + 1
-                ):
-                    self._apply(change)
+                self._load(snapshot.entries, snapshot.revision)
+                follower = asyncio.ensure_future(self._follow(snapshot.revision + 1))
+                try:
+                    await self._until_stale(follower)
+                finally:
+                    follower.cancel()
+                    await asyncio.wait([follower])
+                failure = None if follower.cancelled() else follower.exception()
+                if failure is not None:
+                    raise failure
             except (StoreUnavailable, WatchCompacted) as exc:
                 log.info(event("cache.reload", reason=type(exc).__name__))
                 await asyncio.sleep(0.5)
+
+    def _load(self, entries: tuple[Entry, ...], revision: int) -> None:
+        self.entries = {e.key: e for e in entries}
+        self.revision = revision
+        self.loaded.set()
+        self._signal()
+
+    async def _follow(self, start_revision: int) -> None:
+        async for change in self.store.watch_prefix(
+            self.keys.prefix, start_revision=start_revision
+        ):
+            self._apply(change)
+
+    async def _until_stale(self, follower: "asyncio.Future[None]") -> None:
+        """Return when the watch has stalled: the database has moved on and the watch has not
+        delivered it for a whole check period (as when the watched member is cut off from its
+        peers but still answers). Also returns when the follower ends."""
+        behind_since: float | None = None
+        loop = asyncio.get_running_loop()
+        while not follower.done():
+            await asyncio.wait([follower], timeout=FRESHNESS_CHECK_S)
+            if follower.done():
+                return
+            try:
+                probe = await self.store.get_prefix(self.keys.cluster_record)
+            except StoreUnavailable:
+                continue
+            if probe.revision <= self.revision:
+                behind_since = None
+            elif behind_since is None:
+                behind_since = loop.time()
+            elif loop.time() - behind_since >= FRESHNESS_CHECK_S:
+                current = await self.store.get_prefix(self.keys.prefix)
+                mine = {k: e.mod_revision for k, e in self.entries.items()}
+                if {e.key: e.mod_revision for e in current.entries} != mine:
+                    log.warning(event("cache.stale", revision=self.revision,
+                                      database_revision=current.revision))  # fmt: skip
+                    return
+                self.revision = max(self.revision, current.revision)
+                behind_since = None
 
     def _apply(self, change: WatchEvent) -> None:
         if change.kind is EventKind.PUT:

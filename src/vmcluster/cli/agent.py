@@ -12,7 +12,7 @@ from vmcluster.agent.config import Secrets, load_config
 from vmcluster.clusterstate.etcd import EtcdStore
 from vmcluster.logs import configure_agent_logging
 
-STORE_TIMEOUT_S = 1.0  # shorter than the lease TTL: a stuck etcd call must not outlive the lease
+STORE_TIMEOUT_S = 0.5  # a quarter of the lease TTL: a dead endpoint costs at most one keepalive
 
 
 @click.command()

@@ -36,6 +36,7 @@ T = TypeVar("T")
 
 OPERATION_TIMEOUT_S = 3.0
 WATCH_RETRY_S = 0.5
+HEDGE_S = 0.15  # ask the next endpoint too when the preferred one is this slow
 _CONNECTION_ERRORS = (
     aetcd_errors.ConnectionFailedError,
     aetcd_errors.ConnectionTimeoutError,
@@ -70,56 +71,91 @@ def _prefix_end(prefix: bytes) -> bytes:
 
 
 class EtcdStore(Store):
+    """The Store on an etcd cluster, reached through any of ``endpoints``.
+
+    One client per endpoint is created on first use and kept (gRPC reconnects by itself); the
+    store prefers one endpoint and moves to the next when an attempt fails, so concurrent
+    operations never close a connection under each other.
+    """
+
     def __init__(self, endpoints: list[str], *, timeout_s: float = OPERATION_TIMEOUT_S) -> None:
         if not endpoints:
             raise InvalidInput("no etcd endpoints given")
         self.endpoints = [parse_endpoint(e) for e in endpoints]
         self.timeout_s = timeout_s
         self._index = 0
-        self._client: aetcd.Client | None = None
+        self._clients: dict[int, aetcd.Client] = {}
 
     @property
     def endpoint(self) -> str:
-        host, port = self.endpoints[self._index]
+        return self._url(self._index)
+
+    def _url(self, index: int) -> str:
+        host, port = self.endpoints[index]
         return f"http://{host}:{port}"
 
-    async def _connected(self) -> aetcd.Client:
-        if self._client is None:
-            host, port = self.endpoints[self._index]
+    async def _client_for(self, index: int) -> aetcd.Client:
+        client = self._clients.get(index)
+        if client is None:
+            host, port = self.endpoints[index]
             client = aetcd.Client(host=host, port=port, timeout=self.timeout_s)
-            await client.connect()
-            self._client = client
-        return self._client
+            self._clients[index] = client
+        await client.connect()
+        return client
 
-    async def _rotate(self, reason: object) -> None:
-        old = self.endpoint
-        await self._drop_client()
-        self._index = (self._index + 1) % len(self.endpoints)
-        log.info(event("store.endpoint.switch", old=old, new=self.endpoint, reason=reason))
+    def _failed(self, index: int, reason: object) -> None:
+        """Move on from endpoint ``index`` (unless another caller already did)."""
+        if self._index == index:
+            self._index = (index + 1) % len(self.endpoints)
+            log.info(event("store.endpoint.switch", old=self._url(index), new=self.endpoint,
+                           reason=reason))  # fmt: skip
 
-    async def _drop_client(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            with contextlib.suppress(Exception):
-                await client.close()
+    async def _attempt(self, index: int, op: Callable[[aetcd.Client], Awaitable[T]]) -> T:
+        async with asyncio.timeout(self.timeout_s):
+            return await op(await self._client_for(index))
 
     async def _call(
         self, what: str, op: Callable[[aetcd.Client], Awaitable[T]], *, retry: bool = True
     ) -> T:
-        """Run ``op`` on an endpoint, moving on to the others after connection failures."""
+        """Run ``op`` on the preferred endpoint; if it has not answered within HEDGE_S, also on
+        the next one, and so on: the first answer wins and becomes the preferred endpoint.
+
+        ``retry=False`` (commits, whose outcome would be unknown) makes one attempt only.
+        """
+        count = len(self.endpoints) if retry else 1
+        first = self._index
+        pending: dict[asyncio.Task[T], int] = {}
+        errors: list[str] = []
         last: BaseException | None = None
-        for _ in range(len(self.endpoints)):
-            try:
-                async with asyncio.timeout(self.timeout_s):
-                    return await op(await self._connected())
-            except _CONNECTION_ERRORS as exc:
-                last = exc
-                await self._rotate(type(exc).__name__)
-                if not retry:
-                    break
-        raise StoreUnavailable(
-            f"cluster database: {what} failed on every endpoint ({last!r})"
-        ) from last
+        launched = 0
+        try:
+            while launched < count or pending:
+                if launched < count:
+                    index = (first + launched) % len(self.endpoints)
+                    pending[asyncio.ensure_future(self._attempt(index, op))] = index
+                    launched += 1
+                wait_s = HEDGE_S if launched < count else None
+                done, _ = await asyncio.wait(pending, timeout=wait_s,
+                                             return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+                winner: asyncio.Task[T] | None = None
+                for task in done:  # every finished attempt is looked at (none left unretrieved)
+                    index = pending.pop(task)
+                    exc = task.exception()
+                    if exc is None:
+                        if winner is None:
+                            winner, self._index = task, index
+                        continue
+                    if not isinstance(exc, _CONNECTION_ERRORS):
+                        raise exc
+                    last = exc
+                    errors.append(f"{self._url(index)}: {type(exc).__name__}")
+                    self._failed(index, type(exc).__name__)
+                if winner is not None:
+                    return winner.result()
+        finally:
+            for task in pending:
+                task.cancel()
+        raise StoreUnavailable(f"cluster database: {what} failed ({'; '.join(errors)})") from last
 
     async def get(self, key: str) -> Entry | None:
         got = await self._call("get", lambda c: c.get(key.encode()))
@@ -185,14 +221,16 @@ class EtcdStore(Store):
         key = prefix.encode()
         while True:
             watch = None
+            index = self._index
             try:
-                client = await self._connected()
+                client = await self._client_for(index)
                 # All events of one revision (one transaction) arrive in one watch response, and
                 # a stream breaks only between responses: resuming from the revision after the
                 # last one delivered therefore loses and repeats nothing.
                 start = next_revision
-                watch = await client.watch(key, range_end=_prefix_end(key),
-                                           start_revision=start)  # fmt: skip
+                async with asyncio.timeout(self.timeout_s):
+                    watch = await client.watch(key, range_end=_prefix_end(key),
+                                               start_revision=start)  # fmt: skip
                 async for raw in watch:
                     kind = EventKind.PUT if raw.kind == "PUT" else EventKind.DELETE
                     revision = int(raw.kv.mod_revision)
@@ -214,12 +252,17 @@ class EtcdStore(Store):
             except (*_CONNECTION_ERRORS, ConnectionError, aetcd_errors.ClientError) as exc:
                 log.info(event("store.watch.resume", prefix=prefix, revision=next_revision,
                                reason=type(exc).__name__))  # fmt: skip
-                await self._rotate(type(exc).__name__)
+                self._failed(index, type(exc).__name__)
                 await asyncio.sleep(WATCH_RETRY_S)
             finally:
                 if watch is not None:
                     with contextlib.suppress(Exception):
-                        await watch.cancel()
+                        async with asyncio.timeout(self.timeout_s):
+                            await watch.cancel()
 
     async def close(self) -> None:
-        await self._drop_client()
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self.timeout_s):
+                    await client.close()

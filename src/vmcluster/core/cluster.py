@@ -12,8 +12,11 @@ and per network, as WSFC names them.
 - Only *reporting* nodes (alive, with a link report) count for links: a node that is still
   joining makes no network look partitioned and no other node look isolated.
 - Network: Up if every pair of reporting nodes has a link on it, Down if no pair has, Partitioned
-  otherwise. Per node: Up if it links to every other reporting node, Down if the whole network is
-  down, Partitioned otherwise; Unknown for a node that is down or not reporting.
+  otherwise. Per node: the reporting nodes split into groups that reach each other on the
+  network (connected components); a node in the one largest group is Up there, a node outside it
+  (or in a tie for largest) is Partitioned; Down if the whole network is down; Unknown for a node
+  that is down or not reporting. So when n1's link on cluster1 fails, cluster1 is Partitioned
+  for n1 and Up for the others.
 """
 
 from collections.abc import Mapping
@@ -90,6 +93,7 @@ def evaluate(facts: ClusterFacts) -> ClusterView:
             network_states[network] = NetworkState.DOWN
         else:
             network_states[network] = NetworkState.PARTITIONED
+    majority = {network: _largest_group(facts, reporting, network) for network in facts.networks}
     nodes: dict[str, NodeView] = {}
     for name in facts.members:
         others = [m for m in reporting if m != name]
@@ -99,13 +103,33 @@ def evaluate(facts: ClusterFacts) -> ClusterView:
                 per_network[network] = NetworkState.UNKNOWN
             elif network_states[network] is NetworkState.DOWN:
                 per_network[network] = NetworkState.DOWN
-            elif all(_linked(facts, name, m, network) for m in others):
+            elif name in majority[network]:
                 per_network[network] = NetworkState.UP
             else:
                 per_network[network] = NetworkState.PARTITIONED
         nodes[name] = NodeView(name=name, state=_node_state(facts, name, others),
                                networks=per_network, leader=facts.leader == name)  # fmt: skip
     return ClusterView(nodes=nodes, networks=network_states, leader=facts.leader)
+
+
+def _largest_group(facts: ClusterFacts, reporting: list[str], network: str) -> frozenset[str]:
+    """The unique largest set of nodes that reach each other on ``network`` (empty on a tie)."""
+    groups: list[set[str]] = []
+    unseen = set(reporting)
+    while unseen:
+        group, frontier = set(), [unseen.pop()]
+        while frontier:
+            node = frontier.pop()
+            group.add(node)
+            for other in list(unseen):
+                if _linked(facts, node, other, network):
+                    unseen.discard(other)
+                    frontier.append(other)
+        groups.append(group)
+    groups.sort(key=len, reverse=True)
+    if not groups or (len(groups) > 1 and len(groups[0]) == len(groups[1])):
+        return frozenset()
+    return frozenset(groups[0])
 
 
 def _node_state(facts: ClusterFacts, name: str, others: list[str]) -> NodeState:

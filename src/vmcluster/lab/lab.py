@@ -164,8 +164,10 @@ class Lab:
             "etcd",
             "--name", host.name,
             "--data-dir", str(self.host_dir(host.name) / "etcd"),
-            "--listen-peer-urls", f"http://{c1}:{ETCD_PEER_PORT}",
-            "--initial-advertise-peer-urls", f"http://{c1}:{ETCD_PEER_PORT}",
+            # Peers talk over both cluster networks: losing one keeps the member in the cluster.
+            "--listen-peer-urls", f"http://{c1}:{ETCD_PEER_PORT},http://{c2}:{ETCD_PEER_PORT}",
+            "--initial-advertise-peer-urls",
+            f"http://{c1}:{ETCD_PEER_PORT},http://{c2}:{ETCD_PEER_PORT}",
             "--listen-client-urls",
             f"http://{c1}:{ETCD_CLIENT_PORT},http://{c2}:{ETCD_CLIENT_PORT},"
             f"http://127.0.0.1:{ETCD_CLIENT_PORT}",

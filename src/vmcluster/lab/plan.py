@@ -148,9 +148,11 @@ class LabPlan:
         return tuple(h for h in self.hosts if h.runs_etcd)
 
     def etcd_initial_cluster(self) -> str:
+        """Each member with a peer URL on each cluster network (peers use whichever works)."""
         return ",".join(
-            f"{h.name}=http://{h.address(Network.CLUSTER1)}:{ETCD_PEER_PORT}"
+            f"{h.name}=http://{h.address(network)}:{ETCD_PEER_PORT}"
             for h in self.etcd_members
+            for network in CLUSTER_NETWORKS
         )
 
     def etcd_endpoints(self, network: Network = Network.CLUSTER1) -> list[str]:
