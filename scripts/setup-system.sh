@@ -11,6 +11,7 @@ packages=(
     nftables             # the lab's network partitions
     python3-venv         # the project's virtual environment
     libnbd-bin           # nbdinfo, a real NBD client for tests
+    curl                 # API tests over unix sockets
     ca-certificates
 )
 

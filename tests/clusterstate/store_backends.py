@@ -31,6 +31,13 @@ ETCD_START_TIMEOUT_S = 20.0
 Scenario = Callable[[Store, str], Awaitable[None]]
 
 
+async def settle_grpc() -> None:
+    """Let gRPC deliver the completions of the calls a closed client cancelled while this event
+    loop still runs (otherwise gRPC's poller hands them to the closed loop later, which logs
+    "Event loop is closed" errors during the next test)."""
+    await asyncio.sleep(0.1)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on (at the time of asking)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -120,6 +127,7 @@ class Backend:
                     await scenario(store, self.prefix)
                 finally:
                     await store.close()
+                    await settle_grpc()
 
         asyncio.run(main())
 

@@ -3,22 +3,27 @@ against every implementation (the ``backend`` fixture: FakeStore and EtcdStore o
 
 Each test runs one async scenario with ``asyncio.run`` (through ``backend.run``) under a timeout.
 Every key is under the test's unique prefix ``p``. Watches are consumed with async iteration under
-``asyncio.timeout`` and closed with ``contextlib.aclosing``. Exactly-once delivery is checked with
-a sentinel: after the changes under test, a sentinel key is put and the events up to and including
-the sentinel must be exactly the expected ones.
+``asyncio.timeout`` and closed with ``contextlib.aclosing`` (see ``watching``). Exactly-once
+delivery is checked with a sentinel: after the changes under test, a sentinel key is put and the
+events up to and including the sentinel must be exactly the expected ones.
 
 At the end: scenarios for one implementation only (FakeStore's ``available`` and ``compact``;
-EtcdStore's endpoint failover and watch resumption).
+EtcdStore's endpoint failover, dead endpoints, watch resumption after a lost connection or on
+another endpoint, and a slow endpoint). The etcd-only network faults go through ``_Proxy``, a TCP
+proxy the test controls, so no private EtcdStore method is called.
+
+Known bugs are strict xfails for the implementation that has them (``backend.known_bug``).
 """
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 import pytest
-from tests.clusterstate.store_backends import Backend, EtcdServer, free_port
+from tests.clusterstate.store_backends import Backend, EtcdServer, free_port, settle_grpc
 
 from vmcluster.clusterstate.etcd import EtcdStore
 from vmcluster.clusterstate.fake import FakeStore
@@ -49,6 +54,14 @@ def put_event(key: str, value: bytes, revision: int) -> WatchEvent:
 
 def delete_event(key: str, revision: int) -> WatchEvent:
     return WatchEvent(kind=EventKind.DELETE, key=key, value=b"", revision=revision)
+
+
+def watching(
+    events: AsyncIterator[WatchEvent],
+) -> contextlib.aclosing[AsyncGenerator[WatchEvent, None]]:
+    """``async with watching(store.watch_prefix(...)) as watch``: closed when the block ends."""
+    assert isinstance(events, AsyncGenerator)  # what both implementations return
+    return contextlib.aclosing(events)
 
 
 async def take(
@@ -526,7 +539,7 @@ def test_watch_delivers_later_changes_in_order_exactly_once(backend: Backend) ->
     async def scenario(store: Store, p: str) -> None:
         w = p + "w/"
         start = await current_revision(store, p) + 1
-        async with contextlib.aclosing(store.watch_prefix(w, start_revision=start)) as watch:
+        async with watching(store.watch_prefix(w, start_revision=start)) as watch:
             r1 = await store.put(w + "a", b"a1")
             assert await take(watch, 1) == [put_event(w + "a", b"a1", r1)]  # live
 
@@ -563,14 +576,13 @@ def test_watch_delete_event_has_the_revision_of_the_deletion(backend: Backend) -
         await store.put(p + "j", b"v")
         assert await store.delete(p + "k")
         snap = await store.get_prefix(p)  # nothing else changed since the delete
-        ej = snap.get(p + "j")
-        assert ej is not None
+        assert snap.get(p + "j") is not None
         r = await store.put(p + "j", b"w")
         entry = await store.get(p + "j")
         assert entry is not None
         assert await store.delete_if(p + "j", mod_revision=entry.mod_revision)
         after = await store.get_prefix(p)
-        async with contextlib.aclosing(store.watch_prefix(p, start_revision=start)) as watch:
+        async with watching(store.watch_prefix(p, start_revision=start)) as watch:
             events = await take(watch, 5)
         assert events[2] == delete_event(p + "k", snap.revision)
         assert events[3] == put_event(p + "j", b"w", r)
@@ -587,7 +599,7 @@ def test_watch_delivers_every_change_of_a_multi_key_revision(backend: Backend, h
         start = await current_revision(store, p) + 1
         lease = await store.grant_lease(30)
         try:
-            async with contextlib.aclosing(store.watch_prefix(w, start_revision=start)) as watch:
+            async with watching(store.watch_prefix(w, start_revision=start)) as watch:
                 if how == "commit":
                     assert await store.commit(
                         Commit(puts={w + "x": Put(value=b"1"), w + "y": Put(value=b"2"),
@@ -637,7 +649,7 @@ def test_watch_from_an_older_revision_replays_history(backend: Backend) -> None:
             put_event(p + "b", b"1", r2),
             put_event(p + "a", b"2", r3),
         ]
-        async with contextlib.aclosing(store.watch_prefix(p, start_revision=r1)) as watch:
+        async with watching(store.watch_prefix(p, start_revision=r1)) as watch:
             events = await take(watch, 5)
         assert events[:3] == history
         assert events[3].kind is EventKind.DELETE
@@ -646,7 +658,7 @@ def test_watch_from_an_older_revision_replays_history(backend: Backend) -> None:
         assert events[4] == put_event(p + "c", b"1", r5)
 
         # start_revision is inclusive, and replay continues with live changes.
-        async with contextlib.aclosing(store.watch_prefix(p, start_revision=r3)) as watch:
+        async with watching(store.watch_prefix(p, start_revision=r3)) as watch:
             assert await take(watch, 3) == [history[2], events[3], events[4]]
             r6 = await store.put(p + "d", b"1")
             sentinel = await put_sentinel(store, p)
@@ -661,7 +673,7 @@ def test_two_concurrent_watchers_both_see_everything(backend: Backend) -> None:
         sentinel_key = p + SENTINEL
 
         async def watcher() -> list[WatchEvent]:
-            async with contextlib.aclosing(store.watch_prefix(p, start_revision=start)) as watch:
+            async with watching(store.watch_prefix(p, start_revision=start)) as watch:
                 return await take_until(watch, sentinel_key, within=10)
 
         async def writer() -> list[WatchEvent]:
@@ -692,7 +704,7 @@ def test_watch_sees_the_delete_of_a_lease_revocation(backend: Backend) -> None:
     async def scenario(store: Store, p: str) -> None:
         lease = await store.grant_lease(30)
         r1 = await store.put(p + "k", b"v", lease=lease)
-        async with contextlib.aclosing(store.watch_prefix(p, start_revision=r1)) as watch:
+        async with watching(store.watch_prefix(p, start_revision=r1)) as watch:
             assert await take(watch, 1) == [put_event(p + "k", b"v", r1)]
             await store.revoke_lease(lease)
             revision = await current_revision(store, p)
@@ -721,7 +733,7 @@ def test_watch_sees_the_delete_of_a_lease_expiry(backend: Backend, other_lease: 
         try:
             lease = await store.grant_lease(1)
             r1 = await store.put(p + "k", b"v", lease=lease)
-            async with contextlib.aclosing(store.watch_prefix(p, start_revision=r1)) as watch:
+            async with watching(store.watch_prefix(p, start_revision=r1)) as watch:
                 assert await take(watch, 1) == [put_event(p + "k", b"v", r1)]
                 # No store operation until the expiry: only the lease's end may delete the key.
                 [deletion] = await take(watch, 1, within=EXPIRY_WAIT_S)
@@ -746,7 +758,7 @@ def test_watch_from_a_compacted_revision_raises(backend: Backend) -> None:
         r3 = await store.put(p + "b", b"1")
         await backend.compact(store, r3)
         with pytest.raises(WatchCompacted) as caught:
-            async with contextlib.aclosing(store.watch_prefix(p, start_revision=r1)) as watch:
+            async with watching(store.watch_prefix(p, start_revision=r1)) as watch:
                 await take(watch, 1)
         assert caught.value.compact_revision == r3
 
@@ -754,7 +766,7 @@ def test_watch_from_a_compacted_revision_raises(backend: Backend) -> None:
         snap = await store.get_prefix(p)
         assert [(e.key, e.value) for e in snap.entries] == [(p + "a", b"2"), (p + "b", b"1")]
         start = snap.revision + 1
-        async with contextlib.aclosing(store.watch_prefix(p, start_revision=start)) as watch:
+        async with watching(store.watch_prefix(p, start_revision=start)) as watch:
             r4 = await store.put(p + "c", b"1")
             assert await take(watch, 1) == [put_event(p + "c", b"1", r4)]
 
@@ -764,35 +776,48 @@ def test_watch_from_a_compacted_revision_raises(backend: Backend) -> None:
 # ===== FakeStore only =====
 
 
+def run_alone(scenario: Callable[[], Awaitable[None]], *, timeout: float = 30.0) -> None:
+    """Run a scenario for one implementation only in a new event loop, under a timeout."""
+
+    async def main() -> None:
+        async with asyncio.timeout(timeout):
+            try:
+                await scenario()
+            finally:
+                await settle_grpc()
+
+    asyncio.run(main())
+
+
 def test_fake_unavailable_fails_operations_and_watches() -> None:
     async def scenario() -> None:
         store = FakeStore()
         try:
             r1 = await store.put("/k", b"v")
             lease = await store.grant_lease(30)
-            async with contextlib.aclosing(store.watch_prefix("/", start_revision=r1)) as watch:
+            async with watching(store.watch_prefix("/", start_revision=r1)) as watch:
                 assert await take(watch, 1) == [put_event("/k", b"v", r1)]
                 store.available = False
                 with pytest.raises(StoreUnavailable):
                     await take(watch, 1)  # the open watch ends
-            operations = [
-                store.get("/k"),
-                store.get_prefix("/"),
-                store.put("/k", b"w"),
-                store.delete("/k"),
-                store.commit(Commit(puts={"/x": Put(value=b"1")})),
-                store.create("/y", b"1"),
-                store.replace("/k", b"w", mod_revision=r1),
-                store.delete_if("/k", mod_revision=r1),
-                store.grant_lease(5),
-                store.keepalive(lease),
-                store.revoke_lease(lease),
+            operations: list[Callable[[], Awaitable[object]]] = [
+                lambda: store.get("/k"),
+                lambda: store.get_prefix("/"),
+                lambda: store.put("/k", b"w"),
+                lambda: store.delete("/k"),
+                lambda: store.commit(Commit(puts={"/x": Put(value=b"1")})),
+                lambda: store.create("/y", b"1"),
+                lambda: store.replace("/k", b"w", mod_revision=r1),
+                lambda: store.delete_if("/k", mod_revision=r1),
+                lambda: store.grant_lease(5),
+                lambda: store.keepalive(lease),
+                lambda: store.revoke_lease(lease),
             ]
             for operation in operations:
                 with pytest.raises(StoreUnavailable):
-                    await operation
+                    await operation()
             with pytest.raises(StoreUnavailable):
-                async with contextlib.aclosing(store.watch_prefix("/", start_revision=1)) as watch:
+                async with watching(store.watch_prefix("/", start_revision=1)) as watch:
                     await take(watch, 1)
 
             store.available = True  # nothing happened while unavailable
@@ -803,7 +828,7 @@ def test_fake_unavailable_fails_operations_and_watches() -> None:
         finally:
             await store.close()
 
-    asyncio.run(asyncio.wait_for(scenario(), 30))
+    run_alone(scenario)
 
 
 def test_fake_compact_then_watch_from_before_raises() -> None:
@@ -814,27 +839,30 @@ def test_fake_compact_then_watch_from_before_raises() -> None:
             r2 = await store.put("/a", b"2")
             store.compact(r2)
             with pytest.raises(WatchCompacted) as caught:
-                async with contextlib.aclosing(store.watch_prefix("/", start_revision=r1)) as w:
+                async with watching(store.watch_prefix("/", start_revision=r1)) as w:
                     await take(w, 1)
             assert caught.value.compact_revision == r2
-            async with contextlib.aclosing(store.watch_prefix("/", start_revision=r2)) as w:
+            async with watching(store.watch_prefix("/", start_revision=r2)) as w:
                 assert await take(w, 1) == [put_event("/a", b"2", r2)]
         finally:
             await store.close()
 
-    asyncio.run(asyncio.wait_for(scenario(), 30))
+    run_alone(scenario)
 
 
 # ===== EtcdStore only =====
 
 
 class _Proxy:
-    """A TCP proxy to etcd that the test can cut (resetting every connection) and block."""
+    """A TCP proxy to etcd that the test can cut (resetting every connection), block (new
+    connections are reset at once) and slow down (requests reach etcd ``delay_s`` late)."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
         self.up = True
+        self.delay_s = 0.0
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self.port = 0
 
@@ -843,6 +871,10 @@ class _Proxy:
         self.port = int(self._server.sockets[0].getsockname()[1])
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._handlers.add(handler)
+        handler.add_done_callback(self._handlers.discard)
         if not self.up:
             writer.transport.abort()
             return
@@ -854,14 +886,19 @@ class _Proxy:
         pair = (writer, up_writer)
         self._pairs.add(pair)
         try:
-            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+            await asyncio.gather(
+                self._pipe(reader, up_writer, delayed=True), self._pipe(up_reader, writer)
+            )
         finally:
             self._pairs.discard(pair)
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, delayed: bool = False
+    ) -> None:
         try:
             while data := await reader.read(65536):
+                if delayed and self.delay_s:
+                    await asyncio.sleep(self.delay_s)  # in order: the stream stays intact
                 writer.write(data)
                 await writer.drain()
         except OSError:
@@ -880,16 +917,8 @@ class _Proxy:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
-
-
-def run_etcd(scenario: Callable[[], Awaitable[None]], *, timeout: float = 30.0) -> None:
-    """Run an etcd-only scenario in a new event loop under a timeout."""
-
-    async def main() -> None:
-        async with asyncio.timeout(timeout):
-            await scenario()
-
-    asyncio.run(main())
+        if self._handlers:  # every connection was reset: the handlers end on their own
+            await asyncio.wait(self._handlers, timeout=5)
 
 
 @pytest.mark.integration
@@ -910,7 +939,7 @@ def test_etcd_fails_over_to_the_next_endpoint(etcd_server: EtcdServer) -> None:
         finally:
             await store.close()
 
-    run_etcd(scenario)
+    run_alone(scenario)
 
 
 def _dead_store_operations(store: Store) -> dict[str, Callable[[], Awaitable[object]]]:
@@ -932,7 +961,14 @@ def _dead_store_operations(store: Store) -> dict[str, Callable[[], Awaitable[obj
 @pytest.mark.parametrize(
     "operation",
     [
-        *(op for op in _dead_store_operations(FakeStore()) if op != "revoke_lease"),
+        "get",
+        "get_prefix",
+        "put",
+        "delete",
+        "commit",
+        "create",
+        "grant_lease",
+        "keepalive",
         pytest.param(
             "revoke_lease",
             marks=pytest.mark.xfail(
@@ -957,62 +993,73 @@ def test_etcd_with_only_a_dead_endpoint_is_unavailable(
         finally:
             await store.close()
 
-    run_etcd(scenario)
+    run_alone(scenario)
 
 
 @pytest.mark.integration
-def test_etcd_watch_resumes_after_losing_its_connection(etcd_server: EtcdServer) -> None:
-    """The watching store's connection is reset and its endpoint refuses it for a while; an
-    operation on the store meanwhile fails with StoreUnavailable. Others change keys during the
-    outage. Once the endpoint is back the watch must deliver every change exactly once, in order.
+def test_etcd_watch_resumes_after_losing_its_connection(
+    etcd_server: EtcdServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While a watch is being consumed, its connection is reset and its endpoint refuses
+    connections for a while; an operation on the store meanwhile fails with StoreUnavailable.
+    Others change keys during the outage. Once the endpoint is back, the watch must deliver every
+    change exactly once, in order (resuming from the revision after the last one delivered).
     """
+    caplog.set_level(logging.INFO, logger="vmcluster.clusterstate.etcd")
     p = f"/t/resume-{uuid.uuid4().hex}/"
 
     async def scenario() -> None:
         proxy = _Proxy(EtcdStore([etcd_server.endpoint]).endpoints[0])
         await proxy.start()
         direct = EtcdStore([etcd_server.endpoint])
-        watching = EtcdStore([f"http://127.0.0.1:{proxy.port}"], timeout_s=2)
+        remote = EtcdStore([f"http://127.0.0.1:{proxy.port}"], timeout_s=2)
         try:
             start = await current_revision(direct, p) + 1
-            async with contextlib.aclosing(watching.watch_prefix(p, start_revision=start)) as watch:
+            async with watching(remote.watch_prefix(p, start_revision=start)) as watch:
                 r1 = await direct.put(p + "a", b"1")
                 assert await take(watch, 1) == [put_event(p + "a", b"1", r1)]
+                consumer = asyncio.create_task(take_until(watch, p + SENTINEL, within=25))
+                try:
+                    proxy.up = False
+                    proxy.cut()
+                    with pytest.raises(StoreUnavailable):
+                        await remote.get(p + "a")
 
-                proxy.up = False
-                proxy.cut()
-                with pytest.raises(StoreUnavailable):
-                    await watching.get(p + "a")
+                    r2 = await direct.put(p + "b", b"1")
+                    assert await direct.delete(p + "a")
+                    r_del = await current_revision(direct, p)
+                    assert await direct.commit(
+                        Commit(puts={p + "c": Put(value=b"1"), p + "e": Put(value=b"1")})
+                    )
+                    c = await direct.get(p + "c")
+                    assert c is not None
+                    await asyncio.sleep(1.5)  # the watch retries while the endpoint refuses it
+                    proxy.up = True
+                    r5 = await direct.put(p + "d", b"1")
+                    sentinel = await put_sentinel(direct, p)
 
-                r2 = await direct.put(p + "b", b"1")
-                assert await direct.delete(p + "a")
-                r_del = await current_revision(direct, p)
-                assert await direct.commit(
-                    Commit(puts={p + "c": Put(value=b"1"), p + "e": Put(value=b"1")})
-                )
-                c = await direct.get(p + "c")
-                assert c is not None
-                await asyncio.sleep(1.0)  # let the watch retry while the endpoint refuses it
-                proxy.up = True
-                r5 = await direct.put(p + "d", b"1")
-                sentinel = await put_sentinel(direct, p)
-
-                events = await take_until(watch, sentinel.key, within=20)
+                    events = await consumer
+                finally:
+                    consumer.cancel()  # only still running if the scenario failed
+                    await asyncio.gather(consumer, return_exceptions=True)
                 assert events[:2] == [put_event(p + "b", b"1", r2), delete_event(p + "a", r_del)]
                 assert set(events[2:4]) == {
                     put_event(p + "c", b"1", c.mod_revision),
                     put_event(p + "e", b"1", c.mod_revision),
                 }
                 assert events[4:] == [put_event(p + "d", b"1", r5), sentinel]
-                got = await watching.get(p + "d")  # the store works again too
+                got = await remote.get(p + "d")  # the store works again too
                 assert got is not None
                 assert got.mod_revision == r5
         finally:
-            await watching.close()
+            await remote.close()
             await direct.close()
             await proxy.close()
 
-    run_etcd(scenario, timeout=45)
+    run_alone(scenario, timeout=45)
+    assert any("store.watch.resume" in r.getMessage() for r in caplog.records), (
+        "the watch never lost its stream: the scenario did not test a resumption"
+    )
 
 
 @pytest.mark.integration
@@ -1028,15 +1075,15 @@ def test_etcd_watch_moves_to_another_endpoint(etcd_server: EtcdServer) -> None:
         await first.start()
         await second.start()
         direct = EtcdStore([etcd_server.endpoint])
-        watching = EtcdStore(
+        remote = EtcdStore(
             [f"http://127.0.0.1:{first.port}", f"http://127.0.0.1:{second.port}"], timeout_s=2
         )
         try:
             start = await current_revision(direct, p) + 1
-            async with contextlib.aclosing(watching.watch_prefix(p, start_revision=start)) as watch:
+            async with watching(remote.watch_prefix(p, start_revision=start)) as watch:
                 r1 = await direct.put(p + "a", b"1")
                 assert await take(watch, 1) == [put_event(p + "a", b"1", r1)]
-                assert watching.endpoint.endswith(f":{first.port}")
+                assert remote.endpoint.endswith(f":{first.port}")
 
                 first.up = False
                 first.cut()
@@ -1048,11 +1095,54 @@ def test_etcd_watch_moves_to_another_endpoint(etcd_server: EtcdServer) -> None:
                     put_event(p + "a", b"2", r3),
                     sentinel,
                 ]
-                assert watching.endpoint.endswith(f":{second.port}")
+                assert remote.endpoint.endswith(f":{second.port}")
         finally:
-            await watching.close()
+            await remote.close()
             await direct.close()
             await first.close()
             await second.close()
 
-    run_etcd(scenario, timeout=45)
+    run_alone(scenario, timeout=45)
+
+
+@pytest.mark.integration
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: EtcdStore._call hedges a put to the next endpoint when the preferred one takes "
+    "longer than HEDGE_S (0.15 s) and cancels the slow attempt once the other answers, but the "
+    "slow request still reaches etcd and is applied: one put() makes two changes (two revisions, "
+    "two PUT events), and the key's mod_revision is not the revision put() returned, so a CAS on "
+    "that revision fails",
+)
+def test_etcd_put_through_a_slow_endpoint_is_one_change(etcd_server: EtcdServer) -> None:
+    """The preferred endpoint is alive but slow. One put must still be one change: one revision,
+    the one it returns (a later CAS on that revision must succeed), and one watch event."""
+    p = f"/t/slow-{uuid.uuid4().hex}/"
+
+    async def scenario() -> None:
+        slow = _Proxy(EtcdStore([etcd_server.endpoint]).endpoints[0])
+        await slow.start()
+        direct = EtcdStore([etcd_server.endpoint])
+        store = EtcdStore([f"http://127.0.0.1:{slow.port}", etcd_server.endpoint], timeout_s=3)
+        try:
+            assert await store.get(p + "warm-up") is None  # connected through the proxy
+            assert store.endpoint == f"http://127.0.0.1:{slow.port}"
+            start = await current_revision(direct, p) + 1
+            slow.delay_s = 0.5
+            revision = await store.put(p + "k", b"v")
+            await asyncio.sleep(1.5)  # anything still in flight arrives
+            slow.delay_s = 0.0
+            got = await direct.get(p + "k")
+            assert got is not None
+            sentinel = await put_sentinel(direct, p)
+            async with watching(direct.watch_prefix(p, start_revision=start)) as watch:
+                events = await take_until(watch, sentinel.key)
+            assert events == [put_event(p + "k", b"v", revision), sentinel]
+            assert got.mod_revision == revision
+            assert await store.replace(p + "k", b"w", mod_revision=revision)
+        finally:
+            await store.close()
+            await direct.close()
+            await slow.close()
+
+    run_alone(scenario)

@@ -105,7 +105,7 @@ def test_up_status_down_leaves_nothing(empty_home: DataDir) -> None:
     assert f"lab {name} is up" in up.out
     the_lab = Lab(empty_home, name)
     pids = _tracked_pids(the_lab)
-    assert len(pids) == 5  # 3 etcd members, 2 arrays
+    assert len(pids) == 8  # 3 etcd members, 2 arrays, 3 agents
 
     status = run_cli("lab", "status", "-o", "json").json()  # the current lab, no --name
     assert isinstance(status, dict)
@@ -125,7 +125,7 @@ def test_up_status_down_leaves_nothing(empty_home: DataDir) -> None:
 
     down = run_cli("lab", "down")
     assert down.code == 0, down.err
-    assert "5 processes stopped, 7 namespaces deleted" in down.out
+    assert "8 processes stopped, 7 namespaces deleted" in down.out
     _assert_gone(name, pids)
     assert not the_lab.dir.exists()
     again = run_cli("lab", "down", "--name", name)
@@ -190,7 +190,7 @@ def test_crash_keeps_quorum_and_restart_brings_the_member_back(lab: Lab) -> None
     assert health == {"n1": True, "n2": False, "n3": True}
     status = run_cli("lab", "status", "-o", "json").json()
     assert isinstance(status, dict)
-    assert [p["alive"] for p in status["processes"] if p["host"] == "n2"] == [False]
+    assert [p["alive"] for p in status["processes"] if p["host"] == "n2"] == [False, False]
     n2 = next(h for h in status["hosts"] if h["name"] == "n2")
     assert set(n2["links"].values()) == {"down"}
 

@@ -139,7 +139,9 @@ def check_invariants(lab: str, plan: LabPlan, nodes: int, arrays: int, witness: 
     members = [f"n{i}" for i in range(1, nodes + 1)] + (["witness"] if witness else [])
     assert [h.name for h in plan.etcd_members] == members
     assert plan.etcd_initial_cluster() == ",".join(
-        f"{m}=http://{expected_addresses(m)['cluster1']}:2380" for m in members
+        f"{m}=http://{expected_addresses(m)[net]}:2380"
+        for m in members
+        for net in ("cluster1", "cluster2")
     )
     for net in ("cluster1", "cluster2"):
         assert plan.etcd_endpoints(Network(net)) == [
@@ -183,8 +185,10 @@ def test_default_plan_concrete_values() -> None:
         "vmc-demo-witness",
     )
     assert plan.etcd_initial_cluster() == (
-        "n1=http://10.77.1.11:2380,n2=http://10.77.1.12:2380,"
-        "n3=http://10.77.1.13:2380,witness=http://10.77.1.250:2380"
+        "n1=http://10.77.1.11:2380,n1=http://10.77.2.11:2380,"
+        "n2=http://10.77.1.12:2380,n2=http://10.77.2.12:2380,"
+        "n3=http://10.77.1.13:2380,n3=http://10.77.2.13:2380,"
+        "witness=http://10.77.1.250:2380,witness=http://10.77.2.250:2380"
     )
     assert plan.etcd_endpoints(Network.CLUSTER2) == [
         "http://10.77.2.11:2379",
@@ -313,7 +317,7 @@ def test_plan_host_finds_each_host() -> None:
 
 def test_etcd_without_witness_single_node() -> None:
     plan = make_plan("lab", nodes=1, arrays=0)
-    assert plan.etcd_initial_cluster() == "n1=http://10.77.1.11:2380"
+    assert plan.etcd_initial_cluster() == "n1=http://10.77.1.11:2380,n1=http://10.77.2.11:2380"
     assert plan.etcd_endpoints(Network.CLUSTER2) == ["http://10.77.2.11:2379"]
 
 

@@ -182,7 +182,7 @@ class ClusterCache:
             if key.startswith(self.keys.events_prefix)
         )  # fmt: skip
         result = []
-        for key, entry in found[-limit:] if limit else found:
+        for key, entry in found[max(0, len(found) - limit) :]:
             value = self.json(key)
             if value is not None:
                 result.append((entry.mod_revision, value))

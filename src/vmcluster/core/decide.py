@@ -70,6 +70,10 @@ def decide(view: ClusterView, recorded: RecordedView, now: float) -> Decision:
             reason = f"{before or 'unknown'} -> {state}"
             events.append(EmitEvent(kind=f"network.{state}", subject=network, reason=reason))
             changes.append(f"network {network} {reason}")
+    for network in sorted(set(recorded.networks) - set(current.networks)):
+        events.append(EmitEvent(kind="network.removed", subject=network,
+                                reason="no longer a cluster network"))  # fmt: skip
+        changes.append(f"network {network} removed")
     if current.leader != recorded.leader:
         reason = f"{recorded.leader or 'none'} -> {current.leader or 'none'}"
         events.append(

@@ -178,6 +178,8 @@ class Lab:
             "--initial-cluster-token", f"vmcluster-lab-{plan.name}",
             "--heartbeat-interval", "100",
             "--election-timeout", "1000",
+            # A member cut off for a while must not depose the leader when it comes back.
+            "--pre-vote=true",
             "--logger", "zap",
             "--log-level", "warn",
         )  # fmt: skip
