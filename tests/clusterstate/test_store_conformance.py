@@ -719,14 +719,6 @@ def test_watch_sees_the_delete_of_a_lease_revocation(backend: Backend) -> None:
 
 @pytest.mark.parametrize("other_lease", [False, True], ids=["alone", "with-a-longer-lease"])
 def test_watch_sees_the_delete_of_a_lease_expiry(backend: Backend, other_lease: bool) -> None:
-    if other_lease:
-        backend.known_bug(
-            "fake",
-            "FakeStore's expiry task sleeps until the soonest expiry it saw when it started; a "
-            "shorter lease granted later does not wake it, so its keys outlive their TTL (until "
-            "the longer lease's expiry or the next store operation) and no DELETE event comes",
-        )
-
     async def scenario(store: Store, p: str) -> None:
         longer = await store.grant_lease(30) if other_lease else 0
         await asyncio.sleep(0.1)  # time passes between the two grants
@@ -969,15 +961,7 @@ def _dead_store_operations(store: Store) -> dict[str, Callable[[], Awaitable[obj
         "create",
         "grant_lease",
         "keepalive",
-        pytest.param(
-            "revoke_lease",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="bug: EtcdStore.revoke_lease suppresses every aetcd ClientError, including "
-                "ConnectionFailedError (a ClientError subclass), so a revoke that reached no "
-                "endpoint returns normally instead of raising StoreUnavailable",
-            ),
-        ),
+        "revoke_lease",
     ],
 )
 def test_etcd_with_only_a_dead_endpoint_is_unavailable(
@@ -1106,14 +1090,6 @@ def test_etcd_watch_moves_to_another_endpoint(etcd_server: EtcdServer) -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: EtcdStore._call hedges a put to the next endpoint when the preferred one takes "
-    "longer than HEDGE_S (0.15 s) and cancels the slow attempt once the other answers, but the "
-    "slow request still reaches etcd and is applied: one put() makes two changes (two revisions, "
-    "two PUT events), and the key's mod_revision is not the revision put() returned, so a CAS on "
-    "that revision fails",
-)
 def test_etcd_put_through_a_slow_endpoint_is_one_change(etcd_server: EtcdServer) -> None:
     """The preferred endpoint is alive but slow. One put must still be one change: one revision,
     the one it returns (a later CAS on that revision must succeed), and one watch event."""

@@ -1,6 +1,5 @@
 """Unit tests for vmcluster.core.decide: the controller turns view changes into events."""
 
-
 from vmcluster.core.cluster import (
     ClusterView,
     NetworkState,

@@ -115,14 +115,20 @@ class EtcdStore(Store):
             return await op(await self._client_for(index))
 
     async def _call(
-        self, what: str, op: Callable[[aetcd.Client], Awaitable[T]], *, retry: bool = True
+        self, what: str, op: Callable[[aetcd.Client], Awaitable[T]], *, mode: str = "failover"
     ) -> T:
-        """Run ``op`` on the preferred endpoint; if it has not answered within HEDGE_S, also on
-        the next one, and so on: the first answer wins and becomes the preferred endpoint.
+        """Run ``op`` on the preferred endpoint, then on the others.
 
-        ``retry=False`` (commits, whose outcome would be unknown) makes one attempt only.
+        - ``hedge`` (reads and lease keepalives, which change nothing): if the preferred endpoint
+          has not answered within HEDGE_S, the next one is asked too; the first answer wins.
+        - ``failover`` (unconditional writes): the next endpoint is tried only after an attempt
+          failed. An attempt that timed out may still be applied: the write is then applied
+          twice with the same value.
+        - ``once`` (commits, whose outcome must not be guessed): one attempt.
+        The endpoint that answered becomes the preferred one.
         """
-        count = len(self.endpoints) if retry else 1
+        count = 1 if mode == "once" else len(self.endpoints)
+        hedge = mode == "hedge"
         first = self._index
         pending: dict[asyncio.Task[T], int] = {}
         errors: list[str] = []
@@ -130,11 +136,11 @@ class EtcdStore(Store):
         launched = 0
         try:
             while launched < count or pending:
-                if launched < count:
+                if launched < count and (hedge or not pending):
                     index = (first + launched) % len(self.endpoints)
                     pending[asyncio.ensure_future(self._attempt(index, op))] = index
                     launched += 1
-                wait_s = HEDGE_S if launched < count else None
+                wait_s = HEDGE_S if hedge and launched < count else None
                 done, _ = await asyncio.wait(pending, timeout=wait_s,
                                              return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
                 winner: asyncio.Task[T] | None = None
@@ -158,11 +164,11 @@ class EtcdStore(Store):
         raise StoreUnavailable(f"cluster database: {what} failed ({'; '.join(errors)})") from last
 
     async def get(self, key: str) -> Entry | None:
-        got = await self._call("get", lambda c: c.get(key.encode()))
+        got = await self._call("get", lambda c: c.get(key.encode()), mode="hedge")
         return None if got is None else _entry(got)
 
     async def get_prefix(self, prefix: str) -> Snapshot:
-        rng = await self._call("get_prefix", lambda c: c.get_prefix(prefix.encode()))
+        rng = await self._call("get_prefix", lambda c: c.get_prefix(prefix.encode()), mode="hedge")
         return Snapshot(entries=tuple(_entry(kv) for kv in rng), revision=rng.header.revision)
 
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
@@ -197,22 +203,25 @@ class EtcdStore(Store):
             return bool(succeeded)
 
         # An interrupted commit may have been applied: never retried blindly.
-        return await self._call("commit", op, retry=False)
+        return await self._call("commit", op, mode="once")
 
     async def grant_lease(self, ttl_s: int) -> int:
         lease = await self._call("grant_lease", lambda c: c.lease(ttl_s))
         return int(lease.id)
 
     async def keepalive(self, lease_id: int) -> float:
-        reply = await self._call("keepalive", lambda c: c.refresh_lease(lease_id))
+        reply = await self._call("keepalive", lambda c: c.refresh_lease(lease_id), mode="hedge")
         if reply is None or reply.TTL <= 0:
             raise LeaseExpired(f"lease {lease_id:x} does not exist")
         return float(reply.TTL)
 
     async def revoke_lease(self, lease_id: int) -> None:
         async def op(c: aetcd.Client) -> None:
-            with contextlib.suppress(aetcd_errors.ClientError):
+            try:
                 await c.revoke_lease(lease_id)
+            except aetcd_errors.ClientError as exc:
+                if "lease not found" not in str(exc):
+                    raise  # connection failures are not "already gone"
 
         await self._call("revoke_lease", op)
 

@@ -6,6 +6,7 @@ operation raise StoreUnavailable, as a node that lost quorum sees.
 """
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ class FakeStore(Store):
         self._leases: dict[int, _Lease] = {}
         self._lease_ids = itertools.count(0x1000)
         self._wakeups: set[asyncio.Event] = set()  # one per live watcher
+        self._lease_changed = asyncio.Event()
         self._expiry_task: asyncio.Task[None] | None = None
         self._available = True
 
@@ -67,7 +69,11 @@ class FakeStore(Store):
     async def _expire_forever(self) -> None:
         while self._leases:
             soonest = min(lease.expires_at for lease in self._leases.values())
-            await asyncio.sleep(max(0.0, soonest - self._now()) + 0.001)
+            self._lease_changed.clear()
+            # Woken early when a lease is granted or renewed: it may now be the soonest.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, soonest - self._now()) + 0.001):
+                    await self._lease_changed.wait()
             self.expire_leases()
         self._expiry_task = None
 
@@ -150,6 +156,7 @@ class FakeStore(Store):
         self._check()
         lease_id = next(self._lease_ids)
         self._leases[lease_id] = _Lease(ttl_s=ttl_s, expires_at=self._now() + ttl_s)
+        self._lease_changed.set()
         self._check()  # starts the expiry task if needed
         return lease_id
 
