@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The vmcluster showcase (run by `make demo`):
 #   1. a probe VM boots under QEMU, its durable-write counter rises, it powers off cleanly;
-#   2. a lab cluster (namespaces, etcd, NBD arrays) is built, loses a node, keeps quorum, heals.
+#   2. a lab cluster (namespaces, etcd, NBD arrays, node agents) is built; a network link fails
+#      and the leader is power-cut: the survivors see it, keep quorum, elect a new leader, heal.
 # Nothing is left behind.
 set -euo pipefail
 
@@ -59,13 +60,7 @@ if [ -e "/proc/$pid" ] && ! grep -q '^State:.*zombie' "/proc/$pid/status" 2>/dev
 fi
 echo "no VM left, and QEMU (pid $pid) has exited"
 
-etcdctl_in() {
-    local host=$1; shift
-    vmcluster lab exec "$host" -- etcdctl --endpoints http://127.0.0.1:2379 \
-        --dial-timeout 2s --command-timeout 3s "$@"
-}
-
-step "build a lab: 3 nodes and 2 arrays as network namespaces, an etcd cluster, NBD arrays"
+step "build a lab: 3 nodes and 2 arrays as network namespaces, etcd, NBD arrays, node agents"
 vmcluster lab up --name "$LAB"
 
 step "every node reaches array a1 over both storage paths (real NBD clients)"
@@ -76,19 +71,39 @@ for node in n1 n2 n3; do
     done
 done
 
-step "power-cut node n2: the other two etcd members keep quorum"
-vmcluster lab fault crash n2
-for _ in $(seq 1 30); do
-    etcdctl_in n1 put /demo/written-while-n2-down yes >/dev/null 2>&1 && break
-    sleep 0.5
-done
-echo "  n1 wrote /demo/written-while-n2-down"
-vmcluster lab status | sed -n '/ROLE/,$p'
+step "the cluster: an agent per node, heartbeats on both cluster networks, one leader"
+vmcluster node list
+vmcluster cluster status
+leader=$(vmcluster node list -o json | python3 -c 'import json,sys; print([n["name"] for n in json.load(sys.stdin) if n["leader"]][0])')
+survivor=$( [ "$leader" = n1 ] && echo n2 || echo n1 )
 
-step "restart n2: its etcd member rejoins and has caught up"
-vmcluster lab fault restart n2
-printf '  n2 reads /demo/written-while-n2-down = %s\n' \
-    "$(etcdctl_in n2 get /demo/written-while-n2-down --print-value-only)"
+step "cut node $survivor's cluster1 link: cluster1 is partitioned for it, it stays up via cluster2"
+vmcluster lab fault link "$survivor" cluster1 down
+for _ in $(seq 1 50); do
+    vmcluster node list -o json | grep -q partitioned && break
+    sleep 0.2
+done
+vmcluster node list
+vmcluster lab fault link "$survivor" cluster1 up
+
+step "power-cut the leader ($leader): the others see it isolated, then down, and elect a new leader"
+vmcluster lab fault crash "$leader"
+for _ in $(seq 1 100); do
+    state=$(vmcluster node list --via "$survivor" -o json | python3 -c "import json,sys; print({n['name']: n['state'] for n in json.load(sys.stdin)}['$leader'])")
+    [ "$state" = down ] && break
+    sleep 0.2
+done
+vmcluster node list --via "$survivor"
+echo
+vmcluster events --via "$survivor" --limit 6
+
+step "restart $leader: its etcd member and agent rejoin"
+vmcluster lab fault restart "$leader"
+for _ in $(seq 1 100); do
+    vmcluster node list --via "$survivor" -o json | python3 -c "import json,sys; sys.exit(0 if all(n['state'] == 'up' for n in json.load(sys.stdin)) else 1)" && break
+    sleep 0.2
+done
+vmcluster node list --via "$survivor"
 
 step "remove the lab"
 vmcluster lab down --name "$LAB"
