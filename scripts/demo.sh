@@ -94,8 +94,12 @@ for _ in $(seq 1 100); do
     sleep 0.2
 done
 vmcluster node list --via "$survivor"
+for _ in $(seq 1 50); do  # the new leader's controller records the change as events
+    vmcluster events --via "$survivor" -o json | grep -q '"kind": "leader.changed", "subject": "[^'"$leader"']' && break
+    sleep 0.2
+done
 echo
-vmcluster events --via "$survivor" --limit 6
+vmcluster events --via "$survivor" --limit 8
 
 step "restart $leader: its etcd member and agent rejoin"
 vmcluster lab fault restart "$leader"

@@ -27,9 +27,9 @@ from vmcluster.agent.heartbeats import HeartbeatIO
 from vmcluster.clusterstate.keys import Keys, dumps
 from vmcluster.clusterstate.store import (
     Commit,
-    LeaseExpired,
     Put,
     Store,
+    StoreError,
     StoreUnavailable,
 )
 from vmcluster.core.cluster import ClusterView, NodeState, evaluate
@@ -128,7 +128,7 @@ class Agent:
                 }))  # fmt: skip
                 await self._quorum_regained()
                 await self._keep_lease(lease, ttl)
-            except (StoreUnavailable, LeaseExpired) as exc:
+            except StoreError as exc:  # unavailable, or the lease is gone: grant a new one
                 self._quorum_maybe_lost(str(exc))
                 await asyncio.sleep(min(0.5, ttl / 4))
 
@@ -236,7 +236,7 @@ class Agent:
                         lease=lease,
                     )
                     published = links
-                except (StoreUnavailable, LeaseExpired) as exc:
+                except StoreError as exc:
                     log.info(event("status.publish.failed", reason=str(exc)))
             self._links_changed.clear()
             with contextlib.suppress(TimeoutError):
@@ -258,7 +258,7 @@ class Agent:
                     )
                     if won:
                         log.warning(event("leader.elected", node=self.config.node))
-                except (StoreUnavailable, LeaseExpired) as exc:
+                except StoreError as exc:
                     log.info(event("election.failed", reason=str(exc)))
             self.is_leader = self.has_quorum() and self.cache.leader() == self.config.node
             await self.cache.wait_changed(0.5)
@@ -301,7 +301,7 @@ class Agent:
                 if not applied:
                     log.info(event("controller.deposed", node=self.config.node))
                 await self._trim_events()
-            except (StoreUnavailable, LeaseExpired) as exc:
+            except StoreError as exc:
                 log.info(event("controller.commit.failed", reason=str(exc)))
 
     def view(self) -> ClusterView:
@@ -330,7 +330,7 @@ class Agent:
         key, value = self._event_record(kind, subject, reason)
         try:
             await self.store.put(key, value)
-        except StoreUnavailable as exc:
+        except StoreError as exc:
             log.info(event("event.write.failed", kind=kind, reason=str(exc)))
 
     async def _trim_events(self) -> None:

@@ -13,8 +13,7 @@ from vmcluster.clusterstate.store import (
     Entry,
     EventKind,
     Store,
-    StoreUnavailable,
-    WatchCompacted,
+    StoreError,
     WatchEvent,
 )
 from vmcluster.core.cluster import ClusterFacts
@@ -51,7 +50,7 @@ class ClusterCache:
                 failure = None if follower.cancelled() else follower.exception()
                 if failure is not None:
                     raise failure
-            except (StoreUnavailable, WatchCompacted) as exc:
+            except StoreError as exc:  # unavailable, compacted: load again
                 log.info(event("cache.reload", reason=type(exc).__name__))
                 await asyncio.sleep(0.5)
 
@@ -79,7 +78,7 @@ class ClusterCache:
                 return
             try:
                 probe = await self.store.get_prefix(self.keys.cluster_record)
-            except StoreUnavailable:
+            except StoreError:
                 continue
             if probe.revision <= self.revision:
                 behind_since = None

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from vmcluster.api.openapi import OPENAPI
 from vmcluster.clusterstate.keys import loads
-from vmcluster.clusterstate.store import StoreUnavailable
+from vmcluster.clusterstate.store import StoreError
 from vmcluster.logs import event, get_logger
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ async def _set_paused(request: web.Request, paused: bool) -> web.Response:
         return _error(503, f"node {agent.config.node} has no quorum: try another node")
     try:
         await agent.set_paused(name, paused)
-    except StoreUnavailable as exc:
+    except StoreError as exc:
         return _error(503, f"cluster database unavailable: {exc}")
     return web.json_response(_node_json(agent, name) | {"paused": paused})
 

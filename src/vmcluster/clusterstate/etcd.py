@@ -37,13 +37,10 @@ T = TypeVar("T")
 OPERATION_TIMEOUT_S = 3.0
 WATCH_RETRY_S = 0.5
 HEDGE_S = 0.15  # ask the next endpoint too when the preferred one is this slow
-_CONNECTION_ERRORS = (
-    aetcd_errors.ConnectionFailedError,
-    aetcd_errors.ConnectionTimeoutError,
-    aetcd_errors.InternalError,
-    OSError,
-    TimeoutError,
-)
+# Failures of one endpoint: move on to the next. Every aetcd error that an operation has not
+# turned into a meaning of its own (LeaseExpired, WatchCompacted) is one of these: "leader
+# changed", "no leader", "request timed out" all mean "this member cannot serve now".
+_CONNECTION_ERRORS = (aetcd_errors.ClientError, OSError, TimeoutError)
 
 
 def parse_endpoint(url: str) -> tuple[str, int]:
@@ -258,7 +255,7 @@ class EtcdStore(Store):
                     f"watch of {prefix} from revision {next_revision}: history compacted",
                     compact_revision=int(exc.compacted_revision),
                 ) from exc
-            except (*_CONNECTION_ERRORS, ConnectionError, aetcd_errors.ClientError) as exc:
+            except (*_CONNECTION_ERRORS, ConnectionError) as exc:
                 log.info(event("store.watch.resume", prefix=prefix, revision=next_revision,
                                reason=type(exc).__name__))  # fmt: skip
                 self._failed(index, type(exc).__name__)
