@@ -51,6 +51,10 @@ def _summary(values: list[float]) -> dict[str, float]:
             "max": round(max(values), 3)}  # fmt: skip
 
 
+def _ratio(values: list[float], reference: float) -> float | None:
+    return round(statistics.median(values) / reference, 2) if values else None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
@@ -84,10 +88,8 @@ def main() -> int:
         "down": _summary(down) if down else None,
         "reference": {"heartbeat_bound_s": heartbeat_bound, "lease_ttl_s": timings.lease_ttl_s},
         "ratio": {
-            "isolated_median_to_heartbeat_bound": round(statistics.median(isolated) / heartbeat_bound, 2)
-            if isolated else None,
-            "down_median_to_lease_ttl": round(statistics.median(down) / timings.lease_ttl_s, 2)
-            if down else None,
+            "isolated_median_to_heartbeat_bound": _ratio(isolated, heartbeat_bound),
+            "down_median_to_lease_ttl": _ratio(down, timings.lease_ttl_s),
         },
     }  # fmt: skip
     print(json.dumps(result, indent=2))
