@@ -1,0 +1,234 @@
+"""The agent's asyncio shell, in one process: three agents on the in-memory store, heartbeats over
+UDP on loopback addresses, APIs on unix sockets. Faster than the lab, and the store can be cut off
+per agent to take its quorum away."""
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from vmcluster.agent.agent import Agent
+from vmcluster.agent.config import AgentConfig, Secrets
+from vmcluster.clusterstate.fake import FakeStore
+from vmcluster.clusterstate.store import (
+    Commit,
+    Entry,
+    Snapshot,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    WatchEvent,
+)
+from vmcluster.core.cluster import NodeState
+
+TIMEOUT_S = 30.0  # only so that nothing hangs
+
+
+class CuttableStore(Store):
+    """One agent's door to the shared store; ``cut()`` takes its quorum away."""
+
+    def __init__(self, inner: FakeStore) -> None:
+        self.inner = inner
+        self._cut = asyncio.Event()
+
+    def cut(self) -> None:
+        self._cut.set()
+
+    def restore(self) -> None:
+        self._cut = asyncio.Event()
+
+    def _check(self) -> None:
+        if self._cut.is_set():
+            raise StoreUnavailable("cut off from the cluster database")
+
+    async def get(self, key: str) -> Entry | None:
+        self._check()
+        return await self.inner.get(key)
+
+    async def get_prefix(self, prefix: str) -> Snapshot:
+        self._check()
+        return await self.inner.get_prefix(prefix)
+
+    async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
+        self._check()
+        return await self.inner.put(key, value, lease=lease)
+
+    async def delete(self, key: str) -> bool:
+        self._check()
+        return await self.inner.delete(key)
+
+    async def commit(self, commit: Commit) -> bool:
+        self._check()
+        return await self.inner.commit(commit)
+
+    async def grant_lease(self, ttl_s: int) -> int:
+        self._check()
+        return await self.inner.grant_lease(ttl_s)
+
+    async def keepalive(self, lease_id: int) -> float:
+        self._check()
+        return await self.inner.keepalive(lease_id)
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        self._check()
+        await self.inner.revoke_lease(lease_id)
+
+    async def watch_prefix(self, prefix: str, *, start_revision: int) -> AsyncIterator[WatchEvent]:
+        self._check()
+        cut = self._cut
+        inner = self.inner.watch_prefix(prefix, start_revision=start_revision)
+        item: asyncio.Future[WatchEvent] | None = None
+        try:
+            while True:
+                item = asyncio.ensure_future(anext(inner))
+                stop = asyncio.ensure_future(cut.wait())
+                try:
+                    await asyncio.wait({item, stop}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stop.cancel()
+                if not item.done():
+                    raise StoreUnavailable("cut off from the cluster database")
+                yield item.result()
+                item = None
+        finally:
+            if item is not None and not item.done():
+                item.cancel()
+                await asyncio.wait([item])
+            await inner.aclose()  # type: ignore[attr-defined]
+
+    async def close(self) -> None:
+        pass
+
+
+class Cluster:
+    def __init__(self, tmp: Path, size: int) -> None:
+        self.store = FakeStore()
+        self.secrets = Secrets.generate()
+        port = random.randint(20000, 40000)
+        self.doors: dict[str, CuttableStore] = {}
+        self.agents: dict[str, Agent] = {}
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        for i in range(1, size + 1):
+            name = f"n{i}"
+            config = AgentConfig(
+                cluster="shell", node=name, secrets_file="/unused",
+                networks={"cluster1": f"127.0.1.{i}", "cluster2": f"127.0.2.{i}"},
+                etcd=("http://unused:2379",), api_socket=str(tmp / f"{name}.sock"),
+                heartbeat_port=port,
+            )  # fmt: skip
+            self.doors[name] = CuttableStore(self.store)
+            self.agents[name] = Agent(config, self.secrets, self.doors[name])
+
+    def start(self, name: str | None = None) -> None:
+        for node in [name] if name else list(self.agents):
+            self.tasks[node] = asyncio.create_task(self.agents[node].run())
+
+    async def crash(self, name: str) -> None:
+        task = self.tasks.pop(name)
+        task.cancel()
+        await asyncio.wait([task])
+
+    async def stop(self) -> None:
+        for name in list(self.tasks):
+            await self.crash(name)
+        await self.store.close()
+
+    def states(self, via: str) -> dict[str, NodeState]:
+        view = self.agents[via].view()
+        return {name: node.state for name, node in view.nodes.items()}
+
+    def leaders(self, via: str) -> list[str]:
+        return [n for n, node in self.agents[via].view().nodes.items() if node.leader]
+
+    async def until(self, check: Callable[[], bool]) -> None:
+        async with asyncio.timeout(TIMEOUT_S):
+            while not check():  # noqa: ASYNC110 - polls views computed on demand
+                await asyncio.sleep(0.05)
+
+
+def run(scenario: Callable[[Cluster], Awaitable[None]], tmp: Path, size: int = 3) -> None:
+    async def main() -> None:
+        cluster = Cluster(tmp, size)
+        cluster.start()
+        try:
+            await scenario(cluster)
+        finally:
+            await cluster.stop()
+
+    asyncio.run(main())
+
+
+def test_three_agents_come_up_with_one_leader(tmp_path: Path) -> None:
+    async def scenario(c: Cluster) -> None:
+        await c.until(lambda: all(
+            set(c.states(v).values()) == {NodeState.UP} and len(c.states(v)) == 3 for v in c.agents
+        ))  # fmt: skip
+        leaders = {tuple(c.leaders(v)) for v in c.agents}
+        assert len(leaders) == 1
+        (only,) = leaders
+        assert len(only) == 1
+        for name, agent in c.agents.items():
+            assert agent.has_quorum()
+            assert agent.is_leader == (name == only[0])
+
+    run(scenario, tmp_path)
+
+
+def test_a_crashed_leader_goes_down_and_another_takes_over(tmp_path: Path) -> None:
+    async def scenario(c: Cluster) -> None:
+        await c.until(lambda: len(c.leaders("n1")) == 1 and
+                      set(c.states("n1").values()) == {NodeState.UP})  # fmt: skip
+        (leader,) = c.leaders("n1")
+        await c.crash(leader)
+        other = next(n for n in c.agents if n != leader)
+        await c.until(lambda: c.states(other)[leader] is NodeState.DOWN)
+        await c.until(lambda: len(c.leaders(other)) == 1 and c.leaders(other) != [leader])
+        # The new leader's controller records both as events.
+
+        def kinds() -> list[tuple[str, str]]:
+            return [(v["kind"], v["subject"]) for _, v in c.agents[other].cache.events(1000)]
+
+        await c.until(lambda: ("node.down", leader) in kinds())
+        await c.until(lambda: ("leader.changed", c.leaders(other)[0]) in kinds())
+
+    run(scenario, tmp_path)
+
+
+def test_an_agent_cut_off_from_the_database_loses_quorum_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    async def scenario(c: Cluster) -> None:
+        await c.until(lambda: set(c.states("n1").values()) == {NodeState.UP}
+                      and len(c.states("n1")) == 3)  # fmt: skip
+        c.doors["n3"].cut()
+        await c.until(lambda: not c.agents["n3"].has_quorum())
+        assert c.states("n3")["n3"] is NodeState.NO_QUORUM
+        assert not c.agents["n3"].is_leader
+        with pytest.raises(StoreError):
+            await c.agents["n3"].set_paused("n1", True)
+        # The others see n3's lease expire.
+        await c.until(lambda: c.states("n1")["n3"] is NodeState.DOWN)
+        assert c.agents["n1"].has_quorum()
+        # Back in touch: n3 takes a new lease and is up again; the cluster logged both ends.
+        c.doors["n3"].restore()
+        await c.until(lambda: c.agents["n3"].has_quorum()
+                      and c.states("n1")["n3"] is NodeState.UP)  # fmt: skip
+        kinds = [v["kind"] for _, v in c.agents["n1"].cache.events(1000)]
+        assert "quorum.lost" in kinds
+        assert "quorum.regained" in kinds
+
+    run(scenario, tmp_path)
+
+
+def test_pause_is_seen_by_every_agent(tmp_path: Path) -> None:
+    async def scenario(c: Cluster) -> None:
+        await c.until(lambda: set(c.states("n2").values()) == {NodeState.UP}
+                      and len(c.states("n2")) == 3)  # fmt: skip
+        await c.agents["n2"].set_paused("n1", True)
+        await c.until(lambda: all(c.states(v)["n1"] is NodeState.PAUSED for v in c.agents))
+        await c.agents["n3"].set_paused("n1", False)
+        await c.until(lambda: all(c.states(v)["n1"] is NodeState.UP for v in c.agents))
+
+    run(scenario, tmp_path)
