@@ -186,11 +186,18 @@ class Agent:
                 for name, parts in self.cache.nodes().items()
                 if "spec" in parts and name != self.config.node}  # fmt: skip
 
+    def _sites(self) -> dict[str, str]:
+        """node -> site, for the cross-site heartbeat threshold (nodes without a site: none)."""
+        sites = {name: str(parts["spec"].get("site") or "")
+                 for name, parts in self.cache.nodes().items() if "spec" in parts}  # fmt: skip
+        sites[self.config.node] = self.config.site
+        return {name: site for name, site in sites.items() if site}
+
     async def _heartbeat_loop(self) -> None:
         interval = self.config.timings.heartbeat_interval_s
         while True:
             peers = self._peers()
-            self.detector.set_peers(peers)
+            self.detector.set_peers(peers, sites=self._sites())
             self._heartbeats.send(peers, paused=self._paused())
             self._wake_detector.set()
             await asyncio.sleep(interval)
