@@ -7,15 +7,23 @@ data lives in raw files and survives restarts.
 
 QMP used: ``blockdev-add`` (a raw node over a file), ``block-export-add`` (type nbd),
 ``block-export-del`` (mode hard cuts connected clients), ``query-block-exports``.
+
+The storage fence: a LUN is exported under a name that carries the placement generation of its
+VM, ``<lun>.g<N>``. :meth:`QsdArray.fence` retires every other generation's export with a *hard*
+delete (connected clients are cut at once: an old owner that is still alive can no longer read
+or write, and its QEMU pauses on the I/O error) and only then exports generation N. A generation
+older than the newest one the array has seen is refused, so a stale controller cannot re-open
+an old owner's door.
 """
 
+import asyncio
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vmcluster.core.model import check_name
-from vmcluster.errors import AlreadyExists, NotFound
+from vmcluster.errors import AlreadyExists, HypervisorError, InvalidState, NotFound
 from vmcluster.hypervisor.qmp import QmpSession
 from vmcluster.logs import event, get_logger
 
@@ -27,6 +35,11 @@ class Lun:
     name: str
     size_bytes: int
     exports: list[str] = field(default_factory=list)
+    generation: int = 0  # the newest generation fenced in (0: never)
+
+
+def export_name(lun: str, generation: int) -> str:
+    return f"{lun}.g{generation}"
 
 
 @dataclass(slots=True, kw_only=True)
@@ -93,6 +106,46 @@ class QsdArray:
         config.luns[lun].exports.append(export_name)
         config.save(self.config_path)
         log.info(event("array.export.added", array=self.name, lun=lun, export=export_name))
+
+    async def fence(self, lun: str, generation: int) -> str:
+        """Cut every client of ``lun`` except generation ``generation``'s, which is exported.
+
+        Returns the export name. Idempotent for the current generation; InvalidState for an
+        older one.
+        """
+        config = ArrayConfig.load(self.config_path)
+        if lun not in config.luns:
+            raise NotFound(f"array {self.name}: no LUN {lun!r}")
+        record = config.luns[lun]
+        if generation < record.generation:
+            raise InvalidState(
+                f"array {self.name}: LUN {lun} is fenced at generation {record.generation}; "
+                f"generation {generation} is stale"
+            )
+        wanted = export_name(lun, generation)
+        async with self._session() as session:
+            live = {str(e["id"]) for e in await session.execute("query-block-exports")}
+            for old in [e for e in record.exports if e != wanted]:
+                if old in live:
+                    await session.execute("block-export-del", {"id": old, "mode": "hard"})
+                    await self._wait_gone(session, old)
+                log.info(event("array.export.retired", array=self.name, lun=lun, export=old))
+            if wanted not in live:
+                await self._add_export(session, lun, wanted)
+        record.exports = [wanted]
+        record.generation = generation
+        config.save(self.config_path)
+        log.info(event("array.fenced", array=self.name, lun=lun, generation=generation))
+        return wanted
+
+    async def _wait_gone(self, session: QmpSession, export_id: str) -> None:
+        """A hard delete returns at once; the export is gone when it leaves the list."""
+        for _ in range(200):
+            live = {str(e["id"]) for e in await session.execute("query-block-exports")}
+            if export_id not in live:
+                return
+            await asyncio.sleep(0.01)
+        raise HypervisorError(f"array {self.name}: export {export_id} did not go away")
 
     async def exports(self) -> list[str]:
         async with self._session() as session:
