@@ -1,0 +1,295 @@
+"""High availability decisions for VMs. Pure: ``decide_vms(view, now)`` returns actions and a
+reason sentence; time comes in as ``now`` (wall-clock seconds, for the policy windows).
+
+Safety rule (DESIGN section 6, invariant I1): every action that gives a VM a new owner, or takes
+its owner away while the old node may still be alive, carries the *next placement generation*.
+Whoever executes it must first fence that generation at the arrays (retire every older export of
+the VM's disks with a hard delete, export generation N) and only then commit the new placement
+with a compare-and-swap. An old owner that is still running is thereby cut off from its disks
+before anyone else starts the VM: the VM never has two writers, with or without power fencing.
+
+Per VM, with intent "running":
+- no owner (stopped, pending): place it (start);
+- owner Down (its lease expired), or Isolated (heartbeats lost on every network) when
+  ``failover_on_isolation``: fail over elsewhere, unless it already failed over
+  ``failover_threshold`` times within ``failover_period_s`` (then it is marked failed);
+- owner Up but its QEMU crashed: restart on the same node up to ``restart_limit`` times within
+  ``restart_period_s``, then fail over;
+- owner paused while draining: move it elsewhere;
+- starting and the owner reports it running: running.
+With intent "stopped": stop it (or mark it stopped if its owner is gone).
+While HA is *disarmed* nothing happens automatically (no failover, restart, move or start of
+pending VMs); explicit starts and stops still do.
+"""
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from vmcluster.core.cluster import NodeState
+from vmcluster.core.placement import Candidate, PlacementPolicy, VmDemand, place_all
+
+
+class VmPhase(StrEnum):
+    STOPPED = "stopped"
+    PENDING = "pending"  # should run, no node can take it now; the reason says why
+    STARTING = "starting"  # placed (fenced, assigned); the owner's agent is starting QEMU
+    RUNNING = "running"
+    STOPPING = "stopping"
+    FAILED = "failed"  # gave up (failover threshold); an admin start clears it
+
+
+class InstanceStatus(StrEnum):
+    """What the owner's agent reports about the instance of the current generation."""
+
+    RUNNING = "running"
+    CRASHED = "crashed"  # QEMU died without being asked to
+    STOPPED = "stopped"  # stopped on request, or the guest powered off
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Instance:
+    node: str
+    generation: int
+    status: InstanceStatus
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VmRecord:
+    name: str
+    memory_mib: int
+    policy: PlacementPolicy = field(default_factory=PlacementPolicy)
+    want_running: bool = False
+    phase: VmPhase = VmPhase.STOPPED
+    owner: str | None = None
+    generation: int = 0
+    reason: str = ""
+    failovers: tuple[float, ...] = ()  # when it failed over (wall clock)
+    restarts: tuple[float, ...] = ()  # when it was restarted in place after a crash
+    instance: Instance | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeInfo:
+    name: str
+    state: NodeState
+    memory_mib: int  # memory the node gives to VMs
+    draining: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HaSettings:
+    failover_on_isolation: bool = True
+    restart_limit: int = 1
+    restart_period_s: float = 3600.0
+    failover_threshold: int | None = None  # None: WSFC's default, (number of nodes - 1)
+    failover_period_s: float = 6 * 3600.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HaView:
+    nodes: Mapping[str, NodeInfo]
+    vms: Mapping[str, VmRecord]
+    armed: bool = True
+    settings: HaSettings = field(default_factory=HaSettings)
+
+
+class StartKind(StrEnum):
+    START = "start"
+    FAILOVER = "failover"
+    RESTART = "restart"
+    MOVE = "move"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StartVm:
+    """Fence ``generation`` at the arrays, then make ``node`` the owner at that generation."""
+
+    vm: str
+    node: str
+    generation: int
+    kind: StartKind
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SetPending:
+    """No node can run the VM now. If ``fence_generation`` is set, fence it first (the old owner
+    may still be alive) and record the VM without an owner at that generation."""
+
+    vm: str
+    reason: str
+    fence_generation: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StopVm:
+    vm: str
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SetPhase:
+    vm: str
+    phase: VmPhase
+    reason: str
+
+
+VmAction = StartVm | SetPending | StopVm | SetPhase
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VmDecision:
+    actions: tuple[VmAction, ...]
+    reason: str
+
+
+def _recent(times: Sequence[float], now: float, period_s: float) -> int:
+    return sum(1 for t in times if now - t < period_s)
+
+
+def _free_memory(view: HaView) -> dict[str, int]:
+    used = dict.fromkeys(view.nodes, 0)
+    for vm in view.vms.values():
+        holding = vm.phase in (VmPhase.STARTING, VmPhase.RUNNING, VmPhase.STOPPING)
+        if vm.owner in used and holding:
+            used[vm.owner] += vm.memory_mib
+    return {name: node.memory_mib - used[name] for name, node in view.nodes.items()}
+
+
+def _classes(view: HaView) -> dict[str, frozenset[str]]:
+    found: dict[str, set[str]] = {name: set() for name in view.nodes}
+    for vm in view.vms.values():
+        if vm.owner in found and vm.policy.anti_affinity and vm.phase is not VmPhase.STOPPED:
+            found[vm.owner].add(vm.policy.anti_affinity)
+    return {name: frozenset(classes) for name, classes in found.items()}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Move:
+    """A VM that needs a node: why, and which nodes it must not go to."""
+
+    kind: StartKind
+    avoid: frozenset[str]
+    why: str
+
+
+def _stopping(
+    vm: VmRecord, owner_state: NodeState | None, instance: Instance | None
+) -> VmAction | None:
+    if vm.owner is None or vm.phase is VmPhase.STOPPED:
+        return None
+    if owner_state in (None, NodeState.DOWN):
+        return SetPhase(vm=vm.name, phase=VmPhase.STOPPED,
+                        reason=f"{vm.name} stopped ({vm.owner} is down)")  # fmt: skip
+    if instance is not None and instance.status is not InstanceStatus.RUNNING:
+        return SetPhase(
+            vm=vm.name, phase=VmPhase.STOPPED, reason=f"{vm.name} stopped on {vm.owner}"
+        )
+    if vm.phase is not VmPhase.STOPPING:
+        return StopVm(vm=vm.name, node=vm.owner, reason=f"stop {vm.name}")
+    return None
+
+
+def _judge(vm: VmRecord, view: HaView, now: float) -> VmAction | _Move | None:
+    """What one VM needs: an action now, a node (a _Move), or nothing."""
+    settings = view.settings
+    owner = view.nodes.get(vm.owner) if vm.owner else None
+    owner_state = owner.state if owner else None
+    instance = vm.instance if vm.instance and vm.instance.generation == vm.generation else None
+    if not vm.want_running:
+        return _stopping(vm, owner_state, instance)
+    if vm.phase is VmPhase.FAILED:
+        return None
+    if vm.owner is None:
+        starting = view.armed or vm.phase is VmPhase.STOPPED  # an explicit start always runs
+        return _Move(kind=StartKind.START, avoid=frozenset(), why="start") if starting else None
+    lost = owner_state in (NodeState.DOWN, None) or (
+        owner_state is NodeState.ISOLATED and settings.failover_on_isolation
+    )
+    if lost:
+        if not view.armed:
+            return None
+        threshold = settings.failover_threshold or max(1, len(view.nodes) - 1)
+        if _recent(vm.failovers, now, settings.failover_period_s) >= threshold:
+            why = (f"{vm.name} failed: {threshold} failovers within "
+                   f"{settings.failover_period_s / 3600:g} h")  # fmt: skip
+            return SetPhase(vm=vm.name, phase=VmPhase.FAILED, reason=why)
+        return _Move(kind=StartKind.FAILOVER, avoid=frozenset({vm.owner}),
+                     why=f"{vm.owner} is {owner_state or 'gone'}")  # fmt: skip
+    if instance is not None and instance.status is InstanceStatus.CRASHED:
+        if not view.armed:
+            return None
+        if _recent(vm.restarts, now, settings.restart_period_s) < settings.restart_limit:
+            return StartVm(vm=vm.name, node=vm.owner, generation=vm.generation + 1,
+                           kind=StartKind.RESTART,
+                           reason=f"restart {vm.name} on {vm.owner}: QEMU crashed")  # fmt: skip
+        return _Move(kind=StartKind.FAILOVER, avoid=frozenset({vm.owner}),
+                     why=f"QEMU crashed again on {vm.owner}")  # fmt: skip
+    if owner is not None and owner.draining and owner_state is NodeState.PAUSED:
+        # A drain is an admin action: it runs even while HA is disarmed.
+        return _Move(
+            kind=StartKind.MOVE, avoid=frozenset({vm.owner}), why=f"{vm.owner} is draining"
+        )
+    if (vm.phase is VmPhase.STARTING and instance is not None
+            and instance.status is InstanceStatus.RUNNING):  # fmt: skip
+        return SetPhase(
+            vm=vm.name, phase=VmPhase.RUNNING, reason=f"{vm.name} running on {vm.owner}"
+        )
+    return None
+
+
+def _placements(view: HaView, moves: dict[str, _Move]) -> list[VmAction]:
+    free = _free_memory(view)
+    classes = _classes(view)
+    # Capacity held by VMs that are about to leave a node is free for the others.
+    for name in moves:
+        vm = view.vms[name]
+        if vm.owner in free and vm.phase in (VmPhase.STARTING, VmPhase.RUNNING, VmPhase.STOPPING):
+            free[vm.owner] += vm.memory_mib
+    candidates = [Candidate(name=n.name, state=n.state, memory_free_mib=free[n.name],
+                            classes=classes[n.name]) for n in view.nodes.values()]  # fmt: skip
+    demands = [VmDemand(name=name, memory_mib=view.vms[name].memory_mib,
+                        policy=view.vms[name].policy) for name in moves]  # fmt: skip
+    actions: list[VmAction] = []
+    for placement in place_all(demands, candidates, avoid={n: m.avoid for n, m in moves.items()}):
+        vm, move = view.vms[placement.vm], moves[placement.vm]
+        if placement.node is not None:
+            why = f"{move.kind} {placement.reason} ({move.why})"
+            actions.append(StartVm(vm=vm.name, node=placement.node, generation=vm.generation + 1,
+                                   kind=move.kind, reason=why))  # fmt: skip
+        elif vm.owner is not None:
+            # The old owner may still be alive: fence it even though nobody takes over.
+            actions.append(SetPending(vm=vm.name, reason=placement.reason,
+                                      fence_generation=vm.generation + 1))  # fmt: skip
+        elif vm.phase is not VmPhase.PENDING or vm.reason != placement.reason:
+            actions.append(SetPending(vm=vm.name, reason=placement.reason))
+    return actions
+
+
+def decide_vms(view: HaView, now: float) -> VmDecision:
+    actions: list[VmAction] = []
+    moves: dict[str, _Move] = {}
+    for vm in sorted(view.vms.values(), key=lambda v: v.name):
+        verdict = _judge(vm, view, now)
+        if isinstance(verdict, _Move):
+            moves[vm.name] = verdict
+        elif verdict is not None:
+            actions.append(verdict)
+    if moves:
+        actions += _placements(view, moves)
+    if not actions:
+        running = sum(1 for v in view.vms.values() if v.phase is VmPhase.RUNNING)
+        pending = sum(1 for v in view.vms.values() if v.phase is VmPhase.PENDING)
+        state = "" if view.armed else ", HA disarmed"
+        return VmDecision(
+            actions=(), reason=f"no change: {running} running, {pending} pending{state}"
+        )
+    return VmDecision(actions=tuple(actions), reason="; ".join(_describe(a) for a in actions))
+
+
+def _describe(action: VmAction) -> str:
+    if isinstance(action, StartVm):
+        return f"{action.reason} [generation {action.generation}]"
+    return action.reason
