@@ -55,25 +55,19 @@ def decide(view: ClusterView, recorded: RecordedView, now: float) -> Decision:
     current = recorded_of(view)
     events: list[Action] = []
     changes: list[str] = []
-    for name, state in current.nodes.items():
-        before = recorded.nodes.get(name)
-        if before != state:
-            reason = f"{before or 'unknown'} -> {state}"
-            events.append(EmitEvent(kind=f"node.{state}", subject=name, reason=reason))
-            changes.append(f"node {name} {reason}")
-    for name in sorted(set(recorded.nodes) - set(current.nodes)):
-        events.append(EmitEvent(kind="node.removed", subject=name, reason="no longer a member"))
-        changes.append(f"node {name} removed")
-    for network, state in current.networks.items():
-        before = recorded.networks.get(network)
-        if before != state:
-            reason = f"{before or 'unknown'} -> {state}"
-            events.append(EmitEvent(kind=f"network.{state}", subject=network, reason=reason))
-            changes.append(f"network {network} {reason}")
-    for network in sorted(set(recorded.networks) - set(current.networks)):
-        events.append(EmitEvent(kind="network.removed", subject=network,
-                                reason="no longer a cluster network"))  # fmt: skip
-        changes.append(f"network {network} removed")
+    for noun, now_states, before_states, gone in (
+        ("node", current.nodes, recorded.nodes, "no longer a member"),
+        ("network", current.networks, recorded.networks, "no longer a cluster network"),
+    ):
+        for name, state in now_states.items():
+            before = before_states.get(name)
+            if before != state:
+                reason = f"{before or 'unknown'} -> {state}"
+                events.append(EmitEvent(kind=f"{noun}.{state}", subject=name, reason=reason))
+                changes.append(f"{noun} {name} {reason}")
+        for name in sorted(set(before_states) - set(now_states)):
+            events.append(EmitEvent(kind=f"{noun}.removed", subject=name, reason=gone))
+            changes.append(f"{noun} {name} removed")
     if current.leader != recorded.leader:
         reason = f"{recorded.leader or 'none'} -> {current.leader or 'none'}"
         events.append(
