@@ -158,11 +158,14 @@ def _free_memory(view: HaView) -> dict[str, int]:
     return {name: node.memory_mib - used[name] for name, node in view.nodes.items()}
 
 
-def _classes(view: HaView) -> dict[str, frozenset[str]]:
+def _classes(view: HaView, *, hard: bool) -> dict[str, frozenset[str]]:
+    """node -> anti-affinity classes of the VMs it holds (only hard ones with ``hard``)."""
     found: dict[str, set[str]] = {name: set() for name in view.nodes}
     for vm in view.vms.values():
-        if vm.owner in found and vm.policy.anti_affinity and vm.phase is not VmPhase.STOPPED:
-            found[vm.owner].add(vm.policy.anti_affinity)
+        policy = vm.policy
+        holds = vm.owner in found and vm.phase is not VmPhase.STOPPED
+        if holds and policy.anti_affinity and (policy.anti_affinity_hard or not hard):
+            found[vm.owner].add(policy.anti_affinity)  # type: ignore[index]
     return {name: frozenset(classes) for name, classes in found.items()}
 
 
@@ -242,14 +245,15 @@ def _judge(vm: VmRecord, view: HaView, now: float) -> VmAction | _Move | None:
 
 def _placements(view: HaView, moves: dict[str, _Move]) -> list[VmAction]:
     free = _free_memory(view)
-    classes = _classes(view)
+    classes, hard = _classes(view, hard=False), _classes(view, hard=True)
     # Capacity held by VMs that are about to leave a node is free for the others.
     for name in moves:
         vm = view.vms[name]
         if vm.owner in free and vm.phase in (VmPhase.STARTING, VmPhase.RUNNING, VmPhase.STOPPING):
             free[vm.owner] += vm.memory_mib
     candidates = [Candidate(name=n.name, state=n.state, memory_free_mib=free[n.name],
-                            classes=classes[n.name]) for n in view.nodes.values()]  # fmt: skip
+                            classes=classes[n.name], hard_classes=hard[n.name])
+                  for n in view.nodes.values()]  # fmt: skip
     demands = [VmDemand(name=name, memory_mib=view.vms[name].memory_mib,
                         policy=view.vms[name].policy) for name in moves]  # fmt: skip
     actions: list[VmAction] = []

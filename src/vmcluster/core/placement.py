@@ -4,7 +4,9 @@ Rules, in order:
 1. Only nodes that are Up can take a VM (not down, paused, isolated, joining, quarantined or
    without quorum), and only its *possible owners* when it has any.
 2. A node needs the VM's memory free.
-3. *Hard* anti-affinity: never on a node that runs a VM of the same class.
+3. *Hard* anti-affinity: never on a node that runs a VM of the same class; and no VM of a class
+   joins a node where a VM of that class runs with hard anti-affinity (the hard VM's promise
+   holds whichever of the two is placed first).
 4. Among the rest: the *preferred owners* first, in their order; then nodes without a VM of the
    same *soft* anti-affinity class; then the most free memory; then the name (deterministic).
 
@@ -41,6 +43,7 @@ class Candidate:
     state: NodeState
     memory_free_mib: int
     classes: frozenset[str] = frozenset()  # anti-affinity classes of the VMs it runs
+    hard_classes: frozenset[str] = frozenset()  # those of them held with hard anti-affinity
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,7 +69,10 @@ def _rejection(vm: VmDemand, node: Candidate) -> str | None:
     if node.memory_free_mib < vm.memory_mib:
         return (f"{node.name} has {node.memory_free_mib} MiB free, "
                 f"{vm.memory_mib} MiB needed")  # fmt: skip
-    if policy.anti_affinity_hard and policy.anti_affinity in node.classes:
+    if policy.anti_affinity and (
+        policy.anti_affinity in node.hard_classes
+        or (policy.anti_affinity_hard and policy.anti_affinity in node.classes)
+    ):
         return f"{node.name} runs a VM of anti-affinity class {policy.anti_affinity}"
     return None
 
@@ -91,7 +97,7 @@ def place(
     def rank(node: Candidate) -> tuple[int, int, int, str]:
         preferred = (policy.preferred.index(node.name) if node.name in policy.preferred
                      else len(policy.preferred))  # fmt: skip
-        soft_clash = int(policy.anti_affinity is not None and policy.anti_affinity in node.classes)
+        soft_clash = int(bool(policy.anti_affinity) and policy.anti_affinity in node.classes)
         return (preferred, soft_clash, -node.memory_free_mib, node.name)
 
     best = min(eligible, key=rank)
@@ -125,9 +131,12 @@ def place_all(
         results.append(result)
         if result.node is not None:
             node = current[result.node]
-            classes = node.classes | (
-                {vm.policy.anti_affinity} if vm.policy.anti_affinity else set()
-            )
-            current[node.name] = replace(node, memory_free_mib=node.memory_free_mib - vm.memory_mib,
-                                         classes=frozenset(classes))  # fmt: skip
+            cls = vm.policy.anti_affinity
+            current[node.name] = replace(
+                node,
+                memory_free_mib=node.memory_free_mib - vm.memory_mib,
+                classes=node.classes | ({cls} if cls else set()),
+                hard_classes=node.hard_classes | ({cls} if cls and vm.policy.anti_affinity_hard
+                                                  else set()),
+            )  # fmt: skip
     return results

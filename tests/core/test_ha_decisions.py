@@ -1,0 +1,936 @@
+"""Unit tests for vmcluster.core.ha: what the HA layer decides for each VM.
+
+The decisions are pure: a view of the nodes and VM records goes in with an explicit ``now``,
+actions and a reason sentence come out. Actions are compared with their reason blanked
+(``bare``), so every field that matters (type, vm, node, generation, kind, phase, fence) is
+checked exactly; the reasons are then checked to name the VM and the cause.
+"""
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vmcluster.core.cluster import NodeState
+from vmcluster.core.ha import (
+    HaSettings,
+    HaView,
+    Instance,
+    InstanceStatus,
+    NodeInfo,
+    SetPending,
+    SetPhase,
+    StartKind,
+    StartVm,
+    StopVm,
+    VmAction,
+    VmDecision,
+    VmPhase,
+    VmRecord,
+    decide_vms,
+)
+from vmcluster.core.placement import PlacementPolicy, Priority
+
+NOW = 1_000_000.0
+HOUR = 3600.0
+GEN = 3  # the generation most VMs below are at; their next one is GEN + 1
+
+
+# --- builders ---------------------------------------------------------------------------------
+
+
+def node(
+    name: str, state: NodeState = NodeState.UP, memory: int = 8192, *, draining: bool = False
+) -> NodeInfo:
+    return NodeInfo(name=name, state=state, memory_mib=memory, draining=draining)
+
+
+def cluster(*infos: NodeInfo) -> dict[str, NodeInfo]:
+    return {info.name: info for info in infos}
+
+
+def three(
+    n1: NodeState = NodeState.UP,
+    n2: NodeState = NodeState.UP,
+    n3: NodeState = NodeState.UP,
+    *,
+    draining: bool = False,
+) -> dict[str, NodeInfo]:
+    """n1 (the usual owner, 16 GiB), n2 (8 GiB), n3 (4 GiB): the most free memory wins ties."""
+    return cluster(
+        node("n1", n1, 16384, draining=draining), node("n2", n2, 8192), node("n3", n3, 4096)
+    )
+
+
+def running(name: str = "vm1", owner: str = "n1", **fields: object) -> VmRecord:
+    """A VM that should run and runs on ``owner`` at generation GEN (overridable)."""
+    base: dict[str, object] = {
+        "name": name,
+        "memory_mib": 1024,
+        "want_running": True,
+        "phase": VmPhase.RUNNING,
+        "owner": owner,
+        "generation": GEN,
+    }
+    base.update(fields)
+    instance = base.pop("instance", "default")
+    if instance == "default":
+        instance = Instance(
+            node=owner, generation=int(base["generation"]), status=InstanceStatus.RUNNING
+        )
+    return VmRecord(**base, instance=instance)  # type: ignore[arg-type]
+
+
+def crashed(name: str = "vm1", owner: str = "n1", **fields: object) -> VmRecord:
+    generation = int(fields.get("generation", GEN))  # type: ignore[call-overload]
+    instance = Instance(node=owner, generation=generation, status=InstanceStatus.CRASHED)
+    return running(name, owner, instance=instance, **fields)
+
+
+def stopped(name: str = "vm1", **fields: object) -> VmRecord:
+    """A VM without owner whose intent just became running (an explicit start)."""
+    base: dict[str, object] = {
+        "name": name,
+        "memory_mib": 1024,
+        "want_running": True,
+        "phase": VmPhase.STOPPED,
+        "generation": GEN,
+    }
+    base.update(fields)
+    return VmRecord(**base)  # type: ignore[arg-type]
+
+
+def decide(
+    nodes: Mapping[str, NodeInfo],
+    *vms: VmRecord,
+    armed: bool = True,
+    now: float = NOW,
+    **ha: object,
+) -> VmDecision:
+    view = HaView(
+        nodes=nodes,
+        vms={vm.name: vm for vm in vms},
+        armed=armed,
+        settings=HaSettings(**ha),  # type: ignore[arg-type]
+    )
+    return decide_vms(view, now)
+
+
+def bare(actions: Iterable[VmAction]) -> list[VmAction]:
+    return [replace(action, reason="") for action in actions]
+
+
+def start(vm: str, node: str, kind: StartKind, generation: int = GEN + 1) -> StartVm:
+    return StartVm(vm=vm, node=node, generation=generation, kind=kind, reason="")
+
+
+def only(decision: VmDecision) -> VmAction:
+    assert len(decision.actions) == 1, decision
+    return decision.actions[0]
+
+
+def assert_no_change(decision: VmDecision) -> None:
+    assert decision.actions == ()
+    assert decision.reason.startswith("no change:")
+
+
+# --- start ------------------------------------------------------------------------------------
+
+
+def test_a_stopped_vm_that_should_run_starts_on_the_node_with_most_free_memory() -> None:
+    nodes = three()
+    busy = running("big", "n1", memory_mib=12288)  # n1: 4096 free, n2: 8192, n3: 4096
+    decision = decide(nodes, busy, stopped("vm1"))
+    assert bare(decision.actions) == [start("vm1", "n2", StartKind.START)]
+    action = only(decision)
+    assert "vm1" in action.reason
+    assert "start" in action.reason
+    assert "n2" in action.reason
+    assert decision.reason == f"{action.reason} [generation {GEN + 1}]"
+
+
+def test_a_start_follows_the_preferred_owner_before_free_memory() -> None:
+    vm = stopped("vm1", policy=PlacementPolicy(preferred=("n3", "n1")))
+    decision = decide(three(), vm)
+    assert bare(decision.actions) == [start("vm1", "n3", StartKind.START)]
+    assert "preferred owner #1" in only(decision).reason
+
+
+def test_an_explicit_start_runs_while_ha_is_disarmed() -> None:
+    decision = decide(three(), stopped("vm1"), armed=False)
+    assert bare(decision.actions) == [start("vm1", "n1", StartKind.START)]
+    assert "vm1" in only(decision).reason
+
+
+def test_a_pending_vm_is_started_when_a_node_can_take_it() -> None:
+    vm = stopped("vm1", phase=VmPhase.PENDING, reason="no node can run vm1: n1 is down")
+    decision = decide(three(), vm)
+    assert bare(decision.actions) == [start("vm1", "n1", StartKind.START)]
+
+
+def test_a_pending_vm_is_not_started_while_ha_is_disarmed() -> None:
+    vm = stopped("vm1", phase=VmPhase.PENDING, reason="no node can run vm1: n1 is down")
+    decision = decide(three(), vm, armed=False)
+    assert_no_change(decision)
+    assert decision.reason == "no change: 0 running, 1 pending, HA disarmed"
+
+
+def test_a_vm_that_should_stay_stopped_is_not_started() -> None:
+    assert_no_change(decide(three(), stopped("vm1", want_running=False)))
+
+
+# --- failover on a lost owner -----------------------------------------------------------------
+
+
+def test_owner_down_fails_over_elsewhere_with_the_next_generation() -> None:
+    decision = decide(three(n1=NodeState.DOWN), running("vm1", "n1"))
+    assert bare(decision.actions) == [start("vm1", "n2", StartKind.FAILOVER)]
+    reason = only(decision).reason
+    assert "vm1" in reason
+    assert "n1 is down" in reason
+
+
+@pytest.mark.parametrize("phase", [VmPhase.RUNNING, VmPhase.STARTING, VmPhase.STOPPING])
+def test_owner_down_fails_over_whatever_the_phase(phase: VmPhase) -> None:
+    decision = decide(three(n1=NodeState.DOWN), running("vm1", "n1", phase=phase))
+    assert bare(decision.actions) == [start("vm1", "n2", StartKind.FAILOVER)]
+
+
+def test_a_failover_never_returns_to_the_old_owner_even_if_it_has_room() -> None:
+    # n2 is the old owner and down; n1 and n3 are up. The VM goes to n1 (most free memory).
+    decision = decide(three(n2=NodeState.DOWN), running("vm1", "n2", generation=7))
+    assert bare(decision.actions) == [start("vm1", "n1", StartKind.FAILOVER, generation=8)]
+    assert "n2 is down" in only(decision).reason
+
+
+def test_an_owner_missing_from_the_cluster_counts_as_gone() -> None:
+    decision = decide(three(), running("vm1", "n9"))
+    assert bare(decision.actions) == [start("vm1", "n1", StartKind.FAILOVER)]
+    reason = only(decision).reason
+    assert "vm1" in reason
+    assert "n9 is gone" in reason
+
+
+def test_owner_isolated_fails_over_by_default() -> None:
+    decision = decide(three(n1=NodeState.ISOLATED), running("vm1", "n1"))
+    assert bare(decision.actions) == [start("vm1", "n2", StartKind.FAILOVER)]
+    reason = only(decision).reason
+    assert "vm1" in reason
+    assert "n1 is isolated" in reason
+
+
+def test_owner_isolated_does_nothing_without_failover_on_isolation() -> None:
+    decision = decide(
+        three(n1=NodeState.ISOLATED), running("vm1", "n1"), failover_on_isolation=False
+    )
+    assert_no_change(decision)
+    assert decision.reason == "no change: 1 running, 0 pending"
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        NodeState.UP,
+        NodeState.PAUSED,
+        NodeState.JOINING,
+        NodeState.NO_QUORUM,
+        NodeState.QUARANTINED,
+    ],
+)
+def test_only_down_or_isolated_owners_trigger_a_failover(state: NodeState) -> None:
+    assert_no_change(decide(three(n1=state), running("vm1", "n1")))
+
+
+# --- disarmed ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("state", [NodeState.DOWN, NodeState.ISOLATED])
+def test_no_failover_while_disarmed(state: NodeState) -> None:
+    decision = decide(three(n1=state), running("vm1", "n1"), armed=False)
+    assert_no_change(decision)
+    assert decision.reason == "no change: 1 running, 0 pending, HA disarmed"
+
+
+def test_no_restart_after_a_crash_while_disarmed() -> None:
+    assert_no_change(decide(three(), crashed("vm1", "n1"), armed=False))
+
+
+def test_a_drain_still_moves_while_disarmed() -> None:
+    nodes = three(n1=NodeState.PAUSED, draining=True)
+    decision = decide(nodes, running("vm1", "n1"), armed=False)
+    assert bare(decision.actions) == [start("vm1", "n2", StartKind.MOVE)]
+
+
+# --- failover threshold -----------------------------------------------------------------------
+
+
+def test_default_threshold_is_nodes_minus_one_within_six_hours() -> None:
+    # three nodes: a threshold of two failovers
+    vm = running("vm1", "n1", failovers=(NOW - 5 * HOUR, NOW - 60))
+    decision = decide(three(n1=NodeState.DOWN), vm)
+    assert bare(decision.actions) == [SetPhase(vm="vm1", phase=VmPhase.FAILED, reason="")]
+    reason = only(decision).reason
+    assert "vm1" in reason
+    assert "2 failovers" in reason
+    assert "6 h" in reason
+
+
+def test_one_failover_below_the_default_threshold_still_fails_over() -> None:
+    vm = running("vm1", "n1", failovers=(NOW - 60,))
+    decision = decide(three(n1=NodeState.DOWN), vm)
+    assert bare(decision.actions) == [start("vm1", "n2", StartKind.FAILOVER)]
+
+
+def test_failovers_older_than_the_period_do_not_count() -> None:
+    old = (NOW - 6 * HOUR, NOW - 7 * HOUR, NOW - 30 * HOUR)
+    vm = running("vm1", "n1", failovers=(*old, NOW - 60))
+    decision = decide(three(n1=NodeState.DOWN), vm)
+    assert bare(decision.actions) == [start("vm1", "n2", StartKind.FAILOVER)]
+
+
+def test_the_default_threshold_follows_the_number_of_nodes() -> None:
+    five = cluster(node("n1", NodeState.DOWN), *(node(f"n{i}") for i in range(2, 6)))
+    three_recent = running("vm1", "n1", failovers=(NOW - 3, NOW - 2, NOW - 1))
+    four_recent = replace(three_recent, failovers=(NOW - 4, *three_recent.failovers))
+    assert bare(decide(five, three_recent).actions) == [start("vm1", "n2", StartKind.FAILOVER)]
+    failed = decide(five, four_recent)
+    assert bare(failed.actions) == [SetPhase(vm="vm1", phase=VmPhase.FAILED, reason="")]
+    assert "4 failovers" in only(failed).reason
+
+
+def test_a_single_node_cluster_has_a_threshold_of_one() -> None:
+    one = cluster(node("n1", NodeState.DOWN))
+    decision = decide(one, running("vm1", "n1", failovers=(NOW - 60,)))
+    assert bare(decision.actions) == [SetPhase(vm="vm1", phase=VmPhase.FAILED, reason="")]
+
+
+def test_an_explicit_lower_threshold_overrides_the_default() -> None:
+    vm = running("vm1", "n1", failovers=(NOW - 60,))
+    decision = decide(three(n1=NodeState.DOWN), vm, failover_threshold=1)
+    assert bare(decision.actions) == [SetPhase(vm="vm1", phase=VmPhase.FAILED, reason="")]
+    assert "1 failovers within 6 h" in only(decision).reason
+
+
+def test_an_explicit_higher_threshold_overrides_the_default() -> None:
+    vm = running("vm1", "n1", failovers=(NOW - 3, NOW - 2, NOW - 1))
+    decision = decide(three(n1=NodeState.DOWN), vm, failover_threshold=4)
+    assert bare(decision.actions) == [start("vm1", "n2", StartKind.FAILOVER)]
+
+
+def test_an_explicit_period_overrides_the_default() -> None:
+    vm = running("vm1", "n1", failovers=(NOW - 2 * HOUR, NOW - 60))
+    decision = decide(three(n1=NodeState.DOWN), vm, failover_period_s=HOUR)
+    assert bare(decision.actions) == [start("vm1", "n2", StartKind.FAILOVER)]
+    failed = decide(three(n1=NodeState.DOWN), vm, failover_period_s=3 * HOUR)
+    assert bare(failed.actions) == [SetPhase(vm="vm1", phase=VmPhase.FAILED, reason="")]
+    assert "2 failovers within 3 h" in only(failed).reason
+
+
+def test_the_threshold_applies_to_isolation_too() -> None:
+    vm = running("vm1", "n1", failovers=(NOW - 2, NOW - 1))
+    decision = decide(three(n1=NodeState.ISOLATED), vm)
+    assert bare(decision.actions) == [SetPhase(vm="vm1", phase=VmPhase.FAILED, reason="")]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: the failover threshold is only checked for a lost owner; a VM whose QEMU "
+    "crashes on every node (restart limit used up) fails over forever and is never FAILED",
+)
+def test_a_crash_loop_hits_the_failover_threshold_too() -> None:
+    vm = crashed("vm1", "n1", restarts=(NOW - 60,), failovers=(NOW - 2 * HOUR, NOW - HOUR))
+    decision = decide(three(), vm)
+    assert bare(decision.actions) == [SetPhase(vm="vm1", phase=VmPhase.FAILED, reason="")]
+
+
+# --- restart after a QEMU crash ---------------------------------------------------------------
+
+
+def test_a_crash_on_an_up_owner_restarts_in_place_with_the_next_generation() -> None:
+    decision = decide(three(), crashed("vm1", "n2"))
+    assert bare(decision.actions) == [start("vm1", "n2", StartKind.RESTART)]
+    reason = only(decision).reason
+    assert "vm1" in reason
+    assert "crashed" in reason
+    assert decision.reason.endswith(f"[generation {GEN + 1}]")
+
+
+def test_restarts_are_allowed_up_to_the_limit_within_the_period() -> None:
+    vm = crashed("vm1", "n1", restarts=(NOW - 60,))
+    decision = decide(three(), vm, restart_limit=2)
+    assert bare(decision.actions) == [start("vm1", "n1", StartKind.RESTART)]
+
+
+def test_restarts_older_than_the_period_do_not_count() -> None:
+    vm = crashed("vm1", "n1", restarts=(NOW - HOUR, NOW - 2 * HOUR))
+    decision = decide(three(), vm)
+    assert bare(decision.actions) == [start("vm1", "n1", StartKind.RESTART)]
+
+
+def test_after_the_restart_limit_the_vm_fails_over_elsewhere() -> None:
+    # n1 (the owner) has by far the most free memory, but it must be left.
+    vm = crashed("vm1", "n1", restarts=(NOW - 60,))
+    decision = decide(three(), vm)
+    assert bare(decision.actions) == [start("vm1", "n2", StartKind.FAILOVER)]
+    reason = only(decision).reason
+    assert "vm1" in reason
+    assert "crashed again on n1" in reason
+
+
+def test_a_restart_limit_of_zero_fails_over_at_once() -> None:
+    decision = decide(three(), crashed("vm1", "n1"), restart_limit=0)
+    assert bare(decision.actions) == [start("vm1", "n2", StartKind.FAILOVER)]
+
+
+def test_an_explicit_restart_period_overrides_the_default() -> None:
+    vm = crashed("vm1", "n1", restarts=(NOW - 2 * HOUR,))
+    assert bare(decide(three(), vm, restart_period_s=3 * HOUR).actions) == [
+        start("vm1", "n2", StartKind.FAILOVER)
+    ]
+
+
+def test_a_crash_without_any_other_node_leaves_it_pending_with_a_fence() -> None:
+    nodes = three(n2=NodeState.DOWN, n3=NodeState.DOWN)
+    decision = decide(nodes, crashed("vm1", "n1", restarts=(NOW - 60,)))
+    assert bare(decision.actions) == [SetPending(vm="vm1", reason="", fence_generation=GEN + 1)]
+
+
+@pytest.mark.parametrize("status", list(InstanceStatus))
+def test_an_instance_report_for_an_older_generation_is_ignored(status: InstanceStatus) -> None:
+    old = Instance(node="n1", generation=GEN - 1, status=status)
+    assert_no_change(decide(three(), running("vm1", "n1", instance=old)))
+    starting = running("vm1", "n1", phase=VmPhase.STARTING, instance=old)
+    assert_no_change(decide(three(), starting))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: a crash is restarted on the owner whatever its state; the docstring says "
+    "'owner Up', and a StartVm must never target a node that is not Up",
+)
+@pytest.mark.parametrize(
+    "state",
+    [
+        NodeState.PAUSED,
+        NodeState.JOINING,
+        NodeState.NO_QUORUM,
+        NodeState.QUARANTINED,
+        NodeState.ISOLATED,  # with failover_on_isolation=False
+    ],
+)
+def test_a_crash_is_not_restarted_on_an_owner_that_is_not_up(state: NodeState) -> None:
+    decision = decide(three(n1=state), crashed("vm1", "n1"), failover_on_isolation=False)
+    assert not any(isinstance(a, StartVm) and a.node == "n1" for a in decision.actions)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: a crash on a paused, draining owner is restarted on that owner instead of "
+    "being moved off it",
+)
+def test_a_crash_on_a_draining_owner_moves_it() -> None:
+    nodes = three(n1=NodeState.PAUSED, draining=True)
+    decision = decide(nodes, crashed("vm1", "n1"))
+    assert bare(decision.actions) == [start("vm1", "n2", StartKind.MOVE)]
+
+
+# --- pending ----------------------------------------------------------------------------------
+
+
+def test_owner_down_and_no_node_can_take_it_pending_with_a_fence() -> None:
+    nodes = three(n1=NodeState.DOWN, n2=NodeState.PAUSED, n3=NodeState.NO_QUORUM)
+    decision = decide(nodes, running("vm1", "n1"))
+    assert bare(decision.actions) == [SetPending(vm="vm1", reason="", fence_generation=GEN + 1)]
+    reason = only(decision).reason
+    assert reason.startswith("no node can run vm1:")
+    assert "n1 is being left" in reason
+    assert "n2 is paused" in reason
+    assert "n3 is no-quorum" in reason
+
+
+def test_owner_isolated_and_no_node_has_memory_pending_with_a_fence() -> None:
+    nodes = three(n1=NodeState.ISOLATED)
+    decision = decide(nodes, running("vm1", "n1", memory_mib=10000))
+    assert bare(decision.actions) == [SetPending(vm="vm1", reason="", fence_generation=GEN + 1)]
+    assert "n2 has 8192 MiB free, 10000 MiB needed" in only(decision).reason
+
+
+def test_a_vm_without_owner_that_cannot_be_placed_is_pending_without_a_fence() -> None:
+    decision = decide(three(), stopped("vm1", memory_mib=20000))
+    assert bare(decision.actions) == [SetPending(vm="vm1", reason="", fence_generation=None)]
+    reason = only(decision).reason
+    assert reason.startswith("no node can run vm1:")
+    assert "n1 has 16384 MiB free, 20000 MiB needed" in reason
+
+
+def test_a_pending_vm_with_the_same_reason_is_not_set_pending_again() -> None:
+    first = decide(three(), stopped("vm1", memory_mib=20000))
+    reason = only(first).reason
+    vm = stopped("vm1", memory_mib=20000, phase=VmPhase.PENDING, reason=reason)
+    decision = decide(three(), vm)
+    assert_no_change(decision)
+    assert decision.reason == "no change: 0 running, 1 pending"
+
+
+def test_a_pending_vm_whose_reason_changed_is_set_pending_again() -> None:
+    vm = stopped("vm1", memory_mib=20000, phase=VmPhase.PENDING, reason="an older reason")
+    decision = decide(three(), vm)
+    assert bare(decision.actions) == [SetPending(vm="vm1", reason="", fence_generation=None)]
+    assert only(decision).reason != "an older reason"
+
+
+def test_a_vm_of_priority_none_is_not_started_after_a_failover() -> None:
+    vm = running("vm1", "n1", policy=PlacementPolicy(priority=Priority.NONE))
+    decision = decide(three(n1=NodeState.DOWN), vm)
+    assert bare(decision.actions) == [SetPending(vm="vm1", reason="", fence_generation=GEN + 1)]
+    assert "vm1 has priority none" in only(decision).reason
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: priority none means 'no automatic start', but an explicit start of such a "
+    "VM is refused too (SetPending 'no automatic start')",
+)
+def test_an_explicit_start_of_a_vm_of_priority_none_runs() -> None:
+    vm = stopped("vm1", policy=PlacementPolicy(priority=Priority.NONE))
+    decision = decide(three(), vm)
+    assert bare(decision.actions) == [start("vm1", "n1", StartKind.START)]
+
+
+# --- starting -> running ----------------------------------------------------------------------
+
+
+def test_starting_and_reported_running_becomes_running() -> None:
+    vm = running("vm1", "n2", phase=VmPhase.STARTING)
+    decision = decide(three(), vm)
+    assert bare(decision.actions) == [SetPhase(vm="vm1", phase=VmPhase.RUNNING, reason="")]
+    reason = only(decision).reason
+    assert "vm1" in reason
+    assert "running on n2" in reason
+
+
+def test_starting_without_a_report_waits() -> None:
+    assert_no_change(decide(three(), running("vm1", "n1", phase=VmPhase.STARTING, instance=None)))
+
+
+# --- intent stopped ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("phase", [VmPhase.RUNNING, VmPhase.STARTING])
+def test_intent_stopped_sends_a_stop_to_the_owner(phase: VmPhase) -> None:
+    vm = running("vm1", "n2", want_running=False, phase=phase)
+    decision = decide(three(), vm)
+    assert bare(decision.actions) == [StopVm(vm="vm1", node="n2", reason="")]
+    assert "stop vm1" in only(decision).reason
+
+
+def test_intent_stopped_while_ha_is_disarmed_still_stops() -> None:
+    vm = running("vm1", "n2", want_running=False)
+    decision = decide(three(), vm, armed=False)
+    assert bare(decision.actions) == [StopVm(vm="vm1", node="n2", reason="")]
+
+
+@pytest.mark.parametrize("state", [NodeState.DOWN, None])
+def test_intent_stopped_and_owner_gone_marks_it_stopped(state: NodeState | None) -> None:
+    nodes = three() if state is None else three(n1=state)
+    owner = "n9" if state is None else "n1"
+    decision = decide(nodes, running("vm1", owner, want_running=False))
+    assert bare(decision.actions) == [SetPhase(vm="vm1", phase=VmPhase.STOPPED, reason="")]
+    reason = only(decision).reason
+    assert "vm1" in reason
+    assert f"{owner} is down" in reason
+
+
+@pytest.mark.parametrize("status", [InstanceStatus.STOPPED, InstanceStatus.CRASHED])
+def test_intent_stopped_and_instance_gone_marks_it_stopped(status: InstanceStatus) -> None:
+    instance = Instance(node="n1", generation=GEN, status=status)
+    vm = running("vm1", "n1", want_running=False, phase=VmPhase.STOPPING, instance=instance)
+    decision = decide(three(), vm)
+    assert bare(decision.actions) == [SetPhase(vm="vm1", phase=VmPhase.STOPPED, reason="")]
+    assert "vm1 stopped on n1" in only(decision).reason
+
+
+def test_intent_stopped_and_already_stopping_does_nothing() -> None:
+    vm = running("vm1", "n1", want_running=False, phase=VmPhase.STOPPING)
+    assert_no_change(decide(three(), vm))
+
+
+def test_intent_stopped_and_already_stopped_does_nothing() -> None:
+    assert_no_change(decide(three(), stopped("vm1", want_running=False)))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: a PENDING VM (no owner) whose intent becomes stopped stays PENDING forever; "
+    "_stopping returns None whenever the owner is None",
+)
+def test_intent_stopped_on_a_pending_vm_marks_it_stopped() -> None:
+    vm = stopped("vm1", want_running=False, phase=VmPhase.PENDING, reason="no node can run vm1")
+    decision = decide(three(), vm)
+    assert bare(decision.actions) == [SetPhase(vm="vm1", phase=VmPhase.STOPPED, reason="")]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: SetPhase(STOPPED) keeps the owner, and a STOPPED VM that still has an owner "
+    "is never started again when its intent becomes running (_judge only starts owner-less VMs)",
+)
+def test_a_stopped_vm_that_kept_its_owner_starts_again() -> None:
+    instance = Instance(node="n1", generation=GEN, status=InstanceStatus.STOPPED)
+    vm = running("vm1", "n1", phase=VmPhase.STOPPED, instance=instance)
+    decision = decide(three(), vm)
+    assert bare(decision.actions) == [start("vm1", "n1", StartKind.START)]
+
+
+# --- failed -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("state", [NodeState.UP, NodeState.DOWN, NodeState.ISOLATED])
+def test_failed_vms_are_left_alone(state: NodeState) -> None:
+    crash = Instance(node="n1", generation=GEN, status=InstanceStatus.CRASHED)
+    vm = running("vm1", "n1", phase=VmPhase.FAILED, instance=crash)
+    decision = decide(three(n1=state), vm)
+    assert_no_change(decision)
+    assert decision.reason == "no change: 0 running, 0 pending"
+
+
+def test_a_failed_vm_without_owner_is_left_alone() -> None:
+    assert_no_change(decide(three(), stopped("vm1", phase=VmPhase.FAILED)))
+
+
+# --- priorities and capacity ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("high", "low"), [("a", "b"), ("b", "a")])
+def test_high_priority_is_placed_before_low_when_capacity_is_short(high: str, low: str) -> None:
+    nodes = cluster(node("n1", NodeState.DOWN), node("n2", memory=4096))
+    vms = [
+        running(high, "n1", memory_mib=3072, policy=PlacementPolicy(priority=Priority.HIGH)),
+        running(low, "n1", memory_mib=3072, policy=PlacementPolicy(priority=Priority.LOW)),
+    ]
+    decision = decide(nodes, *vms)
+    actions = {a.vm: a for a in bare(decision.actions)}
+    assert actions == {
+        high: start(high, "n2", StartKind.FAILOVER),
+        low: SetPending(vm=low, reason="", fence_generation=GEN + 1),
+    }
+    pending = next(a for a in decision.actions if a.vm == low)
+    assert f"no node can run {low}" in pending.reason
+    assert "n2 has 1024 MiB free, 3072 MiB needed" in pending.reason
+
+
+def test_memory_of_a_vm_moving_off_a_node_is_free_for_the_others() -> None:
+    # vm-a crashed on n1 once too often and must leave it; its 3072 MiB let vm-b start on n1.
+    nodes = cluster(node("n1", memory=4096), node("n2", memory=3072))
+    leaving = crashed(
+        "vm-a",
+        "n1",
+        memory_mib=3072,
+        restarts=(NOW - 60,),
+        policy=PlacementPolicy(priority=Priority.HIGH),
+    )
+    newcomer = stopped("vm-b", memory_mib=3072, policy=PlacementPolicy(priority=Priority.LOW))
+    decision = decide(nodes, leaving, newcomer)
+    assert bare(decision.actions) == [
+        start("vm-a", "n2", StartKind.FAILOVER),
+        start("vm-b", "n1", StartKind.START),
+    ]
+
+
+@pytest.mark.parametrize("phase", [VmPhase.STARTING, VmPhase.RUNNING, VmPhase.STOPPING])
+def test_memory_of_vms_on_a_node_is_counted_as_used(phase: VmPhase) -> None:
+    nodes = cluster(node("n1", memory=8192), node("n2", memory=4096))
+    resident = running("big", "n1", memory_mib=6144, phase=phase)
+    decision = decide(nodes, resident, stopped("vm1", memory_mib=3072))
+    starts = [a for a in bare(decision.actions) if isinstance(a, StartVm)]
+    assert starts == [start("vm1", "n2", StartKind.START)]
+
+
+def test_a_full_cluster_leaves_a_new_vm_pending_because_of_used_memory() -> None:
+    nodes = cluster(node("n1", memory=4096))
+    decision = decide(nodes, running("big", "n1", memory_mib=4096), stopped("vm1"))
+    assert bare(decision.actions) == [SetPending(vm="vm1", reason="", fence_generation=None)]
+    assert "n1 has 0 MiB free, 1024 MiB needed" in only(decision).reason
+
+
+def test_memory_of_a_stopped_vm_is_not_counted() -> None:
+    nodes = cluster(node("n1", memory=4096))
+    old = stopped("old", want_running=False, memory_mib=4096, owner="n1")
+    decision = decide(nodes, old, stopped("vm1", memory_mib=4096))
+    assert bare(decision.actions) == [start("vm1", "n1", StartKind.START)]
+
+
+def test_placed_vms_use_up_capacity_within_one_decision() -> None:
+    nodes = cluster(node("n1", NodeState.DOWN), node("n2", memory=4096), node("n3", memory=4096))
+    vms = [running(f"vm{i}", "n1", memory_mib=3072) for i in (1, 2)]
+    decision = decide(nodes, *vms)
+    assert bare(decision.actions) == [
+        start("vm1", "n2", StartKind.FAILOVER),
+        start("vm2", "n3", StartKind.FAILOVER),
+    ]
+
+
+def test_hard_anti_affinity_counts_vms_on_a_node_but_not_stopped_ones() -> None:
+    db = PlacementPolicy(anti_affinity="db", anti_affinity_hard=True)
+    resident = running("db1", "n1", policy=db)
+    decision = decide(three(), resident, stopped("db2", policy=db))
+    assert bare(decision.actions) == [start("db2", "n2", StartKind.START)]
+    assert "no other db VM there" in only(decision).reason
+    leftover = replace(resident, want_running=False, phase=VmPhase.STOPPED, instance=None)
+    decision = decide(three(), leftover, stopped("db2", policy=db))
+    assert bare(decision.actions) == [start("db2", "n1", StartKind.START)]
+
+
+# --- draining ---------------------------------------------------------------------------------
+
+
+def test_a_draining_paused_owner_moves_its_vm_elsewhere() -> None:
+    nodes = three(n1=NodeState.PAUSED, draining=True)
+    decision = decide(nodes, running("vm1", "n1", generation=0))
+    assert bare(decision.actions) == [start("vm1", "n2", StartKind.MOVE, generation=1)]
+    reason = only(decision).reason
+    assert "vm1" in reason
+    assert "n1 is draining" in reason
+
+
+def test_a_paused_owner_that_is_not_draining_keeps_its_vm() -> None:
+    assert_no_change(decide(three(n1=NodeState.PAUSED), running("vm1", "n1")))
+
+
+def test_a_drain_moves_only_once_the_owner_is_paused() -> None:
+    assert_no_change(decide(three(draining=True), running("vm1", "n1")))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: a drain that finds no target fences the healthy VM on the paused node "
+    "(SetPending with fence_generation), cutting its disks instead of leaving it running",
+)
+def test_a_drain_without_a_target_does_not_fence_the_running_vm() -> None:
+    nodes = three(n1=NodeState.PAUSED, n2=NodeState.DOWN, n3=NodeState.DOWN, draining=True)
+    decision = decide(nodes, running("vm1", "n1"))
+    assert not any(
+        isinstance(a, SetPending) and a.fence_generation is not None for a in decision.actions
+    )
+
+
+# --- the reason -------------------------------------------------------------------------------
+
+
+def test_no_change_reason_counts_running_and_pending_vms() -> None:
+    vms = [running("a", "n1"), running("b", "n2"), stopped("c", memory_mib=99999)]
+    # c cannot be placed: a change, unless its record already is PENDING with that reason.
+    pending = next(a for a in decide(three(), *vms).actions if a.vm == "c")
+    vms[2] = replace(vms[2], phase=VmPhase.PENDING, reason=pending.reason)
+    decision = decide(three(), *vms)
+    assert decision == VmDecision(actions=(), reason="no change: 2 running, 1 pending")
+
+
+def test_no_change_reason_says_when_ha_is_disarmed() -> None:
+    vms = [running("a", "n1"), stopped("c", phase=VmPhase.PENDING)]
+    assert decide(three(), *vms, armed=False).reason == (
+        "no change: 1 running, 1 pending, HA disarmed"
+    )
+    armed = decide(three(), running("a", "n1"))
+    assert armed.reason == "no change: 1 running, 0 pending"
+    assert "disarmed" not in armed.reason
+
+
+def test_the_reason_of_several_actions_joins_them_in_vm_order() -> None:
+    vms = [running("b", "n1", want_running=False), crashed("a", "n2")]
+    decision = decide(three(), *vms)
+    assert bare(decision.actions) == [
+        start("a", "n2", StartKind.RESTART),
+        StopVm(vm="b", node="n1", reason=""),
+    ]
+    first, second = decision.actions
+    assert decision.reason == f"{first.reason} [generation {GEN + 1}]; {second.reason}"
+
+
+def test_an_empty_cluster_has_nothing_to_do() -> None:
+    decision = decide({})
+    assert decision == VmDecision(actions=(), reason="no change: 0 running, 0 pending")
+
+
+# --- safety properties ------------------------------------------------------------------------
+
+NODE_NAMES = ("n1", "n2", "n3", "n4")
+MEMORY = st.sampled_from((0, 1024, 2048, 4096, 8192))
+AGES = st.sampled_from((1.0, 60.0, HOUR, 5 * HOUR, 7 * HOUR))
+
+
+@st.composite
+def views(draw: st.DrawFn) -> HaView:
+    names = NODE_NAMES[: draw(st.integers(1, len(NODE_NAMES)))]
+    nodes = {
+        name: NodeInfo(
+            name=name,
+            state=draw(st.sampled_from(NodeState)),
+            memory_mib=draw(MEMORY),
+            draining=draw(st.booleans()),
+        )
+        for name in names
+    }
+    vms: dict[str, VmRecord] = {}
+    for i in range(draw(st.integers(0, 5))):
+        name = f"vm{i}"
+        generation = draw(st.integers(0, 5))
+        owner = draw(st.sampled_from((None, *names, "gone")))
+        instance = None
+        if owner is not None and draw(st.booleans()):
+            instance = Instance(
+                node=owner,
+                generation=draw(st.sampled_from((generation, max(0, generation - 1)))),
+                status=draw(st.sampled_from(InstanceStatus)),
+            )
+        policy = PlacementPolicy(
+            priority=draw(st.sampled_from(Priority)),
+            preferred=tuple(draw(st.permutations(names))[: draw(st.integers(0, len(names)))]),
+            possible=draw(st.sampled_from(((), names[:1], names[-2:]))),
+            anti_affinity=draw(st.sampled_from((None, "db"))),
+            anti_affinity_hard=draw(st.booleans()),
+        )
+        vms[name] = VmRecord(
+            name=name,
+            memory_mib=draw(st.sampled_from((512, 1024, 4096))),
+            policy=policy,
+            want_running=draw(st.booleans()),
+            phase=draw(st.sampled_from(VmPhase)),
+            owner=owner,
+            generation=generation,
+            reason=draw(st.sampled_from(("", "something"))),
+            failovers=tuple(NOW - age for age in draw(st.lists(AGES, max_size=4))),
+            restarts=tuple(NOW - age for age in draw(st.lists(AGES, max_size=3))),
+            instance=instance,
+        )
+    ha = HaSettings(
+        failover_on_isolation=draw(st.booleans()),
+        restart_limit=draw(st.integers(0, 2)),
+        failover_threshold=draw(st.none() | st.integers(1, 3)),
+    )
+    return HaView(nodes=nodes, vms=vms, armed=draw(st.booleans()), settings=ha)
+
+
+def _fenced(action: VmAction) -> bool:
+    return isinstance(action, StartVm) or (
+        isinstance(action, SetPending) and action.fence_generation is not None
+    )
+
+
+@given(views())
+def test_every_fenced_action_carries_the_next_generation(view: HaView) -> None:
+    for action in decide_vms(view, NOW).actions:
+        vm = view.vms[action.vm]
+        if isinstance(action, StartVm):
+            assert action.generation == vm.generation + 1
+        if isinstance(action, SetPending):
+            expected = None if vm.owner is None else vm.generation + 1
+            assert action.fence_generation == expected
+
+
+@given(views())
+def test_a_vm_is_placed_only_on_an_up_node(view: HaView) -> None:
+    for action in decide_vms(view, NOW).actions:
+        if isinstance(action, StartVm) and action.kind is not StartKind.RESTART:
+            assert view.nodes[action.node].state is NodeState.UP
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: a crash is restarted on an owner that is not Up (paused, joining, no-quorum, "
+    "quarantined, or isolated without failover_on_isolation)",
+)
+@settings(derandomize=True, database=None, max_examples=1000)
+@given(views())
+def test_no_start_ever_targets_a_node_that_is_not_up(view: HaView) -> None:
+    for action in decide_vms(view, NOW).actions:
+        if isinstance(action, StartVm):
+            assert view.nodes[action.node].state is NodeState.UP
+
+
+@given(views())
+def test_a_failover_or_move_never_targets_the_old_owner(view: HaView) -> None:
+    for action in decide_vms(view, NOW).actions:
+        if isinstance(action, StartVm):
+            owner = view.vms[action.vm].owner
+            if action.kind in (StartKind.FAILOVER, StartKind.MOVE):
+                assert owner is not None
+                assert action.node != owner
+            if action.kind is StartKind.RESTART:
+                assert action.node == owner
+            if action.kind is StartKind.START:
+                assert owner is None
+
+
+@given(views())
+def test_at_most_one_action_per_vm(view: HaView) -> None:
+    actions = decide_vms(view, NOW).actions
+    ownership = Counter(a.vm for a in actions if _fenced(a))
+    assert all(count == 1 for count in ownership.values())
+    every = Counter(a.vm for a in actions)
+    assert all(count == 1 for count in every.values())
+
+
+@given(views())
+def test_the_decision_is_deterministic(view: HaView) -> None:
+    first = decide_vms(view, NOW)
+    assert decide_vms(view, NOW) == first
+    shuffled = replace(view, vms=dict(reversed(view.vms.items())))
+    assert decide_vms(shuffled, NOW) == first
+
+
+@given(views())
+def test_new_placements_never_overcommit_a_node(view: HaView) -> None:
+    actions = decide_vms(view, NOW).actions
+    leaving = {
+        a.vm
+        for a in actions
+        if (isinstance(a, StartVm) and a.kind is not StartKind.RESTART) or _fenced(a)
+    }
+    leaving -= {a.vm for a in actions if isinstance(a, StartVm) and a.kind is StartKind.RESTART}
+    holding = (VmPhase.STARTING, VmPhase.RUNNING, VmPhase.STOPPING)
+    used = dict.fromkeys(view.nodes, 0)
+    for vm in view.vms.values():
+        if vm.owner in used and vm.phase in holding and vm.name not in leaving:
+            used[vm.owner] += vm.memory_mib
+    arrivals = [a for a in actions if isinstance(a, StartVm) and a.kind is not StartKind.RESTART]
+    for action in arrivals:
+        used[action.node] += view.vms[action.vm].memory_mib
+    for target in {a.node for a in arrivals}:
+        assert used[target] <= view.nodes[target].memory_mib
+
+
+@given(views())
+def test_disarmed_ha_takes_no_automatic_action(view: HaView) -> None:
+    view = replace(view, armed=False)
+    decision = decide_vms(view, NOW)
+    for action in decision.actions:
+        vm = view.vms[action.vm]
+        if isinstance(action, StartVm):
+            owner = view.nodes.get(vm.owner) if vm.owner else None
+            explicit_start = action.kind is StartKind.START and vm.phase is VmPhase.STOPPED
+            drain = action.kind is StartKind.MOVE and owner is not None and owner.draining
+            assert explicit_start or drain
+        if isinstance(action, SetPhase):
+            assert action.phase is not VmPhase.FAILED
+        if isinstance(action, SetPending):
+            assert vm.phase is VmPhase.STOPPED or vm.owner is not None
+    if not decision.actions:
+        assert decision.reason.endswith(", HA disarmed")
+
+
+@given(views())
+def test_failed_vms_that_should_run_get_no_action(view: HaView) -> None:
+    failed = {vm.name for vm in view.vms.values() if vm.want_running and vm.phase is VmPhase.FAILED}
+    assert not {a.vm for a in decide_vms(view, NOW).actions} & failed
+
+
+@given(views())
+def test_the_reason_says_no_change_exactly_when_there_are_no_actions(view: HaView) -> None:
+    decision = decide_vms(view, NOW)
+    assert decision.reason.startswith("no change:") == (not decision.actions)
+    for action in decision.actions:
+        assert action.vm in action.reason
