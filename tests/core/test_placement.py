@@ -638,10 +638,10 @@ def test_property_place_picks_an_eligible_node_iff_one_exists(
 def test_a_soft_vm_never_joins_a_node_held_by_a_hard_vm_of_its_class() -> None:
     """The hard VM's promise holds whichever of the two is placed first."""
     node = Candidate(name="n1", state=NodeState.UP, memory_free_mib=2)
-    hard = VmDemand(name="vm2", memory_mib=1,
-                    policy=PlacementPolicy(anti_affinity="db", anti_affinity_hard=True))  # fmt: skip
-    soft = VmDemand(name="vm0", memory_mib=1, policy=PlacementPolicy(priority=Priority.LOW,
-                                                                      anti_affinity="db"))  # fmt: skip
+    hard_policy = PlacementPolicy(anti_affinity="db", anti_affinity_hard=True)
+    soft_policy = PlacementPolicy(priority=Priority.LOW, anti_affinity="db")
+    hard = VmDemand(name="vm2", memory_mib=1, policy=hard_policy)
+    soft = VmDemand(name="vm0", memory_mib=1, policy=soft_policy)
     results = {p.vm: p for p in place_all([hard, soft], [node])}
     assert results["vm2"].node == "n1"
     assert results["vm0"].node is None
