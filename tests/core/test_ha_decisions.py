@@ -9,6 +9,7 @@ checked exactly; the reasons are then checked to name the VM and the cause.
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -65,42 +66,36 @@ def three(
     )
 
 
-def running(name: str = "vm1", owner: str = "n1", **fields: object) -> VmRecord:
-    """A VM that should run and runs on ``owner`` at generation GEN (overridable)."""
-    base: dict[str, object] = {
-        "name": name,
-        "memory_mib": 1024,
-        "want_running": True,
-        "phase": VmPhase.RUNNING,
-        "owner": owner,
-        "generation": GEN,
-    }
-    base.update(fields)
-    instance = base.pop("instance", "default")
-    if instance == "default":
-        instance = Instance(
-            node=owner, generation=int(base["generation"]), status=InstanceStatus.RUNNING
-        )
-    return VmRecord(**base, instance=instance)  # type: ignore[arg-type]
+def running(name: str = "vm1", owner: str = "n1", **fields: Any) -> VmRecord:
+    """A VM that should run and runs on ``owner`` at generation GEN; ``fields`` override."""
+    vm = VmRecord(
+        name=name,
+        memory_mib=1024,
+        want_running=True,
+        phase=VmPhase.RUNNING,
+        owner=owner,
+        generation=GEN,
+    )
+    vm = replace(vm, **fields)
+    if "instance" in fields:
+        return vm
+    report = Instance(node=owner, generation=vm.generation, status=InstanceStatus.RUNNING)
+    return replace(vm, instance=report)
 
 
-def crashed(name: str = "vm1", owner: str = "n1", **fields: object) -> VmRecord:
-    generation = int(fields.get("generation", GEN))  # type: ignore[call-overload]
-    instance = Instance(node=owner, generation=generation, status=InstanceStatus.CRASHED)
-    return running(name, owner, instance=instance, **fields)
+def crashed(name: str = "vm1", owner: str = "n1", **fields: Any) -> VmRecord:
+    """Like ``running``, but its owner reports that QEMU crashed (current generation)."""
+    vm = running(name, owner, **fields)
+    report = Instance(node=owner, generation=vm.generation, status=InstanceStatus.CRASHED)
+    return replace(vm, instance=report)
 
 
-def stopped(name: str = "vm1", **fields: object) -> VmRecord:
+def stopped(name: str = "vm1", **fields: Any) -> VmRecord:
     """A VM without owner whose intent just became running (an explicit start)."""
-    base: dict[str, object] = {
-        "name": name,
-        "memory_mib": 1024,
-        "want_running": True,
-        "phase": VmPhase.STOPPED,
-        "generation": GEN,
-    }
-    base.update(fields)
-    return VmRecord(**base)  # type: ignore[arg-type]
+    vm = VmRecord(
+        name=name, memory_mib=1024, want_running=True, phase=VmPhase.STOPPED, generation=GEN
+    )
+    return replace(vm, **fields)
 
 
 def decide(
@@ -108,13 +103,10 @@ def decide(
     *vms: VmRecord,
     armed: bool = True,
     now: float = NOW,
-    **ha: object,
+    **ha: Any,
 ) -> VmDecision:
     view = HaView(
-        nodes=nodes,
-        vms={vm.name: vm for vm in vms},
-        armed=armed,
-        settings=HaSettings(**ha),  # type: ignore[arg-type]
+        nodes=nodes, vms={vm.name: vm for vm in vms}, armed=armed, settings=HaSettings(**ha)
     )
     return decide_vms(view, now)
 
@@ -335,11 +327,6 @@ def test_the_threshold_applies_to_isolation_too() -> None:
     assert bare(decision.actions) == [SetPhase(vm="vm1", phase=VmPhase.FAILED, reason="")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the failover threshold is only checked for a lost owner; a VM whose QEMU "
-    "crashes on every node (restart limit used up) fails over forever and is never FAILED",
-)
 def test_a_crash_loop_hits_the_failover_threshold_too() -> None:
     vm = crashed("vm1", "n1", restarts=(NOW - 60,), failovers=(NOW - 2 * HOUR, NOW - HOUR))
     decision = decide(three(), vm)
@@ -406,11 +393,6 @@ def test_an_instance_report_for_an_older_generation_is_ignored(status: InstanceS
     assert_no_change(decide(three(), starting))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a crash is restarted on the owner whatever its state; the docstring says "
-    "'owner Up', and a StartVm must never target a node that is not Up",
-)
 @pytest.mark.parametrize(
     "state",
     [
@@ -426,11 +408,6 @@ def test_a_crash_is_not_restarted_on_an_owner_that_is_not_up(state: NodeState) -
     assert not any(isinstance(a, StartVm) and a.node == "n1" for a in decision.actions)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a crash on a paused, draining owner is restarted on that owner instead of "
-    "being moved off it",
-)
 def test_a_crash_on_a_draining_owner_moves_it() -> None:
     nodes = three(n1=NodeState.PAUSED, draining=True)
     decision = decide(nodes, crashed("vm1", "n1"))
@@ -489,11 +466,6 @@ def test_a_vm_of_priority_none_is_not_started_after_a_failover() -> None:
     assert "vm1 has priority none" in only(decision).reason
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: priority none means 'no automatic start', but an explicit start of such a "
-    "VM is refused too (SetPending 'no automatic start')",
-)
 def test_an_explicit_start_of_a_vm_of_priority_none_runs() -> None:
     vm = stopped("vm1", policy=PlacementPolicy(priority=Priority.NONE))
     decision = decide(three(), vm)
@@ -562,22 +534,12 @@ def test_intent_stopped_and_already_stopped_does_nothing() -> None:
     assert_no_change(decide(three(), stopped("vm1", want_running=False)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a PENDING VM (no owner) whose intent becomes stopped stays PENDING forever; "
-    "_stopping returns None whenever the owner is None",
-)
 def test_intent_stopped_on_a_pending_vm_marks_it_stopped() -> None:
     vm = stopped("vm1", want_running=False, phase=VmPhase.PENDING, reason="no node can run vm1")
     decision = decide(three(), vm)
     assert bare(decision.actions) == [SetPhase(vm="vm1", phase=VmPhase.STOPPED, reason="")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: SetPhase(STOPPED) keeps the owner, and a STOPPED VM that still has an owner "
-    "is never started again when its intent becomes running (_judge only starts owner-less VMs)",
-)
 def test_a_stopped_vm_that_kept_its_owner_starts_again() -> None:
     instance = Instance(node="n1", generation=GEN, status=InstanceStatus.STOPPED)
     vm = running("vm1", "n1", phase=VmPhase.STOPPED, instance=instance)
@@ -620,6 +582,18 @@ def test_high_priority_is_placed_before_low_when_capacity_is_short(high: str, lo
     pending = next(a for a in decision.actions if a.vm == low)
     assert f"no node can run {low}" in pending.reason
     assert "n2 has 1024 MiB free, 3072 MiB needed" in pending.reason
+
+
+def test_high_priority_starts_first_and_low_waits_without_a_fence() -> None:
+    nodes = cluster(node("n1", memory=4096))
+    low = stopped("a-low", memory_mib=3072, policy=PlacementPolicy(priority=Priority.LOW))
+    high = stopped("z-high", memory_mib=3072, policy=PlacementPolicy(priority=Priority.HIGH))
+    decision = decide(nodes, low, high)
+    assert bare(decision.actions) == [
+        start("z-high", "n1", StartKind.START),
+        SetPending(vm="a-low", reason="", fence_generation=None),
+    ]
+    assert "no node can run a-low: n1 has 1024 MiB free" in decision.actions[1].reason
 
 
 def test_memory_of_a_vm_moving_off_a_node_is_free_for_the_others() -> None:
@@ -704,11 +678,6 @@ def test_a_drain_moves_only_once_the_owner_is_paused() -> None:
     assert_no_change(decide(three(draining=True), running("vm1", "n1")))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a drain that finds no target fences the healthy VM on the paused node "
-    "(SetPending with fence_generation), cutting its disks instead of leaving it running",
-)
 def test_a_drain_without_a_target_does_not_fence_the_running_vm() -> None:
     nodes = three(n1=NodeState.PAUSED, n2=NodeState.DOWN, n3=NodeState.DOWN, draining=True)
     decision = decide(nodes, running("vm1", "n1"))
@@ -758,8 +727,13 @@ def test_an_empty_cluster_has_nothing_to_do() -> None:
 # --- safety properties ------------------------------------------------------------------------
 
 NODE_NAMES = ("n1", "n2", "n3", "n4")
-MEMORY = st.sampled_from((0, 1024, 2048, 4096, 8192))
-AGES = st.sampled_from((1.0, 60.0, HOUR, 5 * HOUR, 7 * HOUR))
+MEMORY = st.sampled_from((0, 2048, 4096, 8192, 8192))
+AGES = st.sampled_from((1.0, 60.0, HOUR, 5 * HOUR, 7 * HOUR, 30 * HOUR))
+# Skewed towards the interesting cases: most nodes up, most VMs owned, wanted and reporting.
+NODE_STATES = st.sampled_from(NodeState) | st.just(NodeState.UP)
+PHASES = st.sampled_from(VmPhase) | st.sampled_from((VmPhase.RUNNING, VmPhase.STOPPED))
+STATUSES = st.sampled_from(InstanceStatus) | st.just(InstanceStatus.CRASHED)
+SAFETY = settings(max_examples=300)
 
 
 @st.composite
@@ -768,28 +742,35 @@ def views(draw: st.DrawFn) -> HaView:
     nodes = {
         name: NodeInfo(
             name=name,
-            state=draw(st.sampled_from(NodeState)),
+            state=draw(NODE_STATES),
             memory_mib=draw(MEMORY),
             draining=draw(st.booleans()),
         )
         for name in names
     }
     vms: dict[str, VmRecord] = {}
-    for i in range(draw(st.integers(0, 5))):
+    for i in range(draw(st.integers(0, 6))):
         name = f"vm{i}"
         generation = draw(st.integers(0, 5))
-        owner = draw(st.sampled_from((None, *names, "gone")))
+        # "any" is fully random; the others are the common shapes, so that every path (start,
+        # failover, restart, move, stop) shows up often.
+        shape = draw(st.sampled_from(("any", "owned", "crashed", "start")))
+        owner = draw(st.none() | st.sampled_from((*names, *names, "gone")))
+        if shape in ("owned", "crashed"):
+            owner = draw(st.sampled_from(names))
+        elif shape == "start":
+            owner = None
         instance = None
-        if owner is not None and draw(st.booleans()):
+        if owner is not None and (shape == "crashed" or draw(st.integers(0, 3))):
             instance = Instance(
                 node=owner,
-                generation=draw(st.sampled_from((generation, max(0, generation - 1)))),
-                status=draw(st.sampled_from(InstanceStatus)),
+                generation=draw(st.sampled_from((generation, generation, generation - 1))),
+                status=InstanceStatus.CRASHED if shape == "crashed" else draw(STATUSES),
             )
         policy = PlacementPolicy(
             priority=draw(st.sampled_from(Priority)),
             preferred=tuple(draw(st.permutations(names))[: draw(st.integers(0, len(names)))]),
-            possible=draw(st.sampled_from(((), names[:1], names[-2:]))),
+            possible=draw(st.sampled_from(((), (), names[:1], names[-2:]))),
             anti_affinity=draw(st.sampled_from((None, "db"))),
             anti_affinity_hard=draw(st.booleans()),
         )
@@ -797,13 +778,13 @@ def views(draw: st.DrawFn) -> HaView:
             name=name,
             memory_mib=draw(st.sampled_from((512, 1024, 4096))),
             policy=policy,
-            want_running=draw(st.booleans()),
-            phase=draw(st.sampled_from(VmPhase)),
+            want_running=shape != "any" or draw(st.integers(0, 3)) > 0,
+            phase=draw(PHASES) if shape == "any" else VmPhase.RUNNING,
             owner=owner,
             generation=generation,
             reason=draw(st.sampled_from(("", "something"))),
-            failovers=tuple(NOW - age for age in draw(st.lists(AGES, max_size=4))),
-            restarts=tuple(NOW - age for age in draw(st.lists(AGES, max_size=3))),
+            failovers=tuple(NOW - age for age in draw(st.lists(AGES, max_size=2))),
+            restarts=tuple(NOW - age for age in draw(st.lists(AGES, max_size=1))),
             instance=instance,
         )
     ha = HaSettings(
@@ -811,7 +792,8 @@ def views(draw: st.DrawFn) -> HaView:
         restart_limit=draw(st.integers(0, 2)),
         failover_threshold=draw(st.none() | st.integers(1, 3)),
     )
-    return HaView(nodes=nodes, vms=vms, armed=draw(st.booleans()), settings=ha)
+    armed = draw(st.integers(0, 2)) > 0
+    return HaView(nodes=nodes, vms=vms, armed=armed, settings=ha)
 
 
 def _fenced(action: VmAction) -> bool:
@@ -820,6 +802,16 @@ def _fenced(action: VmAction) -> bool:
     )
 
 
+def _leaving(actions: Iterable[VmAction]) -> set[str]:
+    """VMs that this decision takes off their node (a restart stays where it is)."""
+    return {
+        a.vm
+        for a in actions
+        if _fenced(a) and not (isinstance(a, StartVm) and a.kind is StartKind.RESTART)
+    }
+
+
+@SAFETY
 @given(views())
 def test_every_fenced_action_carries_the_next_generation(view: HaView) -> None:
     for action in decide_vms(view, NOW).actions:
@@ -827,10 +819,13 @@ def test_every_fenced_action_carries_the_next_generation(view: HaView) -> None:
         if isinstance(action, StartVm):
             assert action.generation == vm.generation + 1
         if isinstance(action, SetPending):
-            expected = None if vm.owner is None else vm.generation + 1
+            # A stopped VM's owner is history: nothing runs there, nothing to fence.
+            holds = vm.owner is not None and vm.phase is not VmPhase.STOPPED
+            expected = vm.generation + 1 if holds else None
             assert action.fence_generation == expected
 
 
+@SAFETY
 @given(views())
 def test_a_vm_is_placed_only_on_an_up_node(view: HaView) -> None:
     for action in decide_vms(view, NOW).actions:
@@ -838,11 +833,6 @@ def test_a_vm_is_placed_only_on_an_up_node(view: HaView) -> None:
             assert view.nodes[action.node].state is NodeState.UP
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a crash is restarted on an owner that is not Up (paused, joining, no-quorum, "
-    "quarantined, or isolated without failover_on_isolation)",
-)
 @settings(derandomize=True, database=None, max_examples=1000)
 @given(views())
 def test_no_start_ever_targets_a_node_that_is_not_up(view: HaView) -> None:
@@ -851,6 +841,7 @@ def test_no_start_ever_targets_a_node_that_is_not_up(view: HaView) -> None:
             assert view.nodes[action.node].state is NodeState.UP
 
 
+@SAFETY
 @given(views())
 def test_a_failover_or_move_never_targets_the_old_owner(view: HaView) -> None:
     for action in decide_vms(view, NOW).actions:
@@ -862,9 +853,10 @@ def test_a_failover_or_move_never_targets_the_old_owner(view: HaView) -> None:
             if action.kind is StartKind.RESTART:
                 assert action.node == owner
             if action.kind is StartKind.START:
-                assert owner is None
+                assert owner is None or view.vms[action.vm].phase is VmPhase.STOPPED
 
 
+@SAFETY
 @given(views())
 def test_at_most_one_action_per_vm(view: HaView) -> None:
     actions = decide_vms(view, NOW).actions
@@ -874,23 +866,20 @@ def test_at_most_one_action_per_vm(view: HaView) -> None:
     assert all(count == 1 for count in every.values())
 
 
+@SAFETY
 @given(views())
 def test_the_decision_is_deterministic(view: HaView) -> None:
     first = decide_vms(view, NOW)
     assert decide_vms(view, NOW) == first
-    shuffled = replace(view, vms=dict(reversed(view.vms.items())))
+    shuffled = replace(view, vms=dict(reversed(list(view.vms.items()))))
     assert decide_vms(shuffled, NOW) == first
 
 
+@SAFETY
 @given(views())
 def test_new_placements_never_overcommit_a_node(view: HaView) -> None:
     actions = decide_vms(view, NOW).actions
-    leaving = {
-        a.vm
-        for a in actions
-        if (isinstance(a, StartVm) and a.kind is not StartKind.RESTART) or _fenced(a)
-    }
-    leaving -= {a.vm for a in actions if isinstance(a, StartVm) and a.kind is StartKind.RESTART}
+    leaving = _leaving(actions)
     holding = (VmPhase.STARTING, VmPhase.RUNNING, VmPhase.STOPPING)
     used = dict.fromkeys(view.nodes, 0)
     for vm in view.vms.values():
@@ -903,6 +892,27 @@ def test_new_placements_never_overcommit_a_node(view: HaView) -> None:
         assert used[target] <= view.nodes[target].memory_mib
 
 
+@SAFETY
+@given(views())
+def test_new_placements_keep_hard_anti_affinity(view: HaView) -> None:
+    actions = decide_vms(view, NOW).actions
+    leaving = _leaving(actions)
+    holders: dict[str, list[PlacementPolicy]] = {name: [] for name in view.nodes}
+    for vm in view.vms.values():
+        if vm.owner in holders and vm.phase is not VmPhase.STOPPED and vm.name not in leaving:
+            holders[vm.owner].append(vm.policy)
+    for action in actions:
+        if not isinstance(action, StartVm) or action.kind is StartKind.RESTART:
+            continue
+        policy = view.vms[action.vm].policy
+        if policy.anti_affinity:
+            for other in holders[action.node]:
+                same = other.anti_affinity == policy.anti_affinity
+                assert not (same and (policy.anti_affinity_hard or other.anti_affinity_hard))
+        holders[action.node].append(policy)
+
+
+@SAFETY
 @given(views())
 def test_disarmed_ha_takes_no_automatic_action(view: HaView) -> None:
     view = replace(view, armed=False)
@@ -922,12 +932,14 @@ def test_disarmed_ha_takes_no_automatic_action(view: HaView) -> None:
         assert decision.reason.endswith(", HA disarmed")
 
 
+@SAFETY
 @given(views())
 def test_failed_vms_that_should_run_get_no_action(view: HaView) -> None:
     failed = {vm.name for vm in view.vms.values() if vm.want_running and vm.phase is VmPhase.FAILED}
     assert not {a.vm for a in decide_vms(view, NOW).actions} & failed
 
 
+@SAFETY
 @given(views())
 def test_the_reason_says_no_change_exactly_when_there_are_no_actions(view: HaView) -> None:
     decision = decide_vms(view, NOW)

@@ -23,11 +23,17 @@ pending VMs); explicit starts and stops still do.
 """
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from vmcluster.core.cluster import NodeState
-from vmcluster.core.placement import Candidate, PlacementPolicy, VmDemand, place_all
+from vmcluster.core.placement import (
+    Candidate,
+    PlacementPolicy,
+    Priority,
+    VmDemand,
+    place_all,
+)
 
 
 class VmPhase(StrEnum):
@@ -176,13 +182,16 @@ class _Move:
     kind: StartKind
     avoid: frozenset[str]
     why: str
+    explicit: bool = False  # an admin's start: placed even with priority none
 
 
 def _stopping(
     vm: VmRecord, owner_state: NodeState | None, instance: Instance | None
 ) -> VmAction | None:
-    if vm.owner is None or vm.phase is VmPhase.STOPPED:
+    if vm.phase is VmPhase.STOPPED:
         return None
+    if vm.owner is None:  # pending or failed: nothing runs
+        return SetPhase(vm=vm.name, phase=VmPhase.STOPPED, reason=f"{vm.name} stopped")
     if owner_state in (None, NodeState.DOWN):
         return SetPhase(vm=vm.name, phase=VmPhase.STOPPED,
                         reason=f"{vm.name} stopped ({vm.owner} is down)")  # fmt: skip
@@ -195,6 +204,19 @@ def _stopping(
     return None
 
 
+def _over_threshold(vm: VmRecord, view: HaView, now: float) -> SetPhase | None:
+    """FAILED if the VM already failed over as often as the threshold allows in the period."""
+    settings = view.settings
+    threshold = settings.failover_threshold
+    if threshold is None:
+        threshold = max(1, len(view.nodes) - 1)
+    if _recent(vm.failovers, now, settings.failover_period_s) < threshold:
+        return None
+    why = (f"{vm.name} failed: {threshold} failovers within "
+           f"{settings.failover_period_s / 3600:g} h")  # fmt: skip
+    return SetPhase(vm=vm.name, phase=VmPhase.FAILED, reason=why)
+
+
 def _judge(vm: VmRecord, view: HaView, now: float) -> VmAction | _Move | None:
     """What one VM needs: an action now, a node (a _Move), or nothing."""
     settings = view.settings
@@ -205,31 +227,42 @@ def _judge(vm: VmRecord, view: HaView, now: float) -> VmAction | _Move | None:
         return _stopping(vm, owner_state, instance)
     if vm.phase is VmPhase.FAILED:
         return None
-    if vm.owner is None:
-        starting = view.armed or vm.phase is VmPhase.STOPPED  # an explicit start always runs
-        return _Move(kind=StartKind.START, avoid=frozenset(), why="start") if starting else None
+    if vm.owner is None or vm.phase is VmPhase.STOPPED:  # a stopped VM's last owner is history
+        explicit = vm.phase is VmPhase.STOPPED  # an admin start runs even while disarmed
+        if view.armed or explicit:
+            return _Move(kind=StartKind.START, avoid=frozenset(), why="start", explicit=explicit)
+        return None
     lost = owner_state in (NodeState.DOWN, None) or (
         owner_state is NodeState.ISOLATED and settings.failover_on_isolation
     )
     if lost:
         if not view.armed:
             return None
-        threshold = settings.failover_threshold or max(1, len(view.nodes) - 1)
-        if _recent(vm.failovers, now, settings.failover_period_s) >= threshold:
-            why = (f"{vm.name} failed: {threshold} failovers within "
-                   f"{settings.failover_period_s / 3600:g} h")  # fmt: skip
-            return SetPhase(vm=vm.name, phase=VmPhase.FAILED, reason=why)
+        if (failed := _over_threshold(vm, view, now)) is not None:
+            return failed
         return _Move(kind=StartKind.FAILOVER, avoid=frozenset({vm.owner}),
                      why=f"{vm.owner} is {owner_state or 'gone'}")  # fmt: skip
     if instance is not None and instance.status is InstanceStatus.CRASHED:
         if not view.armed:
             return None
-        if _recent(vm.restarts, now, settings.restart_period_s) < settings.restart_limit:
+        can_restart = owner_state is NodeState.UP and not (owner and owner.draining)
+        if (
+            can_restart
+            and _recent(vm.restarts, now, settings.restart_period_s) < settings.restart_limit
+        ):
             return StartVm(vm=vm.name, node=vm.owner, generation=vm.generation + 1,
                            kind=StartKind.RESTART,
                            reason=f"restart {vm.name} on {vm.owner}: QEMU crashed")  # fmt: skip
-        return _Move(kind=StartKind.FAILOVER, avoid=frozenset({vm.owner}),
-                     why=f"QEMU crashed again on {vm.owner}")  # fmt: skip
+        if owner is not None and owner.draining and owner_state is NodeState.PAUSED:
+            return _Move(kind=StartKind.MOVE, avoid=frozenset({vm.owner}),
+                         why=f"QEMU crashed on {vm.owner}, which is draining")  # fmt: skip
+        if owner_state not in (NodeState.UP, NodeState.PAUSED, NodeState.QUARANTINED):
+            return None  # the owner's state is unclear (joining, no quorum): wait
+        if (failed := _over_threshold(vm, view, now)) is not None:
+            return failed
+        why = (f"QEMU crashed again on {vm.owner}" if owner_state is NodeState.UP
+               else f"QEMU crashed on {vm.owner}, which is {owner_state}")  # fmt: skip
+        return _Move(kind=StartKind.FAILOVER, avoid=frozenset({vm.owner}), why=why)
     if owner is not None and owner.draining and owner_state is NodeState.PAUSED:
         # A drain is an admin action: it runs even while HA is disarmed.
         return _Move(
@@ -241,6 +274,13 @@ def _judge(vm: VmRecord, view: HaView, now: float) -> VmAction | _Move | None:
             vm=vm.name, phase=VmPhase.RUNNING, reason=f"{vm.name} running on {vm.owner}"
         )
     return None
+
+
+def _for_placement(policy: PlacementPolicy, move: _Move) -> PlacementPolicy:
+    """Priority none means no *automatic* start: an admin's start is placed as low priority."""
+    if move.explicit and policy.priority is Priority.NONE:
+        return replace(policy, priority=Priority.LOW)
+    return policy
 
 
 def _placements(view: HaView, moves: dict[str, _Move]) -> list[VmAction]:
@@ -255,7 +295,8 @@ def _placements(view: HaView, moves: dict[str, _Move]) -> list[VmAction]:
                             classes=classes[n.name], hard_classes=hard[n.name])
                   for n in view.nodes.values()]  # fmt: skip
     demands = [VmDemand(name=name, memory_mib=view.vms[name].memory_mib,
-                        policy=view.vms[name].policy) for name in moves]  # fmt: skip
+                        policy=_for_placement(view.vms[name].policy, moves[name]))
+               for name in moves]  # fmt: skip
     actions: list[VmAction] = []
     for placement in place_all(demands, candidates, avoid={n: m.avoid for n, m in moves.items()}):
         vm, move = view.vms[placement.vm], moves[placement.vm]
@@ -263,7 +304,9 @@ def _placements(view: HaView, moves: dict[str, _Move]) -> list[VmAction]:
             why = f"{move.kind} {placement.reason} ({move.why})"
             actions.append(StartVm(vm=vm.name, node=placement.node, generation=vm.generation + 1,
                                    kind=move.kind, reason=why))  # fmt: skip
-        elif vm.owner is not None:
+        elif move.kind is StartKind.MOVE:
+            continue  # a drain with nowhere to go: the VM stays where it runs
+        elif vm.owner is not None and vm.phase is not VmPhase.STOPPED:
             # The old owner may still be alive: fence it even though nobody takes over.
             actions.append(SetPending(vm=vm.name, reason=placement.reason,
                                       fence_generation=vm.generation + 1))  # fmt: skip
