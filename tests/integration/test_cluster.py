@@ -222,7 +222,7 @@ def test_the_api_refuses_requests_without_the_token(lab: Lab) -> None:
 
 def test_cli_names_the_addresses_it_tried_when_no_agent_answers(empty_home: DataDir) -> None:
     secrets = empty_home.root / "secrets.json"
-    secrets.write_text(json.dumps({"token": "t", "cluster_key": "00"}))
+    secrets.write_text(json.dumps({"token": "t" * 32, "cluster_key": "00" * 32}))
     secrets.chmod(0o600)
     result = run_cli("node", "list", env={"VMCLUSTER_API": "unix:///nonexistent/api.sock",
                                           "VMCLUSTER_SECRETS": str(secrets)})  # fmt: skip

@@ -27,6 +27,7 @@ from vmcluster.agent.heartbeats import HeartbeatIO
 from vmcluster.clusterstate.keys import Keys, dumps
 from vmcluster.clusterstate.store import (
     Commit,
+    LeaseExpired,
     Put,
     Store,
     StoreError,
@@ -59,7 +60,7 @@ class Agent:
         secrets: Secrets,
         store: Store,
         *,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = lambda: time.clock_gettime(time.CLOCK_BOOTTIME),
     ) -> None:
         self.config = config
         self.secrets = secrets
@@ -86,6 +87,7 @@ class Agent:
             key=secrets.cluster_key, port=config.heartbeat_port, on_heartbeat=self._heard,
         )  # fmt: skip
         self.ready = asyncio.Event()
+        self._outbox: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue(maxsize=1000)
 
     # ----- life -----
 
@@ -105,6 +107,7 @@ class Agent:
                 tg.create_task(self._election_loop(), name="election")
                 tg.create_task(self._controller_loop(), name="controller")
                 tg.create_task(serve(self), name="api")
+                tg.create_task(self._event_writer(), name="events")
                 self.ready.set()
         finally:
             self._heartbeats.close()
@@ -118,17 +121,19 @@ class Agent:
             try:
                 sent = self.clock()
                 lease = await self.store.grant_lease(ttl)
-                self.quorum.lease_id = lease
-                self.quorum.valid_until = sent + ttl
                 # The spec and the alive key appear together: a member is never seen half-joined.
                 alive = {"incarnation": self.incarnation, "since": time.time()}
                 await self.store.commit(Commit(puts={
                     self.keys.node(self.config.node, "spec"): Put(value=dumps(self._spec())),
                     self.keys.node(self.config.node, "alive"): Put(value=dumps(alive), lease=lease),
                 }))  # fmt: skip
-                await self._quorum_regained()
+                self.quorum.lease_id = lease
+                self.quorum.valid_until = sent + ttl
+                self._quorum_regained()
                 await self._keep_lease(lease, ttl)
-            except StoreError as exc:  # unavailable, or the lease is gone: grant a new one
+            except LeaseExpired as exc:  # the lease is gone in etcd: no quorum until a new one
+                self._quorum_gone(str(exc))
+            except StoreError as exc:
                 self._quorum_maybe_lost(str(exc))
                 await asyncio.sleep(min(0.5, ttl / 4))
 
@@ -140,31 +145,37 @@ class Agent:
                 await self.store.keepalive(lease)
                 self.quorum.valid_until = sent + ttl
                 if not self.quorum.has_quorum:
-                    await self._quorum_regained()
+                    self._quorum_regained()
             except StoreUnavailable as exc:
                 self._quorum_maybe_lost(str(exc))
             # LeaseExpired propagates: the lease is gone, grant a new one
 
     def _quorum_maybe_lost(self, reason: str) -> None:
         if self.quorum.has_quorum and self.clock() >= self.quorum.valid_until:
+            self._quorum_gone(reason)
+
+    def _quorum_gone(self, reason: str) -> None:
+        self.quorum.valid_until = 0.0
+        self.is_leader = False
+        if self.quorum.has_quorum:
             self.quorum.has_quorum = False
             self.quorum.lost_at = time.time()
-            self.is_leader = False
             log.warning(event("quorum.lost", node=self.config.node, reason=reason))
 
-    async def _quorum_regained(self) -> None:
+    def _quorum_regained(self) -> None:
+        """Note quorum; the events are written by the event writer, off the lease's path."""
         if self.quorum.has_quorum:
             return
         self.quorum.has_quorum = True
         if self.quorum.lost_at is not None:
             log.warning(event("quorum.regained", node=self.config.node))
-            await self._emit("quorum.lost", self.config.node,
+            self._emit_later("quorum.lost", self.config.node,
                              f"no quorum from {time.ctime(self.quorum.lost_at)}")  # fmt: skip
-            await self._emit("quorum.regained", self.config.node, "lease renewed")
+            self._emit_later("quorum.regained", self.config.node, "lease renewed")
             self.quorum.lost_at = None
         else:
             log.info(event("quorum.joined", node=self.config.node))
-            await self._emit("node.joined", self.config.node,
+            self._emit_later("node.joined", self.config.node,
                              f"agent started (incarnation {self.incarnation})")  # fmt: skip
 
     def has_quorum(self) -> bool:
@@ -236,13 +247,13 @@ class Agent:
                      for peer, nets in self.detector.links().items()}  # fmt: skip
             if self.has_quorum() and (links != published or lease != self.quorum.lease_id):
                 try:
-                    lease = self.quorum.lease_id
+                    target = self.quorum.lease_id
                     await self.store.put(
                         self.keys.node(self.config.node, "status"),
                         dumps({"links": links, "incarnation": self.incarnation, "at": time.time()}),
-                        lease=lease,
+                        lease=target,
                     )
-                    published = links
+                    published, lease = links, target  # only once it is really there
                 except StoreError as exc:
                     log.info(event("status.publish.failed", reason=str(exc)))
             self._links_changed.clear()
@@ -277,8 +288,8 @@ class Agent:
             if not (self.is_leader and self.has_quorum()):
                 continue
             leader_entry = self.cache.entries.get(self.keys.leader)
-            if leader_entry is None:
-                continue
+            if leader_entry is None or self.cache.leader() != self.config.node:
+                continue  # not (or no longer) the leader as far as the database says
             view = self.view()
             recorded_raw = self.cache.json(self.keys.view) or {}
             recorded = RecordedView(nodes=recorded_raw.get("nodes", {}),
@@ -301,10 +312,12 @@ class Agent:
                         "leader": action.view.leader,
                     }))  # fmt: skip
             try:
-                # Only while this node still holds the leader key (fencing a deposed leader).
-                applied = await self.store.commit(
-                    Commit(expect={self.keys.leader: leader_entry.mod_revision}, puts=puts)
-                )
+                # Only while this node holds the leader key, and on the recorded view it read
+                # (a cycle that has not yet seen its previous commit cannot repeat its events).
+                view_entry = self.cache.entries.get(self.keys.view)
+                expect = {self.keys.leader: leader_entry.mod_revision,
+                          self.keys.view: view_entry.mod_revision if view_entry else 0}  # fmt: skip
+                applied = await self.store.commit(Commit(expect=expect, puts=puts))
                 if not applied:
                     log.info(event("controller.deposed", node=self.config.node))
                 await self._trim_events()
@@ -336,9 +349,22 @@ class Agent:
     async def _emit(self, kind: str, subject: str, reason: str) -> None:
         key, value = self._event_record(kind, subject, reason)
         try:
-            await self.store.put(key, value)
+            await self.store.create(key, value)  # create: a retried write never doubles it
         except StoreError as exc:
             log.info(event("event.write.failed", kind=kind, reason=str(exc)))
+
+    def _emit_later(self, kind: str, subject: str, reason: str) -> None:
+        try:
+            self._outbox.put_nowait((kind, subject, reason))
+        except asyncio.QueueFull:
+            log.warning(event("event.dropped", kind=kind, subject=subject))
+
+    async def _event_writer(self) -> None:
+        while True:
+            kind, subject, reason = await self._outbox.get()
+            while not self.has_quorum():  # noqa: ASYNC110 - quorum is a deadline, not an event
+                await asyncio.sleep(0.2)
+            await self._emit(kind, subject, reason)
 
     async def _trim_events(self) -> None:
         keys = sorted(k for k in self.cache.entries if k.startswith(self.keys.events_prefix))

@@ -25,6 +25,23 @@ log = get_logger(__name__)
 FRESHNESS_CHECK_S = 1.0
 
 
+def _links(node: str, raw: object) -> dict[str, dict[str, LinkState]]:
+    """A node's reported links; anything unreadable counts as down (and is logged)."""
+    links: dict[str, dict[str, LinkState]] = {}
+    if not isinstance(raw, dict):
+        return links
+    for peer, nets in raw.items():
+        if not isinstance(nets, dict):
+            continue
+        for net, state in nets.items():
+            try:
+                links.setdefault(str(peer), {})[str(net)] = LinkState(state)
+            except ValueError:
+                log.warning(event("cache.status.invalid", node=node, peer=peer, state=state))
+                links.setdefault(str(peer), {})[str(net)] = LinkState.DOWN
+    return links
+
+
 class ClusterCache:
     def __init__(self, store: Store, keys: Keys) -> None:
         self.store = store
@@ -159,10 +176,7 @@ class ClusterCache:
         for name, parts in nodes.items():
             status = parts.get("status")
             if status is not None and "alive" in parts:
-                reports[name] = {
-                    peer: {net: LinkState(state) for net, state in links.items()}
-                    for peer, links in status.get("links", {}).items()
-                }
+                reports[name] = _links(name, status.get("links"))
         return ClusterFacts(
             members=members,
             networks=networks,

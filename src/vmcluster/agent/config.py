@@ -48,6 +48,8 @@ class Timings:
             raise InvalidInput("timings.heartbeat_interval_s must be 0.01 to 10")
         if not 1 <= self.heartbeat_threshold <= self.cross_site_threshold <= 1000:
             raise InvalidInput("timings: need 1 <= heartbeat_threshold <= cross_site_threshold")
+        if not isinstance(self.lease_ttl_s, int) or isinstance(self.lease_ttl_s, bool):
+            raise InvalidInput("timings.lease_ttl_s must be a whole number of seconds")
         if not 1 <= self.lease_ttl_s <= 60:
             raise InvalidInput("timings.lease_ttl_s must be 1 to 60 (whole seconds, as etcd has)")
 
@@ -78,8 +80,12 @@ class AgentConfig:
             except ValueError:
                 raise InvalidInput(f"config: networks.{network}: {address!r} is not an IP "
                                    "address") from None  # fmt: skip
-        if not self.etcd:
-            raise InvalidInput("config: etcd needs at least one endpoint")
+        if not self.etcd or not all(isinstance(e, str) and e for e in self.etcd):
+            raise InvalidInput("config: etcd must be a list of endpoint URLs")
+        if self.api_listen is not None:
+            host, _, port = self.api_listen.rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise InvalidInput(f"config: api_listen {self.api_listen!r} must be HOST:PORT")
         if not self.api_listen and not self.api_socket:
             raise InvalidInput("config: set api_listen or api_socket (or both)")
         if not 1 <= self.heartbeat_port <= 65535:
@@ -128,7 +134,8 @@ def load_config(path: Path) -> AgentConfig:
         return AgentConfig(
             cluster=data["cluster"], node=data["node"], site=data.get("site", ""),
             data_dir=data.get("data_dir", "/var/lib/vmcluster"),
-            secrets_file=data["secrets_file"], etcd=tuple(data["etcd"]),
+            secrets_file=data["secrets_file"],
+            etcd=tuple(data["etcd"]) if isinstance(data["etcd"], list) else (),
             api_listen=data.get("api_listen"), api_socket=data.get("api_socket"),
             heartbeat_port=data.get("heartbeat_port", 7946),
             networks=dict(data["networks"]), timings=timings,
@@ -168,6 +175,9 @@ class Secrets:
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise InvalidInput(f"secrets file {path} is readable by others: chmod 600 it")
         try:
-            return cls(token=str(data["token"]), cluster_key=bytes.fromhex(data["cluster_key"]))
-        except (KeyError, ValueError) as exc:
+            token, key = str(data["token"]), bytes.fromhex(data["cluster_key"])
+        except (KeyError, ValueError, TypeError) as exc:
             raise InvalidInput(f"secrets file {path} is malformed: {exc!r}") from None
+        if len(token) < 16 or len(key) < 16:
+            raise InvalidInput(f"secrets file {path}: the token or the cluster key is too short")
+        return cls(token=token, cluster_key=key)

@@ -14,6 +14,7 @@ has lost quorum; writes need quorum and answer 503 without it.
 """
 
 import asyncio
+import contextlib
 import hmac
 import json
 import os
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 AGENT_KEY: "web.AppKey[Agent]" = web.AppKey("agent")
+KEEPALIVE_S = 10.0  # a blank line on an idle event stream
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -131,18 +133,22 @@ async def _events(request: web.Request) -> web.StreamResponse:
         return web.json_response([value for _, value in agent.cache.events(limit)])
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
-    with agent.cache.listen() as changes:
+    loop = asyncio.get_running_loop()
+    with agent.cache.listen() as changes, contextlib.suppress(ConnectionError):
         for _, value in agent.cache.events(limit):
             await response.write(json.dumps(value).encode() + b"\n")
+        last_write = loop.time()
         while True:
-            try:
-                async with asyncio.timeout(15):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, last_write + KEEPALIVE_S - loop.time())):
                     change = await changes.get()
-            except TimeoutError:
-                await response.write(b"\n")  # keep-alive; clients skip blank lines
-                continue
-            if change.key.startswith(agent.keys.events_prefix) and change.value:
-                await response.write(json.dumps(loads(change.value)).encode() + b"\n")
+                    if change.key.startswith(agent.keys.events_prefix) and change.value:
+                        await response.write(json.dumps(loads(change.value)).encode() + b"\n")
+                        last_write = loop.time()
+                    continue
+            await response.write(b"\n")  # keep-alive, by time since the last write
+            last_write = loop.time()
+    return response
 
 
 async def _openapi(request: web.Request) -> web.Response:
@@ -169,7 +175,8 @@ def _prepare_socket_path(path: Path) -> None:
 
 async def serve(agent: "Agent") -> None:
     """Serve the API until cancelled."""
-    runner = web.AppRunner(make_app(agent), access_log=None, handle_signals=False)
+    runner = web.AppRunner(make_app(agent), access_log=None, handle_signals=False,
+                           shutdown_timeout=1.0)  # fmt: skip
     await runner.setup()
     try:
         if agent.config.api_listen:

@@ -57,8 +57,10 @@ def find_target(data: DataDir) -> ClusterTarget:
     return ClusterTarget(endpoints={"local": DEFAULT_API}, secrets_file=DEFAULT_SECRETS)
 
 
-def _session(url: str) -> tuple[aiohttp.ClientSession, str]:
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=3, sock_read=REQUEST_TIMEOUT_S)
+def _session(url: str, *, stream: bool = False) -> tuple[aiohttp.ClientSession, str]:
+    # A stream may be quiet for long: the server sends a keep-alive line every 10 s.
+    read_s = 3 * REQUEST_TIMEOUT_S if stream else REQUEST_TIMEOUT_S
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=3, sock_read=read_s)
     if url.startswith("unix://"):
         connector = aiohttp.UnixConnector(path=url.removeprefix("unix://"))
         return aiohttp.ClientSession(connector=connector, timeout=timeout), "http://agent"
@@ -74,7 +76,8 @@ class ApiClient:
         self.token = Secrets.read(Path(target.secrets_file)).token
 
     async def _first(self, attempt: Callable[[aiohttp.ClientSession, str], Any]) -> Any:
-        errors = []
+        errors: list[str] = []
+        no_quorum: InvalidState | None = None
         for url in self.endpoints:
             session, base = _session(url)
             try:
@@ -82,21 +85,30 @@ class ApiClient:
                     return await attempt(session, base)
             except (aiohttp.ClientConnectionError, TimeoutError, OSError) as exc:
                 errors.append(f"{url} ({type(exc).__name__})")
+            except InvalidState as exc:  # 503: this agent has no quorum; another may
+                no_quorum = exc
+                errors.append(f"{url} (no quorum)")
+        if no_quorum is not None:
+            raise no_quorum
         raise ApiUnreachable(f"cannot reach the cluster API: tried {', '.join(errors)}")
 
     async def request(self, method: str, path: str) -> Any:
         async def attempt(session: aiohttp.ClientSession, base: str) -> Any:
             headers = {"Authorization": f"Bearer {self.token}"}
             async with session.request(method, base + path, headers=headers) as response:
-                body = await response.json(content_type=None)
+                text = await response.text()
+                try:
+                    body = json.loads(text) if text else {}
+                except ValueError:
+                    body = {"error": text.strip().splitlines()[0] if text.strip() else ""}
+                if response.status < 400:
+                    return body
+                error = str(body.get("error", "")) if isinstance(body, dict) else ""
                 if response.status == 404:
-                    raise NotFound(body.get("error", "not found"))
+                    raise NotFound(error or f"API {path}: not found")
                 if response.status == 503:
-                    raise InvalidState(body.get("error", "unavailable"))
-                if response.status >= 400:
-                    raise VmclusterError(f"API {method} {path}: {response.status} "
-                                         f"{body.get('error', '')}")  # fmt: skip
-                return body
+                    raise InvalidState(error or "the agent is unavailable")
+                raise VmclusterError(f"API {method} {path}: {response.status} {error}".rstrip())
 
         return await self._first(attempt)
 
@@ -111,7 +123,7 @@ class ApiClient:
         url = self.endpoints[0]
         for candidate in self.endpoints:  # the first that answers
             url = candidate
-            session, base = _session(url)
+            session, base = _session(url, stream=True)
             try:
                 async with (
                     session,

@@ -5,6 +5,7 @@ import datetime
 import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import click
 
@@ -119,7 +120,7 @@ def list_(via: str | None, output: str) -> None:
 @output_option
 def show(name: str, via: str | None, output: str) -> None:
     """One node in detail."""
-    data = _client(via).get(f"/v1/nodes/{name}")
+    data = _client(via).get(f"/v1/nodes/{quote(name, safe='')}")
     if output == "json":
         print_json(data)
         return
@@ -136,7 +137,7 @@ def show(name: str, via: str | None, output: str) -> None:
 @via_option
 def pause(name: str, via: str | None) -> None:
     """Pause a node (it stays a member; later: no VMs are placed on it)."""
-    _client(via).post(f"/v1/nodes/{name}/pause")
+    _client(via).post(f"/v1/nodes/{quote(name, safe='')}/pause")
     out.print(f"node {name} paused", markup=False)
 
 
@@ -145,7 +146,7 @@ def pause(name: str, via: str | None) -> None:
 @via_option
 def resume(name: str, via: str | None) -> None:
     """Resume a paused node."""
-    _client(via).post(f"/v1/nodes/{name}/resume")
+    _client(via).post(f"/v1/nodes/{quote(name, safe='')}/resume")
     out.print(f"node {name} resumed", markup=False)
 
 

@@ -36,6 +36,13 @@ T = TypeVar("T")
 
 OPERATION_TIMEOUT_S = 3.0
 WATCH_RETRY_S = 0.5
+# gRPC backs off up to 120 s between reconnects by default: a member that comes back would stay
+# unused for minutes. Reconnect within a second instead.
+_CHANNEL_OPTIONS = {
+    "grpc.initial_reconnect_backoff_ms": 100,
+    "grpc.min_reconnect_backoff_ms": 100,
+    "grpc.max_reconnect_backoff_ms": 1000,
+}
 HEDGE_S = 0.15  # ask the next endpoint too when the preferred one is this slow
 # Failures of one endpoint: move on to the next. Every aetcd error that an operation has not
 # turned into a meaning of its own (LeaseExpired, WatchCompacted) is one of these: "leader
@@ -95,7 +102,8 @@ class EtcdStore(Store):
         client = self._clients.get(index)
         if client is None:
             host, port = self.endpoints[index]
-            client = aetcd.Client(host=host, port=port, timeout=self.timeout_s)
+            client = aetcd.Client(host=host, port=port, timeout=self.timeout_s,
+                                  options=_CHANNEL_OPTIONS)  # fmt: skip
             self._clients[index] = client
         await client.connect()
         return client
