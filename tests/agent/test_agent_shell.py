@@ -232,3 +232,34 @@ def test_pause_is_seen_by_every_agent(tmp_path: Path) -> None:
         await c.until(lambda: all(c.states(v)["n1"] is NodeState.UP for v in c.agents))
 
     run(scenario, tmp_path)
+
+
+def test_a_deposed_leader_writes_nothing(tmp_path: Path) -> None:
+    """Node a still believes it leads (a leftover flag, a valid lease of its own), but the
+    database names b as the leader: its controller must not commit anything."""
+
+    async def scenario() -> None:
+        store = FakeStore()
+        config = AgentConfig(cluster="shell", node="a", secrets_file="/unused",
+                             networks={"cluster1": "127.0.9.1"}, etcd=("http://unused:2379",),
+                             api_socket=str(tmp_path / "a.sock"))  # fmt: skip
+        agent = Agent(config, Secrets.generate(), store)
+        b_lease = await store.grant_lease(5)
+        assert await store.create(agent.keys.leader, b'{"node": "b", "since": 0}', lease=b_lease)
+        agent.quorum.lease_id = await store.grant_lease(5)
+        agent.quorum.has_quorum = True
+        agent.quorum.valid_until = agent.clock() + 5
+        agent.is_leader = True
+        tasks = [asyncio.create_task(agent.cache.run()),
+                 asyncio.create_task(agent._controller_loop())]  # fmt: skip
+        try:
+            await asyncio.sleep(1.5)
+            assert await store.get(agent.keys.view) is None
+            assert (await store.get_prefix(agent.keys.events_prefix)).entries == ()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
+            await store.close()
+
+    asyncio.run(scenario())
