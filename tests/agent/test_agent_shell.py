@@ -116,6 +116,7 @@ class Cluster:
                 cluster="shell", node=name, secrets_file="/unused",
                 networks={"cluster1": f"127.0.1.{i}", "cluster2": f"127.0.2.{i}"},
                 etcd=("http://unused:2379",), api_socket=str(tmp / f"{name}.sock"),
+                data_dir=str(tmp / name),
                 heartbeat_port=port,
             )  # fmt: skip
             self.doors[name] = CuttableStore(self.store)
@@ -242,7 +243,8 @@ def test_a_deposed_leader_writes_nothing(tmp_path: Path) -> None:
         store = FakeStore()
         config = AgentConfig(cluster="shell", node="a", secrets_file="/unused",
                              networks={"cluster1": "127.0.9.1"}, etcd=("http://unused:2379",),
-                             api_socket=str(tmp_path / "a.sock"))  # fmt: skip
+                             api_socket=str(tmp_path / "a.sock"),
+                             data_dir=str(tmp_path / "a"))  # fmt: skip
         agent = Agent(config, Secrets.generate(), store)
         b_lease = await store.grant_lease(5)
         assert await store.create(agent.keys.leader, b'{"node": "b", "since": 0}', lease=b_lease)
@@ -263,3 +265,13 @@ def test_a_deposed_leader_writes_nothing(tmp_path: Path) -> None:
             await store.close()
 
     asyncio.run(scenario())
+
+
+def test_incarnations_grow_even_when_the_clock_goes_back(tmp_path: Path) -> None:
+    from vmcluster.agent.agent import next_incarnation
+
+    (tmp_path / "incarnation").write_text(f"{10**19}\n")  # as if written by a clock far ahead
+    first = next_incarnation(tmp_path)
+    second = next_incarnation(tmp_path)
+    assert first == 10**19 + 1
+    assert second == first + 1

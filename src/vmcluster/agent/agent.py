@@ -19,6 +19,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from vmcluster.agent.cache import ClusterCache
@@ -42,6 +43,30 @@ from vmcluster.protocols.heartbeat import Heartbeat
 log = get_logger(__name__)
 
 MAX_EVENTS = 1000
+
+
+def next_incarnation(data_dir: Path) -> int:
+    """A number larger than every earlier incarnation of this node's agent.
+
+    Peers accept heartbeats only from a larger incarnation than they last saw (replay guard),
+    so it must grow even if the wall clock was set back: the last one is kept on disk.
+    """
+    path = data_dir / "incarnation"
+    try:
+        last = int(path.read_text().strip())
+    except (OSError, ValueError):
+        last = 0
+    current = max(time.time_ns(), last + 1)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(f"{current}\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning(event("agent.incarnation.unsaved", path=str(path), error=str(exc)))
+    return current
+
+
 CONTROLLER_PERIOD_S = 1.0
 
 
@@ -68,7 +93,7 @@ class Agent:
         self.clock = clock
         self.keys = Keys(config.cluster)
         self.networks = tuple(sorted(config.networks))
-        self.incarnation = time.time_ns()
+        self.incarnation = next_incarnation(Path(config.data_dir))
         self.cache = ClusterCache(store, self.keys)
         t = config.timings
         settings = DetectorSettings(
@@ -243,6 +268,7 @@ class Agent:
         published: dict[str, dict[str, str]] | None = None
         lease = 0
         while True:
+            self._links_changed.clear()  # before reading: a change from now on wakes us
             links = {peer: {net: str(s) for net, s in nets.items()}
                      for peer, nets in self.detector.links().items()}  # fmt: skip
             if self.has_quorum() and (links != published or lease != self.quorum.lease_id):
@@ -256,7 +282,6 @@ class Agent:
                     published, lease = links, target  # only once it is really there
                 except StoreError as exc:
                     log.info(event("status.publish.failed", reason=str(exc)))
-            self._links_changed.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
                     await self._links_changed.wait()
@@ -266,6 +291,7 @@ class Agent:
     async def _election_loop(self) -> None:
         await self.cache.loaded.wait()
         while True:
+            seen = self.cache.version
             leader = self.cache.leader()
             if leader is None and self.has_quorum():
                 try:
@@ -279,12 +305,14 @@ class Agent:
                 except StoreError as exc:
                     log.info(event("election.failed", reason=str(exc)))
             self.is_leader = self.has_quorum() and self.cache.leader() == self.config.node
-            await self.cache.wait_changed(0.5)
+            await self.cache.wait_changed(0.5, after=seen)
 
     async def _controller_loop(self) -> None:
         last_reason = ""
+        seen = -1
         while True:
-            await self.cache.wait_changed(CONTROLLER_PERIOD_S)
+            await self.cache.wait_changed(CONTROLLER_PERIOD_S, after=seen)
+            seen = self.cache.version
             if not (self.is_leader and self.has_quorum()):
                 continue
             leader_entry = self.cache.entries.get(self.keys.leader)

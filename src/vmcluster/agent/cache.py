@@ -50,6 +50,7 @@ class ClusterCache:
         self.revision = 0
         self.loaded = asyncio.Event()
         self._changed = asyncio.Event()
+        self.version = 0  # grows on every change
         self._listeners: set[asyncio.Queue[WatchEvent]] = set()
 
     async def run(self) -> None:
@@ -126,14 +127,20 @@ class ClusterCache:
         self._signal()
 
     def _signal(self) -> None:
-        self._changed.set()
+        self.version += 1
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
-    async def wait_changed(self, timeout_s: float | None = None) -> None:
-        """Wait for the next change (or the timeout)."""
-        self._changed.clear()
+    async def wait_changed(self, timeout_s: float | None, *, after: int) -> None:
+        """Wait until the cache has changed since version ``after`` (or the timeout).
+
+        Callers read ``version`` *before* they look at the cache, so a change that lands while
+        they work wakes them at once instead of being lost.
+        """
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
-                await self._changed.wait()
+                while self.version <= after:
+                    await self._changed.wait()
 
     @contextlib.contextmanager
     def listen(self) -> Any:
