@@ -8,6 +8,11 @@
     /vmcluster/v1/<cluster>/leader              bound to the leader's lease: node, since
     /vmcluster/v1/<cluster>/view                the controller's last recorded view
     /vmcluster/v1/<cluster>/events/<id>         events, bounded; <id> sorts by time
+    /vmcluster/v1/<cluster>/vms/<vm>/spec       a clustered VM: shape, disks, HA policy
+    /vmcluster/v1/<cluster>/vms/<vm>/intent     running or stopped, as an admin asked
+    /vmcluster/v1/<cluster>/vms/<vm>/placement  owner, generation, phase (written by the leader)
+    /vmcluster/v1/<cluster>/vms/<vm>/instance   the owner's report, bound to its lease
+    /vmcluster/v1/<cluster>/ha                  armed or disarmed
 
 Values are JSON objects (UTF-8).
 """
@@ -53,6 +58,25 @@ class Keys:
 
     def event(self, event_id: str) -> str:
         return f"{self.events_prefix}{event_id}"
+
+    @property
+    def vms_prefix(self) -> str:
+        return f"{self.prefix}vms/"
+
+    def vm(self, vm: str, part: str) -> str:
+        assert part in ("spec", "intent", "placement", "instance"), part
+        return f"{self.vms_prefix}{vm}/{part}"
+
+    @property
+    def ha(self) -> str:
+        return f"{self.prefix}ha"
+
+    def split_vm_key(self, key: str) -> tuple[str, str] | None:
+        """'.../vms/web1/placement' -> ('web1', 'placement'); None for other keys."""
+        if not key.startswith(self.vms_prefix):
+            return None
+        vm, _, part = key[len(self.vms_prefix) :].partition("/")
+        return (vm, part) if vm and part else None
 
     def split_node_key(self, key: str) -> tuple[str, str] | None:
         """'.../nodes/n1/alive' -> ('n1', 'alive'); None for other keys."""

@@ -1,0 +1,85 @@
+"""Clustered VMs in the cluster database: the JSON of ``vms/<vm>/{spec,intent,placement,
+instance}`` and the HA core's :class:`VmRecord` built from it. Pure.
+
+    spec       {memory_mib, policy: {priority, preferred, possible, anti_affinity,
+                anti_affinity_hard}, ...}          (other fields belong to the hypervisor)
+    intent     {running: bool, at}
+    placement  {owner, generation, phase, reason, failovers: [t], restarts: [t], at}
+    instance   {node, generation, status, at}      (bound to the owner's lease)
+
+Unknown or malformed values raise ValueError naming the VM and the field, so the agent can skip
+one bad record instead of stopping.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+from vmcluster.core.ha import Instance, InstanceStatus, VmPhase, VmRecord
+from vmcluster.core.placement import PlacementPolicy, Priority
+
+PRIORITY_NAMES = {"high": Priority.HIGH, "medium": Priority.MEDIUM, "low": Priority.LOW,
+                  "none": Priority.NONE}  # fmt: skip
+
+
+def parse_priority(value: str) -> Priority:
+    try:
+        return PRIORITY_NAMES[value]
+    except KeyError:
+        raise ValueError(f"invalid priority {value!r}: use high, medium, low or none") from None
+
+
+def policy_to_json(policy: PlacementPolicy) -> dict[str, Any]:
+    name = next(k for k, v in PRIORITY_NAMES.items() if v is policy.priority)
+    return {"priority": name, "preferred": list(policy.preferred),
+            "possible": list(policy.possible), "anti_affinity": policy.anti_affinity,
+            "anti_affinity_hard": policy.anti_affinity_hard}  # fmt: skip
+
+
+def policy_from_json(data: Mapping[str, Any]) -> PlacementPolicy:
+    return PlacementPolicy(
+        priority=parse_priority(str(data.get("priority", "medium"))),
+        preferred=tuple(str(n) for n in data.get("preferred", [])),
+        possible=tuple(str(n) for n in data.get("possible", [])),
+        anti_affinity=data.get("anti_affinity") or None,
+        anti_affinity_hard=bool(data.get("anti_affinity_hard", False)),
+    )
+
+
+def placement_to_json(record: VmRecord, *, at: float) -> dict[str, Any]:
+    return {"owner": record.owner, "generation": record.generation, "phase": str(record.phase),
+            "reason": record.reason, "failovers": list(record.failovers),
+            "restarts": list(record.restarts), "at": at}  # fmt: skip
+
+
+def instance_to_json(instance: Instance, *, at: float) -> dict[str, Any]:
+    return {"node": instance.node, "generation": instance.generation,
+            "status": str(instance.status), "at": at}  # fmt: skip
+
+
+def vm_record(
+    name: str,
+    spec: Mapping[str, Any],
+    intent: Mapping[str, Any] | None,
+    placement: Mapping[str, Any] | None,
+    instance: Mapping[str, Any] | None,
+) -> VmRecord:
+    """The HA core's view of one VM from its stored parts (missing parts: defaults)."""
+    try:
+        placement = placement or {}
+        return VmRecord(
+            name=name,
+            memory_mib=int(spec["memory_mib"]),
+            policy=policy_from_json(spec.get("policy", {})),
+            want_running=bool((intent or {}).get("running", False)),
+            phase=VmPhase(placement.get("phase", "stopped")),
+            owner=placement.get("owner"),
+            generation=int(placement.get("generation", 0)),
+            reason=str(placement.get("reason", "")),
+            failovers=tuple(float(t) for t in placement.get("failovers", [])),
+            restarts=tuple(float(t) for t in placement.get("restarts", [])),
+            instance=None if instance is None else Instance(
+                node=str(instance["node"]), generation=int(instance["generation"]),
+                status=InstanceStatus(instance["status"])),
+        )  # fmt: skip
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"VM {name}: malformed record: {exc!r}") from None
