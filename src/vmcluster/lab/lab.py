@@ -7,6 +7,7 @@ exactly what the state names plus anything inside the lab's own namespaces (pref
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -377,6 +378,8 @@ class Lab:
         for path in (self.dir, self.run_dir):
             if path.exists():
                 shutil.rmtree(path)
+        with contextlib.suppress(OSError):  # the data directory's socket dir, if now empty
+            self.run_dir.parent.rmdir()
         log.info(event("lab.down", lab=self.name, removed=len(removed)))
         return removed
 

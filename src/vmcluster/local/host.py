@@ -295,6 +295,8 @@ class LocalHost:
                     f"VM {name!r} is running: stop it first (vmcluster vm stop {name})"
                 )
             self.store.delete(name)
+        with contextlib.suppress(OSError):  # the socket directory, once no VM uses it
+            self.data.runtime.rmdir()
         log.info(event("vm.deleted", vm=name))
 
     def _qmp_socket(self, name: str) -> Path:
