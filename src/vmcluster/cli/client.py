@@ -37,10 +37,6 @@ class ClusterTarget:
     secrets_file: str
 
 
-def lab_cli_file(data: DataDir, lab: str) -> Path:
-    return data.root / "labs" / lab / "cli.json"
-
-
 def find_target(data: DataDir) -> ClusterTarget:
     env_api = os.environ.get("VMCLUSTER_API")
     if env_api:
@@ -48,11 +44,11 @@ def find_target(data: DataDir) -> ClusterTarget:
         secrets_file = os.environ.get("VMCLUSTER_SECRETS", DEFAULT_SECRETS)
         endpoints = {f"api{i + 1}": url for i, url in enumerate(urls)}
         return ClusterTarget(endpoints=endpoints, secrets_file=secrets_file)
-    from vmcluster.lab.lab import get_context
+    from vmcluster.lab.lab import Lab, get_context
 
     lab = get_context(data)
-    if lab is not None and lab_cli_file(data, lab).exists():
-        info = json.loads(lab_cli_file(data, lab).read_text())
+    if lab is not None and Lab(data, lab).cli_file.exists():
+        info = json.loads(Lab(data, lab).cli_file.read_text())
         return ClusterTarget(endpoints=dict(info["api"]), secrets_file=info["secrets_file"])
     return ClusterTarget(endpoints={"local": DEFAULT_API}, secrets_file=DEFAULT_SECRETS)
 

@@ -33,19 +33,6 @@ COMMAND_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 10.0
 END_CHECK_S = 1.0
 
-# The QEMU events a VM's owner acts on; others are passed through too.
-WATCHED_EVENTS = (
-    "STOP",
-    "RESUME",
-    "SHUTDOWN",
-    "POWERDOWN",
-    "RESET",
-    "BLOCK_IO_ERROR",
-    "GUEST_PANICKED",
-    "MIGRATION",
-    "DEVICE_DELETED",
-)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RunStatus:

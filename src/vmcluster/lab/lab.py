@@ -19,7 +19,6 @@ from typing import Any
 
 from vmcluster.agent.config import AgentConfig, Secrets
 from vmcluster.arrays.qsd import ArrayConfig, QsdArray
-from vmcluster.cli.client import lab_cli_file
 from vmcluster.clusterstate.keys import Keys, dumps
 from vmcluster.errors import (
     AlreadyExists,
@@ -227,6 +226,11 @@ class Lab:
     # ----- the cluster: secrets, record, agents -----
 
     @property
+    def cli_file(self) -> Path:
+        """Where the CLI finds this lab's agents and token (see vmcluster.cli.client)."""
+        return self.dir / "cli.json"
+
+    @property
     def secrets_file(self) -> Path:
         return self.dir / "secrets.json"
 
@@ -241,8 +245,7 @@ class Lab:
         netns.run(["ip", "netns", "exec", first.namespace, "etcdctl", "--endpoints",
                    f"http://127.0.0.1:{ETCD_CLIENT_PORT}", "put", Keys(plan.name).cluster_record,
                    record.decode()])  # fmt: skip
-        cli_file = lab_cli_file(self.data, self.name)
-        cli_file.write_text(json.dumps({
+        self.cli_file.write_text(json.dumps({
             "api": {n.name: f"unix://{self.api_socket(n.name)}" for n in plan.nodes},
             "secrets_file": str(self.secrets_file),
         }, indent=2) + "\n")  # fmt: skip
@@ -276,7 +279,7 @@ class Lab:
         """``GET /v1/nodes`` from a node's agent (any node by default)."""
         from vmcluster.cli.client import ApiClient, ClusterTarget
 
-        info = json.loads(lab_cli_file(self.data, self.name).read_text())
+        info = json.loads(self.cli_file.read_text())
         target = ClusterTarget(endpoints=info["api"], secrets_file=info["secrets_file"])
         result = ApiClient(target, via=via).get("/v1/nodes")
         assert isinstance(result, list)
