@@ -68,6 +68,7 @@ def next_incarnation(data_dir: Path) -> int:
 
 
 CONTROLLER_PERIOD_S = 1.0
+FAILBACK_WINDOW_S = 60.0  # 'node resume --failback': how long VMs may move back to the node
 
 
 @dataclass(slots=True)
@@ -111,6 +112,9 @@ class Agent:
             cluster=config.cluster, node=config.node, incarnation=self.incarnation,
             key=secrets.cluster_key, port=config.heartbeat_port, on_heartbeat=self._heard,
         )  # fmt: skip
+        from vmcluster.agent.vms import VmService  # VMs use the agent's lease, cache and store
+
+        self.vms = VmService(self)
         self.ready = asyncio.Event()
         self._outbox: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue(maxsize=1000)
 
@@ -133,8 +137,10 @@ class Agent:
                 tg.create_task(self._controller_loop(), name="controller")
                 tg.create_task(serve(self), name="api")
                 tg.create_task(self._event_writer(), name="events")
+                tg.create_task(self.vms.run(), name="vms")
                 self.ready.set()
         finally:
+            await self.vms.close()
             self._heartbeats.close()
             await self.store.close()
 
@@ -213,6 +219,7 @@ class Agent:
             "addresses": dict(self.config.networks),
             "api": self.config.api_listen,
             "heartbeat_port": self.config.heartbeat_port,
+            "vm_memory_mib": self.config.vms.memory_mib,
         }
 
     # ----- heartbeats and the failure detector -----
@@ -327,6 +334,10 @@ class Agent:
             if decision.reason != last_reason:
                 log.info(event("controller.cycle", reason=decision.reason))
                 last_reason = decision.reason
+            try:
+                await self.vms.control(view, leader_entry.mod_revision)
+            except StoreError as exc:
+                log.info(event("controller.vms.failed", reason=str(exc)))
             if not decision.actions:
                 continue
             puts: dict[str, Put] = {}
@@ -401,7 +412,15 @@ class Agent:
 
     # ----- admin -----
 
-    async def set_paused(self, node: str, paused: bool) -> None:
-        await self.store.put(self.keys.node(node, "admin"), dumps({"paused": paused}))
-        await self._emit("node.paused" if paused else "node.resumed", node,
-                         f"by an admin through {self.config.node}")  # fmt: skip
+    async def set_paused(
+        self, node: str, paused: bool, *, drain: bool = False, failback: bool = False
+    ) -> None:
+        """Pause (optionally draining: its VMs move away) or resume (optionally failing back the
+        VMs that prefer it, for FAILBACK_WINDOW_S) a node."""
+        admin: dict[str, Any] = {"paused": paused, "draining": paused and drain}
+        if failback and not paused:
+            admin["failback_until"] = time.time() + FAILBACK_WINDOW_S
+        await self.store.put(self.keys.node(node, "admin"), dumps(admin))
+        kind = ("node.draining" if drain else "node.paused") if paused else "node.resumed"
+        extra = ", failing back its VMs" if failback and not paused else ""
+        await self._emit(kind, node, f"by an admin through {self.config.node}{extra}")

@@ -19,6 +19,18 @@ heartbeat_interval_s = 0.2
 heartbeat_threshold = 5
 cross_site_threshold = 20
 lease_ttl_s = 2
+self_fence_margin_s = 0.5                  # VMs are killed this long before the lease may expire
+
+[vms]                                      # running VMs on this node
+memory_mib = 16384                         # memory this node gives to VMs
+run_dir = "/run/vmcluster"                 # QMP sockets
+images_dir = "/var/lib/vmcluster/images"   # guest images (kernel + initramfs)
+accel = "auto"                             # auto (probe KVM, else TCG), kvm or tcg
+
+[arrays.a1]                                # an array: its management socket and NBD portals
+qmp_socket = "/run/vmcluster/arrays/a1.qmp"
+directory = "/srv/arrays/a1"
+nbd = ["10.0.11.101:10809", "10.0.12.101:10809"]
 """
 
 import ipaddress
@@ -42,6 +54,7 @@ class Timings:
     heartbeat_threshold: int = 5
     cross_site_threshold: int = 20
     lease_ttl_s: int = 2
+    self_fence_margin_s: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0.01 <= self.heartbeat_interval_s <= 10:
@@ -52,6 +65,46 @@ class Timings:
             raise InvalidInput("timings.lease_ttl_s must be a whole number of seconds")
         if not 1 <= self.lease_ttl_s <= 60:
             raise InvalidInput("timings.lease_ttl_s must be 1 to 60 (whole seconds, as etcd has)")
+        if not 0.05 <= self.self_fence_margin_s < self.lease_ttl_s * 0.75:
+            raise InvalidInput("timings.self_fence_margin_s must be 0.05 s to 3/4 of the lease TTL")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VmSettings:
+    memory_mib: int = 16384
+    run_dir: str = "/run/vmcluster"
+    images_dir: str = "/var/lib/vmcluster/images"
+    accel: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.memory_mib, int) or not 0 <= self.memory_mib <= 1 << 30:
+            raise InvalidInput("vms.memory_mib must be a whole number of MiB")
+        if self.accel not in ("auto", "kvm", "tcg"):
+            raise InvalidInput(f"vms.accel {self.accel!r}: use auto, kvm or tcg")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ArrayAccess:
+    """How this node reaches an array: its management (QMP) socket, its directory (LUN files and
+    configuration) and its NBD portals (HOST:PORT, one per storage network, in order)."""
+
+    name: str
+    qmp_socket: str
+    directory: str
+    nbd: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        check_name(self.name, what="array")
+        if not self.nbd:
+            raise InvalidInput(f"arrays.{self.name}: nbd needs at least one HOST:PORT portal")
+        for portal in self.nbd:
+            host, _, port = portal.rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise InvalidInput(f"arrays.{self.name}: nbd portal {portal!r} must be HOST:PORT")
+
+    def portal(self, index: int = 0) -> tuple[str, int]:
+        host, _, port = self.nbd[index].rpartition(":")
+        return host, int(port)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -67,6 +120,8 @@ class AgentConfig:
     api_socket: str | None = None
     heartbeat_port: int = 7946
     timings: Timings = field(default_factory=Timings)
+    vms: VmSettings = field(default_factory=VmSettings)
+    arrays: Mapping[str, ArrayAccess] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_name(self.cluster, what="cluster")
@@ -110,7 +165,16 @@ class AgentConfig:
         lines += ["", "[timings]", f"heartbeat_interval_s = {t.heartbeat_interval_s}",
                   f"heartbeat_threshold = {t.heartbeat_threshold}",
                   f"cross_site_threshold = {t.cross_site_threshold}",
-                  f"lease_ttl_s = {t.lease_ttl_s}"]  # fmt: skip
+                  f"lease_ttl_s = {t.lease_ttl_s}",
+                  f"self_fence_margin_s = {t.self_fence_margin_s}"]  # fmt: skip
+        v = self.vms
+        lines += ["", "[vms]", f"memory_mib = {v.memory_mib}",
+                  f"run_dir = {json.dumps(v.run_dir)}", f"images_dir = {json.dumps(v.images_dir)}",
+                  f"accel = {json.dumps(v.accel)}"]  # fmt: skip
+        for name, array in self.arrays.items():
+            lines += ["", f"[arrays.{name}]", f"qmp_socket = {json.dumps(array.qmp_socket)}",
+                      f"directory = {json.dumps(array.directory)}",
+                      f"nbd = {json.dumps(list(array.nbd))}"]  # fmt: skip
         return "\n".join(lines) + "\n"
 
 
@@ -122,7 +186,7 @@ def load_config(path: Path) -> AgentConfig:
     except tomllib.TOMLDecodeError as exc:
         raise InvalidInput(f"agent config {path}: {exc}") from None
     known = {"cluster", "node", "site", "data_dir", "secrets_file", "etcd", "api_listen",
-             "api_socket", "heartbeat_port", "networks", "timings"}  # fmt: skip
+             "api_socket", "heartbeat_port", "networks", "timings", "vms", "arrays"}  # fmt: skip
     unknown = sorted(set(data) - known)
     if unknown:
         raise InvalidInput(f"agent config {path}: unknown setting {unknown[0]!r}")
@@ -131,6 +195,12 @@ def load_config(path: Path) -> AgentConfig:
             raise InvalidInput(f"agent config {path}: {required!r} is missing")
     try:
         timings = Timings(**data.get("timings", {}))
+        vms = VmSettings(**data.get("vms", {}))
+        arrays = {
+            name: ArrayAccess(name=name, qmp_socket=str(a["qmp_socket"]),
+                              directory=str(a["directory"]), nbd=tuple(a["nbd"]))
+            for name, a in dict(data.get("arrays", {})).items()
+        }  # fmt: skip
         return AgentConfig(
             cluster=data["cluster"], node=data["node"], site=data.get("site", ""),
             data_dir=data.get("data_dir", "/var/lib/vmcluster"),
@@ -138,8 +208,10 @@ def load_config(path: Path) -> AgentConfig:
             etcd=tuple(data["etcd"]) if isinstance(data["etcd"], list) else (),
             api_listen=data.get("api_listen"), api_socket=data.get("api_socket"),
             heartbeat_port=data.get("heartbeat_port", 7946),
-            networks=dict(data["networks"]), timings=timings,
+            networks=dict(data["networks"]), timings=timings, vms=vms, arrays=arrays,
         )  # fmt: skip
+    except KeyError as exc:
+        raise InvalidInput(f"agent config {path}: {exc.args[0]!r} is missing") from None
     except TypeError as exc:
         raise InvalidInput(f"agent config {path}: {exc}") from None
 

@@ -5,6 +5,15 @@
     GET  /v1/nodes/{node}            one node
     POST /v1/nodes/{node}/pause      pause a node (needs quorum)
     POST /v1/nodes/{node}/resume     resume a node (needs quorum)
+    POST /v1/nodes/{node}/drain      pause a node and move its VMs away
+    POST /v1/nodes/{node}/resume?failback=true   resume; VMs that prefer it move back
+    GET  /v1/vms                     every clustered VM: state, owner, generation, reason
+    POST /v1/vms                     create one (JSON body: name, memory_mib, disks, policy, ...)
+    GET  /v1/vms/{vm}                one VM
+    DELETE /v1/vms/{vm}              delete a stopped VM and its LUNs
+    POST /v1/vms/{vm}/start|stop     set the VM's intent; the leader acts on it
+    GET  /v1/vms/{vm}/console?generation=N&limit=BYTES   the console kept on this node
+    GET  /v1/ha, POST /v1/ha/arm|disarm   automatic HA actions on or frozen
     GET  /v1/events?limit=N          the newest events
     GET  /v1/events?follow=true      newline-delimited JSON: the newest, then each new event
     GET  /openapi.json               this API's OpenAPI document (no token needed)
@@ -24,9 +33,17 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from vmcluster.agent import vmadmin
 from vmcluster.api.openapi import OPENAPI
 from vmcluster.clusterstate.keys import loads
 from vmcluster.clusterstate.store import StoreError
+from vmcluster.errors import (
+    AlreadyExists,
+    InvalidInput,
+    InvalidState,
+    NotFound,
+    VmclusterError,
+)
 from vmcluster.logs import event, get_logger
 
 if TYPE_CHECKING:
@@ -39,8 +56,33 @@ KEEPALIVE_S = 10.0  # a blank line on an idle event stream
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+def _error(status: int, message: str, kind: str = "") -> web.Response:
+    body = {"error": message, "kind": kind} if kind else {"error": message}
+    return web.json_response(body, status=status)
+
+
+ERROR_STATUS: tuple[tuple[type[VmclusterError], int, str], ...] = (
+    (vmadmin.NoQuorum, 503, "no_quorum"),
+    (InvalidInput, 400, "invalid_input"),
+    (NotFound, 404, "not_found"),
+    (AlreadyExists, 409, "already_exists"),
+    (InvalidState, 409, "invalid_state"),
+)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Errors become JSON with the HTTP status and a kind the CLI maps back to exit codes."""
+    try:
+        return await handler(request)
+    except VmclusterError as exc:
+        for cls, status, kind in ERROR_STATUS:
+            if isinstance(exc, cls):
+                return _error(status, str(exc), kind)
+        log.warning(event("api.error", path=request.path, reason=str(exc)))
+        return _error(500, str(exc), "error")
+    except StoreError as exc:
+        return _error(503, f"cluster database unavailable: {exc}", "no_quorum")
 
 
 @web.middleware
@@ -100,7 +142,9 @@ async def _node(request: web.Request) -> web.Response:
     return web.json_response(_node_json(agent, name))
 
 
-async def _set_paused(request: web.Request, paused: bool) -> web.Response:
+async def _set_paused(
+    request: web.Request, paused: bool, *, drain: bool = False, failback: bool = False
+) -> web.Response:
     agent = request.app[AGENT_KEY]
     name = request.match_info["node"]
     if name not in agent.view().nodes:
@@ -108,7 +152,7 @@ async def _set_paused(request: web.Request, paused: bool) -> web.Response:
     if not agent.has_quorum():
         return _error(503, f"node {agent.config.node} has no quorum: try another node")
     try:
-        await agent.set_paused(name, paused)
+        await agent.set_paused(name, paused, drain=drain, failback=failback)
     except StoreError as exc:
         return _error(503, f"cluster database unavailable: {exc}")
     return web.json_response(_node_json(agent, name) | {"paused": paused})
@@ -118,8 +162,79 @@ async def _pause(request: web.Request) -> web.Response:
     return await _set_paused(request, True)
 
 
+async def _drain(request: web.Request) -> web.Response:
+    return await _set_paused(request, True, drain=True)
+
+
 async def _resume(request: web.Request) -> web.Response:
-    return await _set_paused(request, False)
+    failback = request.query.get("failback", "false").lower() in ("1", "true", "yes")
+    return await _set_paused(request, False, failback=failback)
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise InvalidInput("the request body is not JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidInput("the request body must be a JSON object")
+    return body
+
+
+async def _vms(request: web.Request) -> web.Response:
+    agent = request.app[AGENT_KEY]
+    stored = agent.vms.stored()
+    return web.json_response([vmadmin.vm_json(stored[n]) for n in sorted(stored)])
+
+
+async def _vm(request: web.Request) -> web.Response:
+    agent = request.app[AGENT_KEY]
+    return web.json_response(vmadmin.vm_json(vmadmin._find(agent, request.match_info["vm"])))
+
+
+async def _vm_create(request: web.Request) -> web.Response:
+    agent = request.app[AGENT_KEY]
+    return web.json_response(await vmadmin.create(agent, await _json_body(request)), status=201)
+
+
+async def _vm_delete(request: web.Request) -> web.Response:
+    agent = request.app[AGENT_KEY]
+    return web.json_response(await vmadmin.delete(agent, request.match_info["vm"]))
+
+
+async def _vm_start(request: web.Request) -> web.Response:
+    agent = request.app[AGENT_KEY]
+    return web.json_response(await vmadmin.set_intent(agent, request.match_info["vm"], True))
+
+
+async def _vm_stop(request: web.Request) -> web.Response:
+    agent = request.app[AGENT_KEY]
+    return web.json_response(await vmadmin.set_intent(agent, request.match_info["vm"], False))
+
+
+async def _vm_console(request: web.Request) -> web.Response:
+    agent = request.app[AGENT_KEY]
+    try:
+        raw = request.query.get("generation")
+        generation = None if raw is None else int(raw)
+        limit = int(request.query.get("limit", str(64 * 1024)))
+    except ValueError:
+        raise InvalidInput("generation and limit must be whole numbers") from None
+    return web.json_response(
+        vmadmin.console(agent, request.match_info["vm"], generation, max(1, limit))
+    )
+
+
+async def _ha(request: web.Request) -> web.Response:
+    return web.json_response({"armed": request.app[AGENT_KEY].vms.armed()})
+
+
+async def _ha_arm(request: web.Request) -> web.Response:
+    return web.json_response(await vmadmin.set_armed(request.app[AGENT_KEY], True))
+
+
+async def _ha_disarm(request: web.Request) -> web.Response:
+    return web.json_response(await vmadmin.set_armed(request.app[AGENT_KEY], False))
 
 
 async def _events(request: web.Request) -> web.StreamResponse:
@@ -156,7 +271,7 @@ async def _openapi(request: web.Request) -> web.Response:
 
 
 def make_app(agent: "Agent") -> web.Application:
-    app = web.Application(middlewares=[_auth])
+    app = web.Application(middlewares=[_auth, _errors])
     app[AGENT_KEY] = agent
     app.router.add_get("/openapi.json", _openapi)
     app.router.add_get("/v1/cluster", _cluster)
@@ -164,6 +279,17 @@ def make_app(agent: "Agent") -> web.Application:
     app.router.add_get("/v1/nodes/{node}", _node)
     app.router.add_post("/v1/nodes/{node}/pause", _pause)
     app.router.add_post("/v1/nodes/{node}/resume", _resume)
+    app.router.add_post("/v1/nodes/{node}/drain", _drain)
+    app.router.add_get("/v1/vms", _vms)
+    app.router.add_post("/v1/vms", _vm_create)
+    app.router.add_get("/v1/vms/{vm}", _vm)
+    app.router.add_delete("/v1/vms/{vm}", _vm_delete)
+    app.router.add_post("/v1/vms/{vm}/start", _vm_start)
+    app.router.add_post("/v1/vms/{vm}/stop", _vm_stop)
+    app.router.add_get("/v1/vms/{vm}/console", _vm_console)
+    app.router.add_get("/v1/ha", _ha)
+    app.router.add_post("/v1/ha/arm", _ha_arm)
+    app.router.add_post("/v1/ha/disarm", _ha_disarm)
     app.router.add_get("/v1/events", _events)
     return app
 

@@ -17,8 +17,11 @@ an old owner's door.
 """
 
 import asyncio
+import contextlib
+import fcntl
 import json
 import os
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -77,8 +80,23 @@ class QsdArray:
     def _session(self) -> QmpSession:
         return QmpSession(self.qmp_socket, name=f"array {self.name}")
 
+    @contextlib.asynccontextmanager
+    async def _locked(self) -> AsyncIterator[None]:
+        """One configuration change at a time, across processes (the array's controller)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.directory / "array.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
     async def create_lun(self, lun: str, size_bytes: int) -> None:
         check_name(lun, what="LUN")
+        async with self._locked():
+            await self._create_lun(lun, size_bytes)
+
+    async def _create_lun(self, lun: str, size_bytes: int) -> None:
         config = ArrayConfig.load(self.config_path)
         if lun in config.luns:
             raise AlreadyExists(f"array {self.name}: LUN {lun!r} already exists")
@@ -96,8 +114,37 @@ class QsdArray:
         config.save(self.config_path)
         log.info(event("array.lun.created", array=self.name, lun=lun, size_bytes=size_bytes))
 
+    async def delete_lun(self, lun: str) -> None:
+        """Cut every client, remove the exports and the block node, and delete the LUN's data."""
+        async with self._locked():
+            config = ArrayConfig.load(self.config_path)
+            record = config.luns.get(lun)
+            if record is None:
+                raise NotFound(f"array {self.name}: no LUN {lun!r}")
+            async with self._session() as session:
+                live = {str(e["id"]) for e in await session.execute("query-block-exports")}
+                for name in record.exports:
+                    if name in live:
+                        await session.execute("block-export-del", {"id": name, "mode": "hard"})
+                        await self._wait_gone(session, name)
+                named = await session.execute("query-named-block-nodes", {"flat": True})
+                nodes = {str(n.get("node-name")) for n in named}
+                if f"lun-{lun}" in nodes:
+                    await session.execute("blockdev-del", {"node-name": f"lun-{lun}"})
+            del config.luns[lun]
+            config.save(self.config_path)
+            self.lun_path(lun).unlink(missing_ok=True)
+        log.info(event("array.lun.deleted", array=self.name, lun=lun))
+
+    def luns(self) -> dict[str, Lun]:
+        return ArrayConfig.load(self.config_path).luns
+
     async def export(self, lun: str, export_name: str) -> None:
         """Export ``lun`` over NBD as ``export_name`` (writable)."""
+        async with self._locked():
+            await self._export(lun, export_name)
+
+    async def _export(self, lun: str, export_name: str) -> None:
         config = ArrayConfig.load(self.config_path)
         if lun not in config.luns:
             raise NotFound(f"array {self.name}: no LUN {lun!r}")
@@ -113,6 +160,10 @@ class QsdArray:
         Returns the export name. Idempotent for the current generation; InvalidState for an
         older one.
         """
+        async with self._locked():
+            return await self._fence(lun, generation)
+
+    async def _fence(self, lun: str, generation: int) -> str:
         config = ArrayConfig.load(self.config_path)
         if lun not in config.luns:
             raise NotFound(f"array {self.name}: no LUN {lun!r}")

@@ -19,8 +19,13 @@ from typing import Any
 import aiohttp
 
 from vmcluster.agent.config import Secrets
-from vmcluster.errors import InvalidState, NotFound, VmclusterError
+from vmcluster.errors import AlreadyExists, InvalidInput, InvalidState, NotFound, VmclusterError
 from vmcluster.paths import DataDir
+
+ERROR_KINDS: dict[str, type[VmclusterError]] = {
+    "invalid_input": InvalidInput, "not_found": NotFound, "already_exists": AlreadyExists,
+    "invalid_state": InvalidState,
+}  # fmt: skip
 
 DEFAULT_API = "unix:///run/vmcluster/api.sock"
 DEFAULT_SECRETS = "/etc/vmcluster/secrets.json"
@@ -88,22 +93,25 @@ class ApiClient:
             raise no_quorum
         raise ApiUnreachable(f"cannot reach the cluster API: tried {', '.join(errors)}")
 
-    async def request(self, method: str, path: str) -> Any:
+    async def request(self, method: str, path: str, body: Any = None) -> Any:
         async def attempt(session: aiohttp.ClientSession, base: str) -> Any:
             headers = {"Authorization": f"Bearer {self.token}"}
-            async with session.request(method, base + path, headers=headers) as response:
+            async with session.request(method, base + path, headers=headers, json=body) as response:
                 text = await response.text()
                 try:
-                    body = json.loads(text) if text else {}
+                    answer = json.loads(text) if text else {}
                 except ValueError:
-                    body = {"error": text.strip().splitlines()[0] if text.strip() else ""}
+                    answer = {"error": text.strip().splitlines()[0] if text.strip() else ""}
                 if response.status < 400:
-                    return body
-                error = str(body.get("error", "")) if isinstance(body, dict) else ""
+                    return answer
+                error = str(answer.get("error", "")) if isinstance(answer, dict) else ""
+                kind = str(answer.get("kind", "")) if isinstance(answer, dict) else ""
                 if response.status == 404:
                     raise NotFound(error or f"API {path}: not found")
                 if response.status == 503:
                     raise InvalidState(error or "the agent is unavailable")
+                if kind in ERROR_KINDS:
+                    raise ERROR_KINDS[kind](error)
                 raise VmclusterError(f"API {method} {path}: {response.status} {error}".rstrip())
 
         return await self._first(attempt)
@@ -111,8 +119,11 @@ class ApiClient:
     def get(self, path: str) -> Any:
         return asyncio.run(self.request("GET", path))
 
-    def post(self, path: str) -> Any:
-        return asyncio.run(self.request("POST", path))
+    def post(self, path: str, body: Any = None) -> Any:
+        return asyncio.run(self.request("POST", path, body))
+
+    def delete(self, path: str) -> Any:
+        return asyncio.run(self.request("DELETE", path))
 
     async def stream_lines(self, path: str) -> AsyncIterator[dict[str, Any]]:
         """JSON objects from an NDJSON stream (blank keep-alive lines are skipped)."""

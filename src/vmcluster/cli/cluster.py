@@ -3,6 +3,7 @@
 import asyncio
 import datetime
 import json
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -16,7 +17,7 @@ from vmcluster.cli.common import stdout as out
 from vmcluster.clusterstate.etcd import EtcdStore
 from vmcluster.clusterstate.keys import Keys, dumps
 from vmcluster.core.model import check_name
-from vmcluster.errors import AlreadyExists
+from vmcluster.errors import AlreadyExists, InvalidState
 
 via_option = click.option("--via", metavar="NODE", help="Ask this node's agent (default: any).")
 
@@ -143,11 +144,73 @@ def pause(name: str, via: str | None) -> None:
 
 @node.command()
 @click.argument("name")
+@click.option("--failback", is_flag=True,
+              help="Move back the VMs that prefer this node (for the next minute).")  # fmt: skip
 @via_option
-def resume(name: str, via: str | None) -> None:
-    """Resume a paused node."""
-    _client(via).post(f"/v1/nodes/{quote(name, safe='')}/resume")
-    out.print(f"node {name} resumed", markup=False)
+def resume(name: str, failback: bool, via: str | None) -> None:
+    """Resume a paused or drained node."""
+    suffix = "?failback=true" if failback else ""
+    _client(via).post(f"/v1/nodes/{quote(name, safe='')}/resume{suffix}")
+    out.print(f"node {name} resumed{', failing back its VMs' if failback else ''}", markup=False)
+
+
+@node.command()
+@click.argument("name")
+@click.option("--wait", is_flag=True, help="Wait until no VM runs on the node.")
+@click.option("--timeout", default=300.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds to wait with --wait.")  # fmt: skip
+@via_option
+def drain(name: str, wait: bool, timeout: float, via: str | None) -> None:
+    """Pause a node and move its VMs to other nodes (stop, then start elsewhere)."""
+    client = _client(via)
+    client.post(f"/v1/nodes/{quote(name, safe='')}/drain")
+    out.print(f"node {name} paused; draining", markup=False)
+    if not wait:
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [v["name"] for v in client.get("/v1/vms") if v["owner"] == name]
+        if not left:
+            out.print(f"node {name} drained", markup=False)
+            return
+        if time.monotonic() >= deadline:
+            raise InvalidState(f"node {name} still holds {', '.join(left)} after {timeout:g} s "
+                               "(vmcluster vm list shows why)")  # fmt: skip
+        time.sleep(0.5)
+
+
+@cluster.group()
+def ha() -> None:
+    """Automatic HA actions: arm (the default) or disarm (freeze) them."""
+
+
+@ha.command()
+@via_option
+def arm(via: str | None) -> None:
+    """Resume automatic failover, restart and placement."""
+    _client(via).post("/v1/ha/arm")
+    out.print("HA armed: automatic actions resume", markup=False)
+
+
+@ha.command()
+@via_option
+def disarm(via: str | None) -> None:
+    """Freeze automatic actions (no failover, restart or start of pending VMs)."""
+    _client(via).post("/v1/ha/disarm")
+    out.print("HA disarmed: nothing moves automatically until 'vmcluster cluster ha arm'",
+              markup=False)  # fmt: skip
+
+
+@ha.command("status")
+@via_option
+@output_option
+def ha_status(via: str | None, output: str) -> None:
+    """Whether HA is armed."""
+    data = _client(via).get("/v1/ha")
+    if output == "json":
+        print_json(data)
+    else:
+        out.print("armed" if data["armed"] else "disarmed", markup=False)
 
 
 def _event_line(e: dict[str, Any]) -> str:

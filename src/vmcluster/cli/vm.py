@@ -1,4 +1,9 @@
-"""``vmcluster vm``: create, start, stop, delete, list, show VMs and read their consoles."""
+"""``vmcluster vm``: create, start, stop, delete, list, show VMs and read their consoles.
+
+By default every command works on the cluster's VMs, through any node's agent (``--via NODE``
+picks one). ``--local`` works on this machine's single-host VMs instead (no cluster needed): the
+foundation's mode, kept for development and for the probe workload on its own.
+"""
 
 import contextlib
 import datetime
@@ -7,6 +12,7 @@ import time
 
 import click
 
+from vmcluster.cli import clustervm
 from vmcluster.cli.common import (
     data_dir,
     output_option,
@@ -20,6 +26,10 @@ from vmcluster.core.model import DEFAULT_IMAGE, DiskSpec, NicMode, NicSpec, VmSp
 from vmcluster.core.units import MIB, format_size, parse_size
 from vmcluster.errors import InvalidInput, NotFound
 from vmcluster.local.host import LocalHost, VmStatus
+
+local_option = click.option(
+    "--local", is_flag=True, help="This machine's single-host VMs instead of the cluster's."
+)
 
 
 def _host() -> LocalHost:
@@ -54,15 +64,42 @@ def vm() -> None:
 @click.option(
     "--probe-interval", default=100, show_default=True, type=int, help="Probe write interval, ms."
 )
+@click.option("--priority", type=click.Choice(["high", "medium", "low", "none"]),
+              default="medium", show_default=True,
+              help="Failover order; none: never started automatically.")  # fmt: skip
+@click.option("--preferred", default="", metavar="N1,N2", help="Preferred owners, in order.")
+@click.option("--possible", default="", metavar="N1,N2,N3",
+              help="Possible owners (default: every node).")  # fmt: skip
+@click.option("--anti-affinity", default="", metavar="CLASS[:hard]",
+              help="Keep apart from VMs of the same class (hard: never together).")  # fmt: skip
+@click.option("--failback", default="never", metavar="never|immediate|HH-HH",
+              help="Back to the preferred owner: never, at once, or in a UTC window.")  # fmt: skip
+@click.option("--array", default=None, help="The array for its disks (default: the first).")
+@click.option("--start", "start_now", is_flag=True, help="Start it right away.")
+@click.option("--via", metavar="NODE", help="Ask this node's agent (default: any).")
+@local_option
 @output_option
 def create(
     name: str, memory: str, vcpus: int, disks: tuple[str, ...], nics: tuple[str, ...],
-    image: str, probe_interval: int, output: str,
+    image: str, probe_interval: int, priority: str, preferred: str, possible: str,
+    anti_affinity: str, failback: str, array: str | None, start_now: bool, via: str | None,
+    local: bool, output: str,
 ) -> None:  # fmt: skip
-    """Create a VM (stopped)."""
+    """Create a VM (stopped unless --start): in the cluster, its disks LUNs on an array."""
     memory_bytes = parse_size(memory, what="memory size", default_unit="M")
     if memory_bytes % MIB:
         raise InvalidInput(f"invalid memory size {memory!r}: use whole MiB")
+    if not local:
+        if nics:
+            raise InvalidInput("--nic needs --local: clustered VMs have no NICs yet")
+        clustervm.create(
+            name=name, memory_mib=memory_bytes // MIB, vcpus=vcpus,
+            disks=[parse_size(size, what="disk size") for size in disks], image=image,
+            probe_interval=probe_interval, priority=priority, preferred=preferred,
+            possible=possible, anti_affinity=anti_affinity, failback=failback, array=array,
+            start=start_now, via=via, output=output,
+        )  # fmt: skip
+        return
     spec = VmSpec(
         name=name,
         vcpus=vcpus,
@@ -86,9 +123,18 @@ def create(
 
 @vm.command()
 @click.argument("name")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Wait until the VM runs.")  # fmt: skip
+@click.option("--timeout", default=120.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds to wait.")  # fmt: skip
+@click.option("--via", metavar="NODE", help="Ask this node's agent (default: any).")
+@local_option
 @output_option
-def start(name: str, output: str) -> None:
-    """Start a VM."""
+def start(name: str, wait: bool, timeout: float, via: str | None, local: bool, output: str) -> None:
+    """Start a VM (in the cluster: the leader places it; waits until it runs)."""
+    if not local:
+        clustervm.start(name, wait=wait, timeout=timeout, via=via, output=output)
+        return
     status = run(_host().start(name))
     if output == "json":
         print_json(status.to_dict())
@@ -112,16 +158,31 @@ def start(name: str, output: str) -> None:
     type=click.FloatRange(min=0),
     help="Seconds to wait for the guest to power off before killing QEMU.",
 )
-def stop(name: str, force: bool, timeout: float) -> None:
+@click.option("--no-wait", "no_wait", is_flag=True, help="Return once the stop is requested.")
+@click.option("--via", metavar="NODE", help="Ask this node's agent (default: any).")
+@local_option
+def stop(
+    name: str, force: bool, timeout: float, no_wait: bool, via: str | None, local: bool
+) -> None:
     """Stop a VM: press its power button, kill QEMU if it does not power off in time."""
+    if not local:
+        if force:
+            raise InvalidInput("--force needs --local (the cluster kills a VM after 30 s)")
+        clustervm.stop(name, wait=not no_wait, timeout=max(timeout, 60.0), via=via)
+        return
     status = run(_host().stop(name, force=force, timeout_s=timeout))
     stdout.print(f"stopped VM {name}: {status.detail}", markup=False)
 
 
 @vm.command()
 @click.argument("name")
-def delete(name: str) -> None:
+@click.option("--via", metavar="NODE", help="Ask this node's agent (default: any).")
+@local_option
+def delete(name: str, via: str | None, local: bool) -> None:
     """Delete a stopped VM and its disks."""
+    if not local:
+        clustervm.delete(name, via=via)
+        return
     _host().delete(name)
     stdout.print(f"deleted VM {name}", markup=False)
 
@@ -133,9 +194,14 @@ def _when(timestamp: float | None) -> str | None:
 
 
 @vm.command("list")
+@click.option("--via", metavar="NODE", help="Ask this node's agent (default: any).")
+@local_option
 @output_option
-def list_(output: str) -> None:
-    """List VMs with their observed state."""
+def list_(via: str | None, local: bool, output: str) -> None:
+    """List VMs with their state, owner node and generation."""
+    if not local:
+        clustervm.list_(via=via, output=output)
+        return
     statuses = run(_host().list())
     if output == "json":
         print_json([s.to_dict() for s in statuses])
@@ -151,9 +217,14 @@ def list_(output: str) -> None:
 
 @vm.command()
 @click.argument("name")
+@click.option("--via", metavar="NODE", help="Ask this node's agent (default: any).")
+@local_option
 @output_option
-def show(name: str, output: str) -> None:
+def show(name: str, via: str | None, local: bool, output: str) -> None:
     """Show one VM in detail."""
+    if not local:
+        clustervm.show(name, via=via, output=output)
+        return
     status: VmStatus = run(_host().status(name))
     if output == "json":
         print_json(status.to_dict())
@@ -181,9 +252,18 @@ def show(name: str, output: str) -> None:
 @vm.command()
 @click.argument("name")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output until the VM stops.")
-@click.option("--boot", type=int, help="Show instance N's console (default: the latest).")
-def console(name: str, follow: bool, boot: int | None) -> None:
-    """Print a VM's serial console output."""
+@click.option("--boot", type=int, help="With --local: instance N's console (default: latest).")
+@click.option("--generation", type=int, help="The console of generation N (default: current).")
+@click.option("--node", default=None, help="The node that ran that generation (default: owner).")
+@local_option
+def console(
+    name: str, follow: bool, boot: int | None, generation: int | None, node: str | None,
+    local: bool,
+) -> None:  # fmt: skip
+    """Print a VM's serial console output (in the cluster: of its current instance)."""
+    if not local:
+        clustervm.console(name, follow=follow, generation=generation, node=node)
+        return
     host = _host()
     path = host.console_log(name, boot)
     if path is None:

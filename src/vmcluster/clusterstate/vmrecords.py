@@ -1,8 +1,9 @@
 """Clustered VMs in the cluster database: the JSON of ``vms/<vm>/{spec,intent,placement,
 instance}`` and the HA core's :class:`VmRecord` built from it. Pure.
 
-    spec       {memory_mib, policy: {priority, preferred, possible, anti_affinity,
-                anti_affinity_hard}, ...}          (other fields belong to the hypervisor)
+    spec       {name, vcpus, memory_mib, disks, nics, image, probe_interval_ms (the VmSpec),
+                storage: [{disk, array, lun}], policy: {priority, preferred, possible,
+                anti_affinity, anti_affinity_hard}}
     intent     {running: bool, at}
     placement  {owner, generation, phase, reason, failovers: [t], restarts: [t], at}
     instance   {node, generation, status, at}      (bound to the owner's lease)
@@ -11,11 +12,15 @@ Unknown or malformed values raise ValueError naming the VM and the field, so the
 one bad record instead of stopping.
 """
 
+import hashlib
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from vmcluster.core.ha import Instance, InstanceStatus, VmPhase, VmRecord
+from vmcluster.core.model import NAME_RE, VmSpec, check_name
 from vmcluster.core.placement import PlacementPolicy, Priority
+from vmcluster.errors import InvalidInput
 
 PRIORITY_NAMES = {"high": Priority.HIGH, "medium": Priority.MEDIUM, "low": Priority.LOW,
                   "none": Priority.NONE}  # fmt: skip
@@ -83,3 +88,62 @@ def vm_record(
         )  # fmt: skip
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"VM {name}: malformed record: {exc!r}") from None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DiskPlacement:
+    """Where one of a clustered VM's disks lives: a LUN on an array."""
+
+    disk: str
+    array: str
+    lun: str
+
+
+def lun_name(vm: str, disk: str) -> str:
+    """The LUN of ``disk`` of ``vm``: '<vm>-<disk>', shortened with a hash if it is too long."""
+    name = f"{vm}-{disk}"
+    if NAME_RE.fullmatch(name):
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{vm[:40].rstrip('-')}-{digest}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClusteredVm:
+    """The stored spec of a clustered VM: its shape, where its disks live, its HA policy."""
+
+    spec: VmSpec
+    storage: tuple[DiskPlacement, ...]
+    policy: PlacementPolicy = field(default_factory=PlacementPolicy)
+
+    def __post_init__(self) -> None:
+        if [p.disk for p in self.storage] != [d.name for d in self.spec.disks]:
+            raise InvalidInput(f"VM {self.spec.name}: every disk needs exactly one LUN")
+        for placement in self.storage:
+            check_name(placement.array, what="array")
+            check_name(placement.lun, what="LUN")
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.spec.to_dict(),
+                "storage": [{"disk": p.disk, "array": p.array, "lun": p.lun}
+                            for p in self.storage],
+                "policy": policy_to_json(self.policy)}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ClusteredVm":
+        try:
+            return cls(
+                spec=VmSpec.from_dict(dict(data)),
+                storage=tuple(DiskPlacement(disk=str(p["disk"]), array=str(p["array"]),
+                                            lun=str(p["lun"]))
+                              for p in data.get("storage", [])),
+                policy=policy_from_json(data.get("policy", {})),
+            )  # fmt: skip
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, InvalidInput):
+                raise
+            raise InvalidInput(f"malformed clustered VM spec: {exc!r}") from None

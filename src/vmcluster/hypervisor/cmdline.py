@@ -19,6 +19,18 @@ USER_NET_GATEWAY = "10.0.2.2"
 GUEST_HTTP_PORT = 80
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NbdDisk:
+    """A disk served by an array over NBD: ``export`` at ``host:port``."""
+
+    host: str
+    port: int
+    export: str
+
+
+DiskSource = Path | NbdDisk
+
+
 class Accel(StrEnum):
     KVM = "kvm"
     TCG = "tcg"
@@ -31,7 +43,7 @@ class Launch:
     spec: VmSpec
     kernel: Path
     initrd: Path
-    disk_files: tuple[Path, ...]  # one per spec.disks, in order
+    disk_files: tuple[DiskSource, ...]  # one per spec.disks, in order: a file or an NBD export
     qmp_socket: Path
     console_log: Path
     pidfile: Path
@@ -74,6 +86,15 @@ def kernel_cmdline(launch: Launch) -> str:
     return " ".join(words)
 
 
+def _disk_file(source: DiskSource) -> dict[str, object]:
+    if isinstance(source, NbdDisk):
+        # No reconnect: when the array cuts this export (the storage fence), I/O fails at once
+        # and werror/rerror=stop pause the guest; it never writes through a newer generation.
+        server = {"type": "inet", "host": source.host, "port": str(source.port)}
+        return {"driver": "nbd", "export": source.export, "server": server}
+    return {"driver": "file", "filename": str(source)}
+
+
 def build_argv(launch: Launch, qemu_binary: str = "qemu-system-x86_64") -> list[str]:
     spec = launch.spec
     argv = [
@@ -100,15 +121,15 @@ def build_argv(launch: Launch, qemu_binary: str = "qemu-system-x86_64") -> list[
         "-mon", "chardev=qmp,mode=control",
         "-pidfile", str(launch.pidfile),
     ]  # fmt: skip
-    for disk, path in zip(spec.disks, launch.disk_files, strict=True):
+    for disk, source in zip(spec.disks, launch.disk_files, strict=True):
         argv += [
             "-blockdev",
             _json(
                 {
                     "driver": "raw",
                     "node-name": f"disk-{disk.name}",
-                    "file": {"driver": "file", "filename": str(path)},
-                    # Writeback cache with flushes honoured: a guest fsync reaches the file.
+                    "file": _disk_file(source),
+                    # Writeback cache with flushes honoured: a guest fsync reaches the disk.
                     "cache": {"direct": False, "no-flush": False},
                 }
             ),

@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vmcluster.agent.config import AgentConfig, Secrets
+from vmcluster.agent.config import AgentConfig, ArrayAccess, Secrets, VmSettings
 from vmcluster.arrays.qsd import ArrayConfig, QsdArray
 from vmcluster.clusterstate.keys import Keys, dumps
+from vmcluster.core.model import DEFAULT_IMAGE
 from vmcluster.errors import (
     AlreadyExists,
     InvalidInput,
@@ -27,7 +28,9 @@ from vmcluster.errors import (
     NotFound,
     VmclusterError,
 )
+from vmcluster.guest.image import build_image
 from vmcluster.hypervisor import process
+from vmcluster.hypervisor.accel import choose_accel
 from vmcluster.lab import netns
 from vmcluster.lab.plan import (
     CLUSTER_NETWORKS,
@@ -55,6 +58,7 @@ CLUSTER_READY_TIMEOUT_S = 60.0
 AGENT_API_PORT = 7480
 PROBE_LUN = "lab-probe"
 PROBE_LUN_BYTES = 1024 * 1024
+NODE_VM_MEMORY_MIB = 1024  # what each lab node offers its VMs (placement counts it)
 
 
 class Lab:
@@ -263,13 +267,30 @@ class Lab:
             data_dir=str(self.host_dir(host.name) / "data"),
             api_listen=f"{host.address(Network.CLUSTER1)}:{AGENT_API_PORT}",
             api_socket=str(self.api_socket(host.name)),
-        )
+            vms=VmSettings(memory_mib=NODE_VM_MEMORY_MIB, run_dir=str(self.run_dir / host.name),
+                           images_dir=str(self.data.images), accel=self._accel()),
+            arrays={a.name: self.array_access(a) for a in plan.arrays},
+        )  # fmt: skip
         path = self.host_dir(host.name) / "agent.toml"
         path.write_text(config.to_toml())
         argv = (sys.executable, "-m", "vmcluster", "agent", "--config", str(path))
         return Tracked(role="agent", host=host.name, argv=argv, namespace=host.namespace,
                        log_path=str(self.host_dir(host.name) / "agent.log"),
                        pidfile=str(self.run_dir / f"{host.name}-agent.pid"))  # fmt: skip
+
+    def array_access(self, host: Host) -> ArrayAccess:
+        """How a node reaches array ``host``: its QMP socket, its directory, its NBD portals."""
+        array = self.array(host)
+        return ArrayAccess(name=host.name, qmp_socket=str(array.qmp_socket),
+                           directory=str(array.directory),
+                           nbd=tuple(f"{host.address(n)}:{NBD_PORT}" for n in host.networks
+                                     if n.is_storage))  # fmt: skip
+
+    def _accel(self) -> str:
+        """The accelerator for the lab's VMs, probed once per host boot (the image is built
+        first if it is missing: the probe boots it)."""
+        image = build_image(self.data.images, DEFAULT_IMAGE)
+        return str(choose_accel(self.data.accel_file, image).accel)
 
     def _start_agents(self, plan: LabPlan, state: LabState) -> None:
         for host in plan.nodes:

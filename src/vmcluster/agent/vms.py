@@ -1,0 +1,387 @@
+"""Clustered VMs in the agent: the leader's executor, every node's reconciler and self-fence.
+
+Executor (leader only). ``decide_vms`` (pure) says what should happen; for every action that
+gives a VM a new owner or takes it from an owner that may be alive, the executor first fences the
+new generation at every array that holds the VM's disks (older exports are hard-deleted: an old
+owner that still runs loses its disks at once), and only then commits the placement with a
+compare-and-swap on the placement's revision *and* on the leader key. A deposed leader's commit
+fails; a fence it already made is harmless (the generation it fenced is owned by nobody).
+
+Reconciler (every node). Runs QEMU for each placement this node owns at the placement's
+generation, on the arrays' exports of that generation; kills instances of any other generation;
+stops VMs whose placement is stopping; and reports each instance (running, crashed, stopped) in
+``vms/<vm>/instance``, bound to its lease and committed only while the placement is the one it
+read.
+
+Self-fence (every node). Once ``valid_until - self_fence_margin_s`` passes without a renewed
+lease, every local instance is killed: the lease may expire soon after, and the leader may then
+start the VMs elsewhere. (The storage fence already keeps an old instance off the disks; the
+self-fence also takes it off the network.)
+"""
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vmcluster.agent.hosting import LocalInstance, VmHost
+from vmcluster.arrays.qsd import QsdArray
+from vmcluster.clusterstate.keys import dumps
+from vmcluster.clusterstate.store import Commit, Put, StoreError
+from vmcluster.clusterstate.vmrecords import (
+    ClusteredVm,
+    instance_to_json,
+    placement_to_json,
+    vm_record,
+)
+from vmcluster.core.cluster import ClusterView, NodeState
+from vmcluster.core.ha import (
+    HaView,
+    Instance,
+    InstanceStatus,
+    NodeInfo,
+    SetPending,
+    SetPhase,
+    StartKind,
+    StartVm,
+    StopVm,
+    VmAction,
+    VmPhase,
+    VmRecord,
+    decide_vms,
+)
+from vmcluster.errors import VmclusterError
+from vmcluster.logs import event, get_logger
+
+if TYPE_CHECKING:
+    from vmcluster.agent.agent import Agent
+
+log = get_logger(__name__)
+
+STOP_TIMEOUT_S = 30.0
+RECONCILE_PERIOD_S = 0.5
+SELF_FENCE_CHECK_S = 0.05
+RUNS = (VmPhase.STARTING, VmPhase.RUNNING)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoredVm:
+    """One clustered VM as read from the cache: its parts and the revision of each."""
+
+    name: str
+    spec: ClusteredVm
+    record: VmRecord
+    revisions: Mapping[str, int]  # part -> mod_revision (0: absent)
+    parts: Mapping[str, dict[str, Any]]
+
+
+class VmService:
+    def __init__(self, agent: "Agent") -> None:
+        self.agent = agent
+        self.keys = agent.keys
+        self.cache = agent.cache
+        self.me = agent.config.node
+        self.host = VmHost(
+            node=self.me, data_dir=Path(agent.config.data_dir), settings=agent.config.vms,
+            arrays=dict(agent.config.arrays), on_exit=self._exited,
+        )  # fmt: skip
+        self._ended: dict[tuple[str, int], InstanceStatus] = {}  # instances that ended here
+        self._busy: dict[tuple[str, int], asyncio.Task[None]] = {}  # starts and stops under way
+        self._wake = asyncio.Event()
+        self._last_reason = ""
+
+    # ----- reading -----
+
+    def stored(self) -> dict[str, StoredVm]:
+        """Every clustered VM with a readable spec (a malformed one is logged and skipped)."""
+        parts: dict[str, dict[str, dict[str, Any]]] = {}
+        revisions: dict[str, dict[str, int]] = {}
+        for key, entry in self.cache.entries.items():
+            split = self.keys.split_vm_key(key)
+            if split is None:
+                continue
+            value = self.cache.json(key)
+            if value is not None:
+                parts.setdefault(split[0], {})[split[1]] = value
+                revisions.setdefault(split[0], {})[split[1]] = entry.mod_revision
+        found = {}
+        for name, vm_parts in parts.items():
+            if "spec" not in vm_parts:
+                continue
+            try:
+                spec = ClusteredVm.from_dict(vm_parts["spec"])
+                record = vm_record(name, vm_parts["spec"], vm_parts.get("intent"),
+                                   vm_parts.get("placement"), vm_parts.get("instance"))  # fmt: skip
+            except (VmclusterError, ValueError) as exc:
+                log.warning(event("vm.record.invalid", vm=name, reason=str(exc)))
+                continue
+            found[name] = StoredVm(name=name, spec=spec, record=record,
+                                   revisions=revisions[name], parts=vm_parts)  # fmt: skip
+        return found
+
+    def armed(self) -> bool:
+        return bool((self.cache.json(self.keys.ha) or {}).get("armed", True))
+
+    def ha_view(self, view: ClusterView, stored: Mapping[str, StoredVm]) -> HaView:
+        nodes = {}
+        specs = self.cache.nodes()
+        for name, node in view.nodes.items():
+            parts = specs.get(name, {})
+            admin = parts.get("admin", {})
+            nodes[name] = NodeInfo(
+                name=name, state=node.state,
+                memory_mib=int(parts.get("spec", {}).get("vm_memory_mib", 0)),
+                draining=bool(admin.get("draining")),
+            )  # fmt: skip
+        return HaView(nodes=nodes, vms={n: s.record for n, s in stored.items()},
+                      armed=self.armed())  # fmt: skip
+
+    # ----- the leader's executor -----
+
+    async def control(self, view: ClusterView, leader_revision: int) -> None:
+        stored = self.stored()
+        if not stored:
+            return
+        decision = decide_vms(self.ha_view(view, stored), time.time())
+        if decision.reason != self._last_reason:
+            log.info(event("ha.cycle", reason=decision.reason))
+            self._last_reason = decision.reason
+        if decision.actions:
+            await asyncio.gather(
+                *(self._execute(a, stored[a.vm], leader_revision) for a in decision.actions)
+            )
+
+    async def _fence(self, vm: ClusteredVm, generation: int) -> None:
+        """Retire every other generation of the VM's disks at their arrays; export this one."""
+        started = time.monotonic()
+        await asyncio.gather(*(self._array(p.array).fence(p.lun, generation)
+                               for p in vm.storage))  # fmt: skip
+        log.info(event("vm.fenced", vm=vm.name, generation=generation,
+                       ms=round((time.monotonic() - started) * 1000)))  # fmt: skip
+
+    def _array(self, name: str) -> QsdArray:
+        access = self.agent.config.arrays.get(name)
+        if access is None:
+            raise VmclusterError(f"node {self.me} has no access to array {name}")
+        return QsdArray(name=name, qmp_socket=Path(access.qmp_socket),
+                        directory=Path(access.directory))  # fmt: skip
+
+    async def _execute(self, action: VmAction, vm: StoredVm, leader_revision: int) -> None:
+        now = time.time()
+        record = vm.record
+        kind = "vm.phase"
+        try:
+            if isinstance(action, StartVm):
+                await self._fence(vm.spec, action.generation)
+                failovers, restarts = record.failovers, record.restarts
+                if action.kind is StartKind.FAILOVER:
+                    failovers = (*failovers, now)
+                elif action.kind is StartKind.RESTART:
+                    restarts = (*restarts, now)
+                record = replace(record, owner=action.node, generation=action.generation,
+                                 phase=VmPhase.STARTING, reason=action.reason,
+                                 failovers=_keep(failovers, now),
+                                 restarts=_keep(restarts, now))  # fmt: skip
+                kind = f"vm.{action.kind}"
+            elif isinstance(action, SetPending):
+                generation = record.generation
+                if action.fence_generation is not None:
+                    await self._fence(vm.spec, action.fence_generation)
+                    generation = action.fence_generation
+                record = replace(record, owner=None, generation=generation,
+                                 phase=VmPhase.PENDING, reason=action.reason)  # fmt: skip
+                kind = "vm.pending"
+            elif isinstance(action, StopVm):
+                record = replace(record, phase=VmPhase.STOPPING, reason=action.reason)
+                kind = "vm.stopping"
+            elif isinstance(action, SetPhase):
+                owner = None if action.phase is VmPhase.STOPPED else record.owner
+                record = replace(record, phase=action.phase, reason=action.reason, owner=owner)
+                kind = f"vm.{action.phase}"
+        except (VmclusterError, OSError) as exc:
+            log.warning(event("vm.fence.failed", vm=vm.name, reason=str(exc)))
+            return
+        key = self.keys.vm(vm.name, "placement")
+        event_key, event_value = self.agent._event_record(kind, vm.name, _describe(action))
+        commit = Commit(
+            expect={self.keys.leader: leader_revision, key: vm.revisions.get("placement", 0)},
+            puts={key: Put(value=dumps(placement_to_json(record, at=now))),
+                  event_key: Put(value=event_value)},
+        )  # fmt: skip
+        try:
+            if not await self.agent.store.commit(commit):
+                log.info(event("vm.placement.conflict", vm=vm.name))
+        except StoreError as exc:
+            log.info(event("vm.placement.failed", vm=vm.name, reason=str(exc)))
+
+    # ----- every node: the reconciler -----
+
+    async def run(self) -> None:
+        await self.cache.loaded.wait()
+        while not self.agent.has_quorum():  # noqa: ASYNC110 - quorum is a deadline
+            await asyncio.sleep(0.05)
+        self.host.adopt()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._self_fence_loop(), name="self-fence")
+            tg.create_task(self._reconcile_loop(), name="reconcile")
+
+    async def _reconcile_loop(self) -> None:
+        seen = -1
+        while True:
+            self._wake.clear()
+            wait_cache = asyncio.ensure_future(
+                self.cache.wait_changed(RECONCILE_PERIOD_S, after=seen)
+            )
+            wait_wake = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait({wait_cache, wait_wake}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                wait_cache.cancel()
+                wait_wake.cancel()
+            seen = self.cache.version
+            if not self.agent.has_quorum():
+                continue  # the self-fence deals with what runs; nothing new starts
+            try:
+                await self._reconcile()
+            except (VmclusterError, StoreError, OSError) as exc:
+                log.warning(event("vm.reconcile.failed", reason=str(exc)))
+
+    async def _reconcile(self) -> None:
+        stored = self.stored()
+        run: dict[tuple[str, int], StoredVm] = {}
+        stop: dict[tuple[str, int], StoredVm] = {}
+        for vm in stored.values():
+            record = vm.record
+            if record.owner != self.me:
+                continue
+            key = (vm.name, record.generation)
+            if record.phase in RUNS and record.want_running:
+                run[key] = vm
+            elif record.phase in (VmPhase.STOPPING, *RUNS):
+                stop[key] = vm
+        for key, instance in list(self.host.instances.items()):
+            if key in run or key in self._busy:
+                continue
+            if key in stop:
+                self._spawn(key, self._stop(instance))
+            else:  # a retired generation, or no longer ours: its disks are already fenced
+                log.warning(event("vm.instance.retired", vm=key[0], generation=key[1]))
+                self._spawn(key, self.host.kill(instance))
+        for key, vm in run.items():
+            if key not in self.host.instances and key not in self._busy \
+                    and key not in self._ended:  # fmt: skip
+                self._spawn(key, self._start(vm))
+        for key in stop:
+            if key not in self.host.instances and key not in self._busy:
+                self._ended.setdefault(key, InstanceStatus.STOPPED)
+        await self._report({**run, **stop})
+
+    def _spawn(self, key: tuple[str, int], work: Any) -> None:
+        async def runner() -> None:
+            try:
+                await work
+            except (VmclusterError, OSError) as exc:
+                log.warning(event("vm.instance.failed", vm=key[0], generation=key[1],
+                                  reason=str(exc)))  # fmt: skip
+                self._ended[key] = InstanceStatus.CRASHED
+            finally:
+                self._busy.pop(key, None)
+                self._wake.set()
+
+        self._busy[key] = asyncio.create_task(runner(), name=f"vm-{key[0]}-g{key[1]}")
+
+    async def _start(self, vm: StoredVm) -> None:
+        generation = vm.record.generation
+        log.info(event("vm.instance.starting", vm=vm.name, generation=generation))
+        await self.host.start(vm.spec, generation)
+
+    async def _stop(self, instance: LocalInstance) -> None:
+        how = await self.host.stop(instance, STOP_TIMEOUT_S)
+        log.info(event("vm.instance.stopped", vm=instance.vm, generation=instance.generation,
+                       how=how))  # fmt: skip
+
+    def _exited(self, instance: LocalInstance) -> None:
+        if instance.stop_requested or instance.guest_powered_off:
+            status = InstanceStatus.STOPPED
+        else:
+            status = InstanceStatus.CRASHED
+            log.warning(event("vm.instance.crashed", vm=instance.vm,
+                              generation=instance.generation))  # fmt: skip
+        self._ended[instance.key] = status
+        self._wake.set()
+
+    def _status(self, key: tuple[str, int]) -> InstanceStatus | None:
+        if key in self._ended:
+            return self._ended[key]
+        if key in self.host.instances and key not in self._busy:
+            return InstanceStatus.RUNNING
+        return None
+
+    async def _report(self, owned: Mapping[tuple[str, int], StoredVm]) -> None:
+        """Make ``vms/<vm>/instance`` say what runs here, for the placements this node owns."""
+        for key, vm in owned.items():
+            status = self._status(key)
+            if status is None:
+                continue
+            wanted = Instance(node=self.me, generation=key[1], status=status)
+            if vm.record.instance == wanted:
+                continue
+            puts = {self.keys.vm(vm.name, "instance"): Put(
+                value=dumps(instance_to_json(wanted, at=time.time())),
+                lease=self.agent.quorum.lease_id)}  # fmt: skip
+            if status is InstanceStatus.STOPPED and vm.record.want_running:
+                # The guest powered itself off: the VM is stopped, as if an admin stopped it.
+                puts[self.keys.vm(vm.name, "intent")] = Put(
+                    value=dumps({"running": False, "at": time.time(), "by": "guest"})
+                )
+            commit = Commit(expect={self.keys.vm(vm.name, "placement"):
+                                    vm.revisions.get("placement", 0)}, puts=puts)  # fmt: skip
+            if await self.agent.store.commit(commit):
+                log.info(event("vm.instance.reported", vm=vm.name, generation=key[1],
+                               status=status))  # fmt: skip
+
+    # ----- every node: the self-fence -----
+
+    async def _self_fence_loop(self) -> None:
+        margin = self.agent.config.timings.self_fence_margin_s
+        while True:
+            await asyncio.sleep(SELF_FENCE_CHECK_S)
+            if not self.host.instances:
+                continue
+            if self.agent.clock() < self.agent.quorum.valid_until - margin:
+                continue
+            for instance in self.host.instances.values():
+                self._ended[instance.key] = InstanceStatus.CRASHED
+            killed = self.host.kill_now()
+            log.warning(event("vm.self-fence", node=self.me, killed=killed,
+                              reason="lease not renewed in time"))  # fmt: skip
+            why = f"killed {killed} VM instances: lease not renewed in time"
+            self.agent._emit_later("node.self-fenced", self.me, why)
+            while self.host.instances:  # noqa: ASYNC110 - wait for the pidfd watchers
+                await asyncio.sleep(SELF_FENCE_CHECK_S)
+
+    async def close(self) -> None:
+        for task in self._busy.values():
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await self.host.close()
+
+
+def _keep(
+    times: tuple[float, ...], now: float, horizon_s: float = 24 * 3600.0
+) -> tuple[float, ...]:
+    return tuple(t for t in times if now - t < horizon_s)
+
+
+def _describe(action: VmAction) -> str:
+    if isinstance(action, StartVm):
+        return f"{action.reason} [generation {action.generation}]"
+    if isinstance(action, SetPending) and action.fence_generation is not None:
+        return f"{action.reason} [fenced at generation {action.fence_generation}]"
+    return action.reason
+
+
+__all__ = ["NodeState", "StoredVm", "VmService"]
