@@ -385,12 +385,14 @@ class Agent:
         log.info(event("cluster.event", kind=kind, subject=subject, reason=reason))
         return self.keys.event(event_id), dumps(value)
 
-    async def _emit(self, kind: str, subject: str, reason: str) -> None:
+    async def _emit(self, kind: str, subject: str, reason: str) -> bool:
         key, value = self._event_record(kind, subject, reason)
         try:
             await self.store.create(key, value)  # create: a retried write never doubles it
+            return True
         except StoreError as exc:
             log.info(event("event.write.failed", kind=kind, reason=str(exc)))
+            return False
 
     def _emit_later(self, kind: str, subject: str, reason: str) -> None:
         try:
@@ -401,9 +403,12 @@ class Agent:
     async def _event_writer(self) -> None:
         while True:
             kind, subject, reason = await self._outbox.get()
-            while not self.has_quorum():  # noqa: ASYNC110 - quorum is a deadline, not an event
-                await asyncio.sleep(0.2)
-            await self._emit(kind, subject, reason)
+            while True:  # an event noted without quorum is written once quorum is back
+                while not self.has_quorum():  # noqa: ASYNC110 - quorum is a deadline
+                    await asyncio.sleep(0.2)
+                if await self._emit(kind, subject, reason):
+                    break
+                await asyncio.sleep(0.5)
 
     async def _trim_events(self) -> None:
         keys = sorted(k for k in self.cache.entries if k.startswith(self.keys.events_prefix))

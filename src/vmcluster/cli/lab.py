@@ -7,6 +7,7 @@ import sys
 import click
 
 from vmcluster.cli.common import data_dir, output_option, print_json, print_table, stdout
+from vmcluster.errors import NotFound
 from vmcluster.lab import faults as lab_faults
 from vmcluster.lab.lab import Lab, list_labs, resolve_lab
 from vmcluster.lab.plan import parse_network
@@ -79,6 +80,40 @@ def status(name: str | None, output: str) -> None:
     stdout.print("faults: " + ("none" if not faults else ""), markup=False)
     for fault in faults:
         stdout.print(f"  {lab_faults.describe(fault)}", markup=False)
+
+
+@lab.command()
+@name_option
+@click.option("--vm", "vm_names", multiple=True, help="Only this VM (repeatable).")
+@output_option
+def check(name: str | None, vm_names: tuple[str, ...], output: str) -> None:
+    """Check every probe VM: lost acknowledged writes (I2) and writes of retired generations (I1).
+
+    Exits 1 if any VM has a lost ACK or a stale write.
+    """
+    from vmcluster.lab.probecheck import check_lab
+
+    the_lab = resolve_lab(data_dir(), name)
+    vms = the_lab.api().get("/v1/vms")
+    if vm_names:
+        missing = sorted(set(vm_names) - {v["name"] for v in vms})
+        if missing:
+            raise NotFound(f"lab {the_lab.name} has no VM {missing[0]!r}")
+        vms = [v for v in vms if v["name"] in vm_names]
+    results = check_lab(the_lab, vms)
+    if output == "json":
+        print_json([r.to_json() for r in results])
+    else:
+        print_table(["VM", "ACKED", "ON DISK", "INSTANCES", "GENERATIONS", "LOST ACKS",
+                     "STALE WRITES", "OK"],
+                    [(r.vm, r.highest_acked, r.highest_on_disk, r.instances,
+                      ",".join(map(str, r.generations)), r.lost_acks, r.stale_writes,
+                      "yes" if r.ok else "NO") for r in results])  # fmt: skip
+        for r in results:
+            for example in (*r.lost_ack_examples, *r.stale_write_examples):
+                stdout.print(f"  {r.vm}: {example}", markup=False)
+    if not all(r.ok for r in results):
+        sys.exit(1)
 
 
 @lab.command("list")

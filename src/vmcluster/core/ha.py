@@ -16,10 +16,21 @@ Per VM, with intent "running":
 - owner Up but its QEMU crashed: restart on the same node up to ``restart_limit`` times within
   ``restart_period_s``, then fail over;
 - owner paused while draining: move it elsewhere;
-- starting and the owner reports it running: running.
+- owner quarantined (:mod:`vmcluster.core.quarantine`: it left the cluster uncleanly too often):
+  move it elsewhere, like a drain; a quarantined node never takes a VM (only Up nodes do);
+- starting and the owner reports it running: running;
+- running (and reported running at its generation) on an Up or Paused owner while a preferred
+  owner ranked above that owner can take it: *fail back* there (WSFC's failback), if its policy's
+  :class:`~vmcluster.core.placement.Failback` allows it at ``now`` (immediately, or within a
+  daily window of UTC hours), or if an admin resumed that node with failback
+  (``NodeInfo.failback_until``). The target is the first such preferred owner that is Up, not
+  draining, a possible owner, with the memory free and without a hard anti-affinity clash.
+  A failback is a move (new owner, next generation) but no failover: ``failovers`` is not
+  touched. Failbacks are placed after every other VM that needs a node, with what is left.
 With intent "stopped": stop it (or mark it stopped if its owner is gone).
-While HA is *disarmed* nothing happens automatically (no failover, restart, move or start of
-pending VMs); explicit starts and stops still do.
+While HA is *disarmed* nothing happens automatically (no failover, restart, quarantine move,
+policy failback or start of pending VMs); admin actions still do: explicit starts and stops, a
+drain, and a node resumed with failback.
 """
 
 from collections.abc import Mapping, Sequence
@@ -29,6 +40,7 @@ from enum import StrEnum
 from vmcluster.core.cluster import NodeState
 from vmcluster.core.placement import (
     Candidate,
+    Placement,
     PlacementPolicy,
     Priority,
     VmDemand,
@@ -81,6 +93,10 @@ class NodeInfo:
     state: NodeState
     memory_mib: int  # memory the node gives to VMs
     draining: bool = False
+    # An admin's one-shot failback (``node resume --failback``): until then (wall clock), VMs
+    # that prefer this node to their current owner fail back to it, whatever their failback
+    # policy and even while HA is disarmed.
+    failback_until: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -104,7 +120,8 @@ class StartKind(StrEnum):
     START = "start"
     FAILOVER = "failover"
     RESTART = "restart"
-    MOVE = "move"
+    MOVE = "move"  # a drain, or off a quarantined node
+    FAILBACK = "failback"  # back to a preferred owner (not a failover: not counted)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -182,7 +199,7 @@ class _Move:
     kind: StartKind
     avoid: frozenset[str]
     why: str
-    explicit: bool = False  # an admin's start: placed even with priority none
+    explicit: bool = False  # an admin's start or failback: placed even with priority none
 
 
 def _stopping(
@@ -268,51 +285,118 @@ def _judge(vm: VmRecord, view: HaView, now: float) -> VmAction | _Move | None:
         return _Move(
             kind=StartKind.MOVE, avoid=frozenset({vm.owner}), why=f"{vm.owner} is draining"
         )
-    if (vm.phase is VmPhase.STARTING and instance is not None
-            and instance.status is InstanceStatus.RUNNING):  # fmt: skip
+    if owner_state is NodeState.QUARANTINED:
+        # Quarantine is automatic: it waits while HA is disarmed (the VM keeps running there).
+        if not view.armed:
+            return None
+        return _Move(
+            kind=StartKind.MOVE, avoid=frozenset({vm.owner}), why=f"{vm.owner} is quarantined"
+        )
+    reported = instance is not None and instance.status is InstanceStatus.RUNNING
+    if vm.phase is VmPhase.STARTING and reported:
         return SetPhase(
             vm=vm.name, phase=VmPhase.RUNNING, reason=f"{vm.name} running on {vm.owner}"
         )
+    if vm.phase is VmPhase.RUNNING and reported and owner_state in _FAILBACK_FROM:
+        return _failback(vm, vm.owner, view, now)
     return None
 
 
+_FAILBACK_FROM = (NodeState.UP, NodeState.PAUSED)  # owners whose running VMs may fail back
+
+
+def _failback(vm: VmRecord, owner: str, view: HaView, now: float) -> _Move | None:
+    """A failback to a preferred owner ranked above ``owner``, if one may take ``vm`` now."""
+    preferred = vm.policy.preferred
+    above = preferred[: preferred.index(owner)] if owner in preferred else preferred
+    by_policy = view.armed and vm.policy.failback.allows(now)
+    wanted = set(above) if by_policy else {name for name in above if _resumed(view, name, now)}
+    targets = frozenset(
+        name for name in wanted
+        if (info := view.nodes.get(name)) is not None
+        and info.state is NodeState.UP and not info.draining
+    )  # fmt: skip
+    if not targets:
+        return None
+    return _Move(kind=StartKind.FAILBACK, avoid=frozenset(view.nodes) - targets,
+                 why="preferred owner", explicit=not by_policy)  # fmt: skip
+
+
+def _resumed(view: HaView, node: str, now: float) -> bool:
+    """Whether an admin resumed ``node`` with failback and its one-shot is still on."""
+    info = view.nodes.get(node)
+    return info is not None and info.failback_until is not None and now < info.failback_until
+
+
 def _for_placement(policy: PlacementPolicy, move: _Move) -> PlacementPolicy:
-    """Priority none means no *automatic* start: an admin's start is placed as low priority."""
-    if move.explicit and policy.priority is Priority.NONE:
+    """Priority none means no *automatic* start: an admin's start is placed as low priority,
+    and so is a failback (the VM runs already; it only changes node)."""
+    if (move.explicit or move.kind is StartKind.FAILBACK) and policy.priority is Priority.NONE:
         return replace(policy, priority=Priority.LOW)
     return policy
+
+
+def _occupy(node: Candidate, demand: VmDemand) -> Candidate:
+    """``node`` once ``demand`` is placed on it (as :func:`place_all` counts it)."""
+    cls = demand.policy.anti_affinity
+    return replace(
+        node,
+        memory_free_mib=node.memory_free_mib - demand.memory_mib,
+        classes=node.classes | ({cls} if cls else set()),
+        hard_classes=node.hard_classes | ({cls} if cls and demand.policy.anti_affinity_hard
+                                          else set()),
+    )  # fmt: skip
 
 
 def _placements(view: HaView, moves: dict[str, _Move]) -> list[VmAction]:
     free = _free_memory(view)
     classes, hard = _classes(view, hard=False), _classes(view, hard=True)
-    # Capacity held by VMs that are about to leave a node is free for the others.
-    for name in moves:
+    # Capacity held by VMs that are about to leave a node is free for the others; not that of a
+    # VM failing back, which stays where it is when its failback finds no room.
+    for name, move in moves.items():
         vm = view.vms[name]
-        if vm.owner in free and vm.phase in (VmPhase.STARTING, VmPhase.RUNNING, VmPhase.STOPPING):
+        holding = vm.phase in (VmPhase.STARTING, VmPhase.RUNNING, VmPhase.STOPPING)
+        if vm.owner in free and holding and move.kind is not StartKind.FAILBACK:
             free[vm.owner] += vm.memory_mib
-    candidates = [Candidate(name=n.name, state=n.state, memory_free_mib=free[n.name],
-                            classes=classes[n.name], hard_classes=hard[n.name])
-                  for n in view.nodes.values()]  # fmt: skip
-    demands = [VmDemand(name=name, memory_mib=view.vms[name].memory_mib,
-                        policy=_for_placement(view.vms[name].policy, moves[name]))
-               for name in moves]  # fmt: skip
+    candidates = {n.name: Candidate(name=n.name, state=n.state, memory_free_mib=free[n.name],
+                                    classes=classes[n.name], hard_classes=hard[n.name])
+                  for n in view.nodes.values()}  # fmt: skip
     actions: list[VmAction] = []
-    for placement in place_all(demands, candidates, avoid={n: m.avoid for n, m in moves.items()}):
-        vm, move = view.vms[placement.vm], moves[placement.vm]
-        if placement.node is not None:
-            why = f"{move.kind} {placement.reason} ({move.why})"
-            actions.append(StartVm(vm=vm.name, node=placement.node, generation=vm.generation + 1,
-                                   kind=move.kind, reason=why))  # fmt: skip
-        elif move.kind is StartKind.MOVE:
-            continue  # a drain with nowhere to go: the VM stays where it runs
-        elif vm.owner is not None and vm.phase is not VmPhase.STOPPED:
-            # The old owner may still be alive: fence it even though nobody takes over.
-            actions.append(SetPending(vm=vm.name, reason=placement.reason,
-                                      fence_generation=vm.generation + 1))  # fmt: skip
-        elif vm.phase is not VmPhase.PENDING or vm.reason != placement.reason:
-            actions.append(SetPending(vm=vm.name, reason=placement.reason))
+    # Failbacks only improve where a VM runs: they get what the VMs that need a node leave.
+    for failbacks in (False, True):
+        batch = {n: m for n, m in moves.items() if (m.kind is StartKind.FAILBACK) == failbacks}
+        demands = {name: VmDemand(name=name, memory_mib=view.vms[name].memory_mib,
+                                  policy=_for_placement(view.vms[name].policy, move))
+                   for name, move in batch.items()}  # fmt: skip
+        avoid = {name: move.avoid for name, move in batch.items()}
+        for placement in place_all(list(demands.values()), list(candidates.values()), avoid=avoid):
+            if placement.node is not None:
+                node = placement.node
+                candidates[node] = _occupy(candidates[node], demands[placement.vm])
+            actions += _placed(view.vms[placement.vm], batch[placement.vm], placement)
     return actions
+
+
+def _placed(vm: VmRecord, move: _Move, placement: Placement) -> list[VmAction]:
+    """The action for ``vm`` once placement has found it a node, or not."""
+    if placement.node is not None:
+        if move.kind is StartKind.FAILBACK:
+            rank = vm.policy.preferred.index(placement.node) + 1
+            admin = f", {placement.node} resumed with failback" if move.explicit else ""
+            why = f"failback {vm.name} to {placement.node} ({move.why} #{rank}{admin})"
+        else:
+            why = f"{move.kind} {placement.reason} ({move.why})"
+        return [StartVm(vm=vm.name, node=placement.node, generation=vm.generation + 1,
+                        kind=move.kind, reason=why)]  # fmt: skip
+    if move.kind in (StartKind.MOVE, StartKind.FAILBACK):
+        return []  # a drain, quarantine move or failback with nowhere to go: the VM stays put
+    if vm.owner is not None and vm.phase is not VmPhase.STOPPED:
+        # The old owner may still be alive: fence it even though nobody takes over.
+        return [SetPending(vm=vm.name, reason=placement.reason,
+                           fence_generation=vm.generation + 1)]  # fmt: skip
+    if vm.phase is not VmPhase.PENDING or vm.reason != placement.reason:
+        return [SetPending(vm=vm.name, reason=placement.reason)]
+    return []
 
 
 def decide_vms(view: HaView, now: float) -> VmDecision:

@@ -12,13 +12,19 @@ Rules, in order:
 
 :func:`place_all` places several VMs highest priority first, each one using the capacity the
 previous ones left; priority ``none`` (0) means "do not start automatically".
+
+A policy also says when a VM goes back to its preferred owners (:class:`Failback`, WSFC's
+failback: never, immediately, or within a daily window of UTC hours); :mod:`vmcluster.core.ha`
+decides the failbacks, this module only holds and validates the setting.
 """
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from enum import IntEnum
+from enum import IntEnum, StrEnum
+from typing import assert_never
 
 from vmcluster.core.cluster import NodeState
+from vmcluster.errors import InvalidInput
 
 
 class Priority(IntEnum):
@@ -28,6 +34,62 @@ class Priority(IntEnum):
     HIGH = 3000
 
 
+class FailbackMode(StrEnum):
+    NEVER = "never"  # WSFC's default: a VM stays where it failed over to
+    IMMEDIATE = "immediate"  # as soon as a more preferred owner is Up and has room
+    WINDOW = "window"  # the same, but only within the daily window of UTC hours
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Failback:
+    """When a running VM goes back to a preferred owner ranked above its current one.
+
+    ``start_hour`` and ``end_hour`` (0-23) are hours of the day in **UTC**, whatever the nodes'
+    time zones: the window holds from ``start_hour:00`` up to, not including, ``end_hour:00``.
+    It may wrap midnight (22 to 6 is 22:00-05:59); ``start_hour == end_hour`` is the whole day.
+    The hours only matter in mode ``window``.
+    """
+
+    mode: FailbackMode = FailbackMode.NEVER
+    start_hour: int = 0
+    end_hour: int = 0
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "mode", FailbackMode(self.mode))
+        except ValueError:
+            raise InvalidInput(
+                f"invalid failback mode {self.mode!r}: use never, immediate or window"
+            ) from None
+        for label, hour in (("start", self.start_hour), ("end", self.end_hour)):
+            if isinstance(hour, bool) or not isinstance(hour, int) or not 0 <= hour <= 23:
+                raise InvalidInput(
+                    f"invalid failback {label} hour {hour!r}: use an hour of the day, 0-23 (UTC)"
+                )
+
+    def allows(self, now: float) -> bool:
+        """Whether this policy lets a VM fail back at ``now`` (wall-clock seconds, Unix time)."""
+        match self.mode:
+            case FailbackMode.NEVER:
+                return False
+            case FailbackMode.IMMEDIATE:
+                return True
+            case FailbackMode.WINDOW:
+                hour = utc_hour(now)
+                if self.start_hour == self.end_hour:
+                    return True
+                if self.start_hour < self.end_hour:
+                    return self.start_hour <= hour < self.end_hour
+                return hour >= self.start_hour or hour < self.end_hour
+            case _:
+                assert_never(self.mode)
+
+
+def utc_hour(now: float) -> int:
+    """The hour of the day (0-23, UTC) of ``now`` in Unix time (which has no leap seconds)."""
+    return int(now // 3600) % 24
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PlacementPolicy:
     priority: Priority = Priority.MEDIUM
@@ -35,6 +97,7 @@ class PlacementPolicy:
     possible: tuple[str, ...] = ()  # empty: every node
     anti_affinity: str | None = None
     anti_affinity_hard: bool = False
+    failback: Failback = Failback()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

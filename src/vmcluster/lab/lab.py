@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmcluster.agent.config import AgentConfig, ArrayAccess, Secrets, VmSettings
 from vmcluster.arrays.qsd import ArrayConfig, QsdArray
@@ -49,6 +49,9 @@ from vmcluster.lab.procs import Tracked, kill_and_wait, spawn
 from vmcluster.lab.state import LabState, locked
 from vmcluster.logs import event, get_logger
 from vmcluster.paths import DataDir
+
+if TYPE_CHECKING:
+    from vmcluster.cli.client import ApiClient
 
 log = get_logger(__name__)
 
@@ -296,13 +299,17 @@ class Lab:
         for host in plan.nodes:
             self._start(state, self._agent_tracked(plan, host))
 
-    def cluster_nodes(self, via: str | None = None) -> list[dict[str, Any]]:
-        """``GET /v1/nodes`` from a node's agent (any node by default)."""
+    def api(self, via: str | None = None) -> "ApiClient":
+        """A client of the lab cluster's API (any node's agent by default)."""
         from vmcluster.cli.client import ApiClient, ClusterTarget
 
         info = json.loads(self.cli_file.read_text())
         target = ClusterTarget(endpoints=info["api"], secrets_file=info["secrets_file"])
-        result = ApiClient(target, via=via).get("/v1/nodes")
+        return ApiClient(target, via=via)
+
+    def cluster_nodes(self, via: str | None = None) -> list[dict[str, Any]]:
+        """``GET /v1/nodes`` from a node's agent (any node by default)."""
+        result = self.api(via).get("/v1/nodes")
         assert isinstance(result, list)
         return result
 
