@@ -12,9 +12,9 @@ step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
 cleanup() {
     vmcluster lab down --name "$LAB" >/dev/null 2>&1 || true
-    if vmcluster vm show "$VM" >/dev/null 2>&1; then
-        vmcluster vm stop "$VM" --force >/dev/null 2>&1 || true
-        vmcluster vm delete "$VM" >/dev/null 2>&1 || true
+    if vmcluster vm show --local "$VM" >/dev/null 2>&1; then
+        vmcluster vm stop --local "$VM" --force >/dev/null 2>&1 || true
+        vmcluster vm delete --local "$VM" >/dev/null 2>&1 || true
     fi
 }
 trap cleanup EXIT
@@ -25,21 +25,21 @@ vmcluster image build
 vmcluster image list
 
 step "create and start a VM: 128 MiB, 1 vCPU, a 256 MiB disk, a user-mode NIC"
-vmcluster vm create "$VM" --memory 128 --vcpus 1 --disk 256M --nic user
-vmcluster -v vm start "$VM"
-pid=$(vmcluster vm show "$VM" -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid"])')
+vmcluster vm create --local "$VM" --memory 128 --vcpus 1 --disk 256M --nic user
+vmcluster -v vm start --local "$VM"
+pid=$(vmcluster vm show --local "$VM" -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid"])')
 
 step "the guest boots (serial console)"
 for _ in $(seq 1 100); do
-    grep -q '^ACK ' "$(vmcluster vm show "$VM" -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["console_log"])')" && break
+    grep -q '^ACK ' "$(vmcluster vm show --local "$VM" -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["console_log"])')" && break
     sleep 0.2
 done
-vmcluster vm console "$VM" | grep -v '^ACK ' || true
+vmcluster vm console --local "$VM" | grep -v '^ACK ' || true
 
 step "the probe writes a record, syncs it, then prints ACK <seq>: the counter rises"
-url=$(vmcluster vm show "$VM" -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["http"][0])')
+url=$(vmcluster vm show --local "$VM" -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["http"][0])')
 for _ in 1 2 3 4 5 6; do
-    last=$(vmcluster vm console "$VM" | grep '^ACK ' | tail -n 1)
+    last=$(vmcluster vm console --local "$VM" | grep '^ACK ' | tail -n 1)
     http=$(python3 -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode().strip())' "$url" 2>/dev/null || echo "(http not up yet)")
     printf '  console: %-10s  guest http: %s\n' "$last" "$http"
     sleep 1
@@ -49,8 +49,8 @@ step "vmcluster vm list"
 vmcluster vm list
 
 step "stop it gracefully (ACPI power button), then delete it"
-vmcluster vm stop "$VM"
-vmcluster vm delete "$VM"
+vmcluster vm stop --local "$VM"
+vmcluster vm delete --local "$VM"
 vmcluster vm list
 
 # A process that has exited but is not yet reaped by its parent (a zombie) does not count.

@@ -33,7 +33,8 @@ from vmcluster.core.ha import (
     VmRecord,
     decide_vms,
 )
-from vmcluster.core.placement import PlacementPolicy, Priority
+from vmcluster.core.placement import Failback, FailbackMode, PlacementPolicy, Priority, utc_hour
+from vmcluster.errors import InvalidInput
 
 NOW = 1_000_000.0
 HOUR = 3600.0
@@ -44,9 +45,20 @@ GEN = 3  # the generation most VMs below are at; their next one is GEN + 1
 
 
 def node(
-    name: str, state: NodeState = NodeState.UP, memory: int = 8192, *, draining: bool = False
+    name: str,
+    state: NodeState = NodeState.UP,
+    memory: int = 8192,
+    *,
+    draining: bool = False,
+    failback_until: float | None = None,
 ) -> NodeInfo:
-    return NodeInfo(name=name, state=state, memory_mib=memory, draining=draining)
+    return NodeInfo(
+        name=name,
+        state=state,
+        memory_mib=memory,
+        draining=draining,
+        failback_until=failback_until,
+    )
 
 
 def cluster(*infos: NodeInfo) -> dict[str, NodeInfo]:
@@ -229,7 +241,7 @@ def test_owner_isolated_does_nothing_without_failover_on_isolation() -> None:
         NodeState.PAUSED,
         NodeState.JOINING,
         NodeState.NO_QUORUM,
-        NodeState.QUARANTINED,
+        # QUARANTINED moves its VMs off (a move, not a failover): see the quarantine tests.
     ],
 )
 def test_only_down_or_isolated_owners_trigger_a_failover(state: NodeState) -> None:
@@ -686,6 +698,333 @@ def test_a_drain_without_a_target_does_not_fence_the_running_vm() -> None:
     )
 
 
+# --- failback ---------------------------------------------------------------------------------
+
+DAY = 86400.0
+MIDNIGHT = 20_000 * DAY  # a UTC midnight (2024-10-04)
+
+
+def utc(hour: int, minute: int = 0) -> float:
+    """Wall-clock seconds at ``hour:minute`` UTC on that day."""
+    return MIDNIGHT + hour * HOUR + minute * 60
+
+
+def back(
+    mode: FailbackMode = FailbackMode.IMMEDIATE,
+    start_hour: int = 0,
+    end_hour: int = 0,
+    preferred: tuple[str, ...] = ("n1", "n2"),
+    **fields: Any,
+) -> PlacementPolicy:
+    """A policy that prefers n1 then n2 and fails back as ``mode`` says."""
+    failback = Failback(mode=mode, start_hour=start_hour, end_hour=end_hour)
+    return PlacementPolicy(preferred=preferred, failback=failback, **fields)
+
+
+def test_failback_is_never_by_default() -> None:
+    assert PlacementPolicy().failback == Failback(mode=FailbackMode.NEVER)
+    vm = running("web1", "n2", policy=PlacementPolicy(preferred=("n1", "n2")))
+    assert_no_change(decide(three(), vm))
+
+
+def test_failback_never_leaves_a_vm_on_its_second_preferred_owner() -> None:
+    assert_no_change(decide(three(), running("web1", "n2", policy=back(FailbackMode.NEVER))))
+
+
+def test_immediate_failback_moves_a_vm_to_its_first_preferred_owner() -> None:
+    decision = decide(three(), running("web1", "n2", policy=back()))
+    assert bare(decision.actions) == [start("web1", "n1", StartKind.FAILBACK)]
+    assert only(decision).reason == "failback web1 to n1 (preferred owner #1)"
+    assert decision.reason == f"failback web1 to n1 (preferred owner #1) [generation {GEN + 1}]"
+
+
+def test_a_failback_bumps_the_generation_by_one() -> None:
+    decision = decide(three(), running("web1", "n2", policy=back(), generation=41))
+    assert bare(decision.actions) == [start("web1", "n1", StartKind.FAILBACK, generation=42)]
+
+
+def test_a_vm_on_its_first_preferred_owner_does_not_move() -> None:
+    assert_no_change(decide(three(), running("web1", "n1", policy=back())))
+
+
+def test_a_vm_on_its_second_preferred_owner_goes_to_the_first_not_the_third() -> None:
+    policy = back(preferred=("n2", "n3", "n1"))
+    assert_no_change(decide(three(), running("web1", "n2", policy=policy)))
+    decision = decide(three(), running("web1", "n1", policy=policy))
+    assert bare(decision.actions) == [start("web1", "n2", StartKind.FAILBACK)]
+    assert "preferred owner #1" in only(decision).reason
+
+
+def test_a_vm_outside_its_preferred_owners_fails_back_to_the_best_that_can_take_it() -> None:
+    # n1 (preferred #1) is down: the VM on n3, which is not in the list, goes to n2 (#2).
+    decision = decide(three(n1=NodeState.DOWN), running("web1", "n3", policy=back()))
+    assert bare(decision.actions) == [start("web1", "n2", StartKind.FAILBACK)]
+    assert only(decision).reason == "failback web1 to n2 (preferred owner #2)"
+
+
+def test_a_vm_without_preferred_owners_never_fails_back() -> None:
+    policy = back(preferred=())
+    assert_no_change(decide(three(), running("web1", "n3", policy=policy)))
+
+
+def test_a_vm_on_a_paused_owner_fails_back() -> None:
+    decision = decide(three(n2=NodeState.PAUSED), running("web1", "n2", policy=back()))
+    assert bare(decision.actions) == [start("web1", "n1", StartKind.FAILBACK)]
+
+
+@pytest.mark.parametrize(
+    ("start_hour", "end_hour", "hour", "moves"),
+    [
+        (1, 5, 1, True),  # the start hour is in the window
+        (1, 5, 4, True),
+        (1, 5, 5, False),  # the end hour is not
+        (1, 5, 0, False),
+        (1, 5, 13, False),
+        (22, 6, 22, True),  # wrapping midnight: 22:00-05:59
+        (22, 6, 23, True),
+        (22, 6, 0, True),
+        (22, 6, 5, True),
+        (22, 6, 6, False),
+        (22, 6, 21, False),
+        (22, 6, 12, False),
+        (7, 7, 0, True),  # start == end: the whole day
+        (7, 7, 6, True),
+        (7, 7, 23, True),
+    ],
+)
+def test_window_failback_happens_only_within_the_utc_hours(
+    start_hour: int, end_hour: int, hour: int, moves: bool
+) -> None:
+    policy = back(FailbackMode.WINDOW, start_hour, end_hour)
+    decision = decide(three(), running("web1", "n2", policy=policy), now=utc(hour, 30))
+    if moves:
+        assert bare(decision.actions) == [start("web1", "n1", StartKind.FAILBACK)]
+    else:
+        assert_no_change(decision)
+
+
+def test_the_window_uses_the_hour_of_now_in_utc() -> None:
+    assert utc_hour(utc(0)) == 0
+    assert utc_hour(utc(5, 59) + 59.9) == 5
+    assert utc_hour(utc(6)) == 6
+    assert utc_hour(utc(23, 59)) == 23
+    assert utc_hour(utc(23, 59) + 60) == 0
+    assert utc_hour(0.0) == 0  # 1970-01-01 00:00 UTC
+    assert utc_hour(NOW) == 13  # 1970-01-12 13:46:40 UTC
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        NodeState.DOWN,
+        NodeState.PAUSED,
+        NodeState.ISOLATED,
+        NodeState.QUARANTINED,
+        NodeState.JOINING,
+        NodeState.NO_QUORUM,
+    ],
+)
+def test_no_failback_to_a_preferred_owner_that_is_not_up(state: NodeState) -> None:
+    assert_no_change(decide(three(n1=state), running("web1", "n2", policy=back())))
+
+
+def test_no_failback_to_a_draining_preferred_owner() -> None:
+    # Draining, but not yet paused: it is Up and still must not take VMs back.
+    assert_no_change(decide(three(draining=True), running("web1", "n2", policy=back())))
+
+
+def test_no_failback_to_a_preferred_owner_without_the_memory() -> None:
+    nodes = cluster(node("n1", memory=4096), node("n2"))
+    resident = running("big", "n1", memory_mib=3584)
+    decision = decide(nodes, resident, running("web1", "n2", policy=back()))
+    assert_no_change(decision)
+    assert decision.reason == "no change: 2 running, 0 pending"
+
+
+def test_no_failback_against_hard_anti_affinity() -> None:
+    db: dict[str, Any] = {"anti_affinity": "db", "anti_affinity_hard": True}
+    resident = running("db1", "n1", policy=PlacementPolicy(**db))
+    assert_no_change(decide(three(), resident, running("db2", "n2", policy=back(**db))))
+
+
+def test_no_failback_to_a_preferred_owner_that_is_not_a_possible_owner() -> None:
+    policy = back(possible=("n2", "n3"))
+    assert_no_change(decide(three(), running("web1", "n2", policy=policy)))
+
+
+def test_policy_failback_waits_while_ha_is_disarmed() -> None:
+    decision = decide(three(), running("web1", "n2", policy=back()), armed=False)
+    assert_no_change(decision)
+    assert decision.reason == "no change: 1 running, 0 pending, HA disarmed"
+
+
+@pytest.mark.parametrize(
+    "vm",
+    [
+        running("web1", "n2", instance=None),
+        running("web1", "n2", instance=Instance(node="n2", generation=GEN - 1,
+                                                status=InstanceStatus.RUNNING)),
+        running("web1", "n2", instance=Instance(node="n2", generation=GEN,
+                                                status=InstanceStatus.STOPPED)),
+        running("web1", "n2", phase=VmPhase.STOPPING),
+    ],
+)  # fmt: skip
+def test_only_a_vm_reported_running_at_its_generation_fails_back(vm: VmRecord) -> None:
+    decision = decide(three(), replace(vm, policy=back()))
+    assert not any(isinstance(a, StartVm) for a in decision.actions)
+
+
+def test_a_starting_vm_becomes_running_before_it_can_fail_back() -> None:
+    decision = decide(three(), running("web1", "n2", phase=VmPhase.STARTING, policy=back()))
+    assert bare(decision.actions) == [SetPhase(vm="web1", phase=VmPhase.RUNNING, reason="")]
+
+
+def test_a_failback_is_not_a_failover_and_ignores_the_failover_threshold() -> None:
+    vm = running("web1", "n2", policy=back(), failovers=(NOW - 60, NOW - 30))
+    decision = decide(three(), vm)
+    assert bare(decision.actions) == [start("web1", "n1", StartKind.FAILBACK)]
+
+
+def test_a_vm_of_priority_none_fails_back_too() -> None:
+    vm = running("web1", "n2", policy=back(priority=Priority.NONE))
+    assert bare(decide(three(), vm).actions) == [start("web1", "n1", StartKind.FAILBACK)]
+
+
+def test_failbacks_get_only_the_room_that_failovers_leave() -> None:
+    # b (high priority) wants back to n1; a (low) lost n3 and prefers n1 too: a gets n1.
+    nodes = cluster(node("n1", memory=2048), node("n2"), node("n3", NodeState.DOWN))
+    a = running("a", "n3", memory_mib=2048,
+                policy=PlacementPolicy(preferred=("n1",), priority=Priority.LOW))  # fmt: skip
+    b = running("b", "n2", memory_mib=2048, policy=back(priority=Priority.HIGH))
+    decision = decide(nodes, a, b)
+    assert bare(decision.actions) == [start("a", "n1", StartKind.FAILOVER)]
+
+
+def test_the_memory_of_a_vm_that_cannot_fail_back_is_not_given_away() -> None:
+    # web1 fills n2 and cannot go back to the full n1: a new VM must not count on its room.
+    nodes = cluster(node("n1", memory=1024), node("n2", memory=1024))
+    resident = running("big", "n1", memory_mib=1024)
+    decision = decide(nodes, resident, running("web1", "n2", policy=back()), stopped("new"))
+    assert bare(decision.actions) == [SetPending(vm="new", reason="", fence_generation=None)]
+
+
+def test_several_failbacks_share_the_room_highest_priority_first() -> None:
+    nodes = cluster(node("n1", memory=2048), node("n2"))
+    low = running("a-low", "n2", memory_mib=2048, policy=back(priority=Priority.LOW))
+    high = running("z-high", "n2", memory_mib=2048, policy=back(priority=Priority.HIGH))
+    decision = decide(nodes, low, high)
+    assert bare(decision.actions) == [start("z-high", "n1", StartKind.FAILBACK)]
+
+
+def test_an_admin_failback_runs_whatever_the_policy_and_while_disarmed() -> None:
+    nodes = cluster(node("n1", failback_until=NOW + 60), node("n2"), node("n3"))
+    vm = running("web1", "n2", policy=back(FailbackMode.NEVER))
+    for armed in (True, False):
+        decision = decide(nodes, vm, armed=armed)
+        assert bare(decision.actions) == [start("web1", "n1", StartKind.FAILBACK)]
+        assert only(decision).reason == (
+            "failback web1 to n1 (preferred owner #1, n1 resumed with failback)"
+        )
+
+
+def test_an_admin_failback_ends_at_its_deadline() -> None:
+    nodes = cluster(node("n1", failback_until=NOW), node("n2"), node("n3"))
+    assert_no_change(decide(nodes, running("web1", "n2", policy=back(FailbackMode.NEVER))))
+
+
+def test_an_admin_failback_outside_the_policy_window_still_runs() -> None:
+    nodes = cluster(node("n1", failback_until=utc(12) + 60), node("n2"), node("n3"))
+    vm = running("web1", "n2", policy=back(FailbackMode.WINDOW, 22, 6))
+    assert_no_change(decide(cluster(node("n1"), node("n2"), node("n3")), vm, now=utc(12)))
+    decision = decide(nodes, vm, now=utc(12))
+    assert bare(decision.actions) == [start("web1", "n1", StartKind.FAILBACK)]
+
+
+def test_an_admin_failback_only_takes_vms_that_prefer_that_node_to_their_owner() -> None:
+    nodes = cluster(node("n1"), node("n2", failback_until=NOW + 60), node("n3"))
+    never = FailbackMode.NEVER
+    vms = [
+        running("on-first", "n1", policy=back(never)),  # n1 is ranked above n2: stays
+        running("elsewhere", "n3", policy=back(never, preferred=("n1", "n3"))),  # no n2
+        running("unpreferred", "n3", memory_mib=512),  # no preferred owners at all
+        running("web1", "n3", policy=back(never, preferred=("n1", "n2", "n3"))),
+    ]
+    decision = decide(nodes, *vms)
+    # web1 goes to n2, the resumed node, not to n1 (ranked higher but not resumed).
+    assert bare(decision.actions) == [start("web1", "n2", StartKind.FAILBACK)]
+    assert "n2 resumed with failback" in only(decision).reason
+
+
+@pytest.mark.parametrize("state", [NodeState.DOWN, NodeState.PAUSED, NodeState.QUARANTINED])
+def test_an_admin_failback_needs_the_node_up(state: NodeState) -> None:
+    nodes = cluster(node("n1", state, failback_until=NOW + 60), node("n2"), node("n3"))
+    assert_no_change(decide(nodes, running("web1", "n2", policy=back(FailbackMode.NEVER))))
+
+
+def test_an_admin_failback_needs_room() -> None:
+    nodes = cluster(node("n1", memory=512, failback_until=NOW + 60), node("n2"))
+    assert_no_change(decide(nodes, running("web1", "n2", policy=back(FailbackMode.NEVER))))
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"start_hour": 24}, "invalid failback start hour 24"),
+        ({"end_hour": -1}, "invalid failback end hour -1"),
+        ({"start_hour": True}, "invalid failback start hour True"),
+        ({"end_hour": 6.0}, "invalid failback end hour 6.0"),
+        ({"mode": "sometimes"}, "invalid failback mode 'sometimes'"),
+    ],
+)
+def test_a_failback_policy_is_validated(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidInput, match=message) as caught:
+        Failback(**fields)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_failback_mode_may_be_given_as_its_stored_string() -> None:
+    failback = Failback(mode="window", start_hour=22, end_hour=6)  # type: ignore[arg-type]
+    assert failback.mode is FailbackMode.WINDOW
+    assert [str(m) for m in FailbackMode] == ["never", "immediate", "window"]
+
+
+# --- quarantine -------------------------------------------------------------------------------
+
+
+def test_vms_on_a_quarantined_node_are_moved_off() -> None:
+    decision = decide(three(n1=NodeState.QUARANTINED), running("vm1", "n1"))
+    assert bare(decision.actions) == [start("vm1", "n2", StartKind.MOVE)]
+    reason = only(decision).reason
+    assert "vm1" in reason
+    assert "n1 is quarantined" in reason
+
+
+def test_a_quarantine_move_follows_the_preferred_owners() -> None:
+    vm = running("vm1", "n1", policy=PlacementPolicy(preferred=("n1", "n3", "n2")))
+    decision = decide(three(n1=NodeState.QUARANTINED), vm)
+    assert bare(decision.actions) == [start("vm1", "n3", StartKind.MOVE)]
+
+
+def test_vms_stay_on_a_quarantined_node_while_ha_is_disarmed() -> None:
+    decision = decide(three(n1=NodeState.QUARANTINED), running("vm1", "n1"), armed=False)
+    assert_no_change(decision)
+
+
+def test_a_quarantine_move_without_a_target_leaves_the_vm_running_unfenced() -> None:
+    nodes = three(n1=NodeState.QUARANTINED, n2=NodeState.DOWN, n3=NodeState.DOWN)
+    assert_no_change(decide(nodes, running("vm1", "n1")))
+
+
+def test_a_quarantined_node_takes_no_vm() -> None:
+    preferring = PlacementPolicy(preferred=("n1",))
+    decision = decide(three(n1=NodeState.QUARANTINED), stopped("vm1", policy=preferring))
+    assert bare(decision.actions) == [start("vm1", "n2", StartKind.START)]
+    alone = cluster(node("n1", NodeState.QUARANTINED))
+    decision = decide(alone, stopped("vm1"))
+    assert bare(decision.actions) == [SetPending(vm="vm1", reason="", fence_generation=None)]
+    assert "n1 is quarantined" in only(decision).reason
+
+
 # --- the reason -------------------------------------------------------------------------------
 
 
@@ -733,11 +1072,23 @@ AGES = st.sampled_from((1.0, 60.0, HOUR, 5 * HOUR, 7 * HOUR, 30 * HOUR))
 NODE_STATES = st.sampled_from(NodeState) | st.just(NodeState.UP)
 PHASES = st.sampled_from(VmPhase) | st.sampled_from((VmPhase.RUNNING, VmPhase.STOPPED))
 STATUSES = st.sampled_from(InstanceStatus) | st.just(InstanceStatus.CRASHED)
+FAILBACKS = st.sampled_from(
+    (
+        Failback(),
+        Failback(mode=FailbackMode.IMMEDIATE),
+        Failback(mode=FailbackMode.WINDOW, start_hour=13, end_hour=14),  # NOW is 13:46 UTC
+        Failback(mode=FailbackMode.WINDOW, start_hour=22, end_hour=6),
+    )
+)
+FAILBACK_UNTIL = st.sampled_from((None, None, NOW - 1, NOW, NOW + 60))
 SAFETY = settings(max_examples=300)
 
 
+SHAPES = ("any", "owned", "crashed", "start", "steady")
+
+
 @st.composite
-def views(draw: st.DrawFn) -> HaView:
+def views(draw: st.DrawFn, shapes: tuple[str, ...] = SHAPES) -> HaView:
     names = NODE_NAMES[: draw(st.integers(1, len(NODE_NAMES)))]
     nodes = {
         name: NodeInfo(
@@ -745,6 +1096,7 @@ def views(draw: st.DrawFn) -> HaView:
             state=draw(NODE_STATES),
             memory_mib=draw(MEMORY),
             draining=draw(st.booleans()),
+            failback_until=draw(FAILBACK_UNTIL),
         )
         for name in names
     }
@@ -753,15 +1105,17 @@ def views(draw: st.DrawFn) -> HaView:
         name = f"vm{i}"
         generation = draw(st.integers(0, 5))
         # "any" is fully random; the others are the common shapes, so that every path (start,
-        # failover, restart, move, stop) shows up often.
-        shape = draw(st.sampled_from(("any", "owned", "crashed", "start")))
+        # failover, restart, move, failback, stop) shows up often.
+        shape = draw(st.sampled_from(shapes))
         owner = draw(st.none() | st.sampled_from((*names, *names, "gone")))
-        if shape in ("owned", "crashed"):
+        if shape in ("owned", "crashed", "steady"):
             owner = draw(st.sampled_from(names))
         elif shape == "start":
             owner = None
         instance = None
-        if owner is not None and (shape == "crashed" or draw(st.integers(0, 3))):
+        if shape == "steady":  # runs where it should: only a failback may move it
+            instance = Instance(node=owner, generation=generation, status=InstanceStatus.RUNNING)
+        elif owner is not None and (shape == "crashed" or draw(st.integers(0, 3))):
             instance = Instance(
                 node=owner,
                 generation=draw(st.sampled_from((generation, generation, generation - 1))),
@@ -773,6 +1127,7 @@ def views(draw: st.DrawFn) -> HaView:
             possible=draw(st.sampled_from(((), (), names[:1], names[-2:]))),
             anti_affinity=draw(st.sampled_from((None, "db"))),
             anti_affinity_hard=draw(st.booleans()),
+            failback=draw(FAILBACKS),
         )
         vms[name] = VmRecord(
             name=name,
@@ -811,6 +1166,12 @@ def _leaving(actions: Iterable[VmAction]) -> set[str]:
     }
 
 
+def _resumed(view: HaView, node: str) -> bool:
+    """Whether an admin resumed ``node`` with failback and its one-shot is still on."""
+    until = view.nodes[node].failback_until
+    return until is not None and until > NOW
+
+
 @SAFETY
 @given(views())
 def test_every_fenced_action_carries_the_next_generation(view: HaView) -> None:
@@ -847,7 +1208,7 @@ def test_a_failover_or_move_never_targets_the_old_owner(view: HaView) -> None:
     for action in decide_vms(view, NOW).actions:
         if isinstance(action, StartVm):
             owner = view.vms[action.vm].owner
-            if action.kind in (StartKind.FAILOVER, StartKind.MOVE):
+            if action.kind in (StartKind.FAILOVER, StartKind.MOVE, StartKind.FAILBACK):
                 assert owner is not None
                 assert action.node != owner
             if action.kind is StartKind.RESTART:
@@ -923,13 +1284,51 @@ def test_disarmed_ha_takes_no_automatic_action(view: HaView) -> None:
             owner = view.nodes.get(vm.owner) if vm.owner else None
             explicit_start = action.kind is StartKind.START and vm.phase is VmPhase.STOPPED
             drain = action.kind is StartKind.MOVE and owner is not None and owner.draining
-            assert explicit_start or drain
+            admin_failback = action.kind is StartKind.FAILBACK and _resumed(view, action.node)
+            assert explicit_start or drain or admin_failback
         if isinstance(action, SetPhase):
             assert action.phase is not VmPhase.FAILED
         if isinstance(action, SetPending):
             assert vm.phase is VmPhase.STOPPED or vm.owner is not None
     if not decision.actions:
         assert decision.reason.endswith(", HA disarmed")
+
+
+@settings(max_examples=1000)  # failbacks need a rare mix: a steady VM, a free node above
+@given(views(shapes=("steady", "steady", "steady", "any", "start")))
+def test_a_failback_climbs_the_preferred_owners_to_an_up_node_at_the_next_generation(
+    view: HaView,
+) -> None:
+    for action in decide_vms(view, NOW).actions:
+        if not (isinstance(action, StartVm) and action.kind is StartKind.FAILBACK):
+            continue
+        vm, target = view.vms[action.vm], view.nodes[action.node]
+        assert target.state is NodeState.UP
+        assert not target.draining
+        assert action.generation == vm.generation + 1
+        assert vm.phase is VmPhase.RUNNING
+        assert vm.owner is not None
+        assert view.nodes[vm.owner].state in (NodeState.UP, NodeState.PAUSED)
+        preferred = vm.policy.preferred
+        if vm.owner in preferred:
+            assert preferred.index(action.node) < preferred.index(vm.owner)
+        else:
+            assert action.node in preferred
+        assert (view.armed and vm.policy.failback.allows(NOW)) or _resumed(view, action.node)
+
+
+@SAFETY
+@given(views())
+def test_quarantined_nodes_take_nothing_and_their_vms_only_move_off(view: HaView) -> None:
+    for action in decide_vms(view, NOW).actions:
+        if isinstance(action, StartVm):
+            assert view.nodes[action.node].state is not NodeState.QUARANTINED
+            owner = view.vms[action.vm].owner
+            on_quarantined = owner in view.nodes and (
+                view.nodes[owner].state is NodeState.QUARANTINED
+            )
+            if on_quarantined and action.kind is StartKind.MOVE:
+                assert view.armed
 
 
 @SAFETY

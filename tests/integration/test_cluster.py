@@ -51,20 +51,20 @@ def _leaders(nodes: dict[str, dict[str, Any]]) -> list[str]:
     return [name for name, n in nodes.items() if n["leader"]]
 
 
-def _lab(empty_home: DataDir, *args: str) -> Iterator[Lab]:
+def _lab(home: DataDir, *args: str) -> Iterator[Lab]:
     name = "c" + uuid.uuid4().hex[:6]
     up = run_cli("lab", "up", "--name", name, *args)
     assert up.code == 0, up.err
     try:
-        yield Lab(empty_home, name)
+        yield Lab(home, name)
     finally:
         down = run_cli("lab", "down", "--name", name)
         assert down.code == 0, down.err
 
 
 @pytest.fixture
-def lab(empty_home: DataDir) -> Iterator[Lab]:
-    yield from _lab(empty_home, "--arrays", "0")
+def lab(home: DataDir) -> Iterator[Lab]:
+    yield from _lab(home, "--arrays", "0")
 
 
 def test_after_lab_up_every_node_is_up_with_one_leader(lab: Lab) -> None:
@@ -220,8 +220,8 @@ def test_the_api_refuses_requests_without_the_token(lab: Lab) -> None:
     assert result.stdout == "401"
 
 
-def test_cli_names_the_addresses_it_tried_when_no_agent_answers(empty_home: DataDir) -> None:
-    secrets = empty_home.root / "secrets.json"
+def test_cli_names_the_addresses_it_tried_when_no_agent_answers(home: DataDir) -> None:
+    secrets = home.root / "secrets.json"
     secrets.write_text(json.dumps({"token": "t" * 32, "cluster_key": "00" * 32}))
     secrets.chmod(0o600)
     result = run_cli("node", "list", env={"VMCLUSTER_API": "unix:///nonexistent/api.sock",
@@ -232,8 +232,8 @@ def test_cli_names_the_addresses_it_tried_when_no_agent_answers(empty_home: Data
     assert "unix:///nonexistent/api.sock" in lines[0]
 
 
-def test_two_nodes_and_a_witness_survive_the_loss_of_one_node(empty_home: DataDir) -> None:
-    for lab in _lab(empty_home, "--nodes", "2", "--arrays", "0", "--witness"):
+def test_two_nodes_and_a_witness_survive_the_loss_of_one_node(home: DataDir) -> None:
+    for lab in _lab(home, "--nodes", "2", "--arrays", "0", "--witness"):
         nodes = _nodes()
         assert set(nodes) == {"n1", "n2"}
         assert {n["state"] for n in nodes.values()} == {"up"}

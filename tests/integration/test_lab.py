@@ -83,11 +83,11 @@ def _assert_gone(name: str, pids: list[int]) -> None:
 
 
 @pytest.fixture
-def lab(empty_home: DataDir) -> Iterator[Lab]:
+def lab(home: DataDir) -> Iterator[Lab]:
     name = _name()
     result = run_cli("lab", "up", "--name", name)
     assert result.code == 0, result.err
-    the_lab = Lab(empty_home, name)
+    the_lab = Lab(home, name)
     pids = _tracked_pids(the_lab)
     try:
         yield the_lab
@@ -98,12 +98,12 @@ def lab(empty_home: DataDir) -> Iterator[Lab]:
         _assert_gone(name, pids)
 
 
-def test_up_status_down_leaves_nothing(empty_home: DataDir) -> None:
+def test_up_status_down_leaves_nothing(home: DataDir) -> None:
     name = _name()
     up = run_cli("lab", "up", "--name", name)
     assert up.code == 0, up.err
     assert f"lab {name} is up" in up.out
-    the_lab = Lab(empty_home, name)
+    the_lab = Lab(home, name)
     pids = _tracked_pids(the_lab)
     assert len(pids) == 8  # 3 etcd members, 2 arrays, 3 agents
 
@@ -272,11 +272,11 @@ def test_freeze_thaw_slow_and_heal(lab: Lab) -> None:
     assert lab.etcd_health(lab.plan()) == {"n1": True, "n2": True, "n3": True}
 
 
-def test_two_nodes_and_a_witness_survive_the_loss_of_a_node(empty_home: DataDir) -> None:
+def test_two_nodes_and_a_witness_survive_the_loss_of_a_node(home: DataDir) -> None:
     name = _name()
     assert run_cli("lab", "up", "--name", name, "--nodes", "2", "--arrays", "1",
                    "--witness").code == 0  # fmt: skip
-    the_lab = Lab(empty_home, name)
+    the_lab = Lab(home, name)
     pids = _tracked_pids(the_lab)
     try:
         assert the_lab.etcd_health(the_lab.plan()) == {"n1": True, "n2": True, "witness": True}
@@ -289,16 +289,16 @@ def test_two_nodes_and_a_witness_survive_the_loss_of_a_node(empty_home: DataDir)
     _assert_gone(name, pids)
 
 
-def test_two_labs_coexist_and_eight_nodes_work(empty_home: DataDir) -> None:
+def test_two_labs_coexist_and_eight_nodes_work(home: DataDir) -> None:
     first, second = _name(), _name()
     assert run_cli("lab", "up", "--name", first, "--nodes", "2", "--arrays", "0").code == 0
     try:
         big = run_cli("lab", "up", "--name", second, "--nodes", "8", "--arrays", "1")
         assert big.code == 0, big.err
-        lab2 = Lab(empty_home, second)
+        lab2 = Lab(home, second)
         assert all(lab2.etcd_health(lab2.plan()).values())
         assert _etcd_put(lab2, "n8", "/eight", "8")
-        assert _etcd_get(Lab(empty_home, first), "n1", "/eight") == "", "labs are separate"
+        assert _etcd_get(Lab(home, first), "n1", "/eight") == "", "labs are separate"
         listed = run_cli("lab", "list", "-o", "json").json()
         assert listed == sorted([first, second])
         ambiguous = run_cli("lab", "status", "--name", first)
@@ -338,7 +338,7 @@ def test_bad_input_is_refused_in_one_line(lab: Lab) -> None:
     assert lab.status()["faults"] == []
 
 
-def test_up_without_a_needed_tool_or_without_root(empty_home: DataDir, tmp_path: Path) -> None:
+def test_up_without_a_needed_tool_or_without_root(home: DataDir, tmp_path: Path) -> None:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for tool in ("ip", "tc", "nft", "setsid", "etcdctl", "qemu-storage-daemon", "python3"):
@@ -349,7 +349,7 @@ def test_up_without_a_needed_tool_or_without_root(empty_home: DataDir, tmp_path:
     result = run_cli("lab", "up", "--name", name, env={"PATH": str(bin_dir)})
     _one_line_error(result, 6, "the lab needs etcd", "make setup")
     assert netns.namespaces_with_prefix(f"vmc-{name}-") == []
-    assert not (empty_home.root / "labs" / name).exists()
+    assert not (home.root / "labs" / name).exists()
 
     nobody = subprocess.run(
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
@@ -363,12 +363,12 @@ def test_up_without_a_needed_tool_or_without_root(empty_home: DataDir, tmp_path:
     assert netns.namespaces_with_prefix(f"vmc-{name}-") == []
 
 
-def test_down_cleans_up_after_a_crashed_up(empty_home: DataDir) -> None:
+def test_down_cleans_up_after_a_crashed_up(home: DataDir) -> None:
     name = _name()
 
     up = subprocess.Popen([VMCLUSTER, "lab", "up", "--name", name],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    the_lab = Lab(empty_home, name)
+    the_lab = Lab(home, name)
     # Kill `lab up` as soon as it has started processes: a crash half-way through.
     for _ in range(500):
         if the_lab.exists() and any(p.pid for p in the_lab.load().processes):

@@ -105,7 +105,7 @@ def test_kill9_is_detected_and_restart_continues_the_sequence(home: DataDir) -> 
         time.sleep(0.1)
 
     # A fresh `vmcluster` process (no memory of the launch) sees the truth.
-    listed = run_cli("vm", "list", "-o", "json")
+    listed = run_cli("vm", "list", "--local", "-o", "json")
     assert listed.code == 0, listed.err
     (entry,) = listed.json()  # type: ignore[misc]
     assert entry["name"] == "lc-crash"

@@ -55,7 +55,13 @@ def find_target(data: DataDir) -> ClusterTarget:
     if lab is not None and Lab(data, lab).cli_file.exists():
         info = json.loads(Lab(data, lab).cli_file.read_text())
         return ClusterTarget(endpoints=dict(info["api"]), secrets_file=info["secrets_file"])
-    return ClusterTarget(endpoints={"local": DEFAULT_API}, secrets_file=DEFAULT_SECRETS)
+    secrets = os.environ.get("VMCLUSTER_SECRETS", DEFAULT_SECRETS)
+    if not Path(secrets).exists():
+        raise NotFound(
+            f"no cluster to talk to: no lab is up, VMCLUSTER_API is not set and {secrets} "
+            "does not exist (--local works on this machine's own VMs)"
+        )
+    return ClusterTarget(endpoints={"local": DEFAULT_API}, secrets_file=secrets)
 
 
 def _session(url: str, *, stream: bool = False) -> tuple[aiohttp.ClientSession, str]:

@@ -55,12 +55,15 @@ def record_exit(exits: Sequence[float], at: float, keep_s: float) -> tuple[float
     return tuple(sorted(t for t in (*exits, at) if at - t < keep_s))
 
 
-def _quarantine(exits: Sequence[float], settings: QuarantineSettings) -> tuple[float, float] | None:
-    """(start, end) of the node's latest quarantine, or None if it never qualified.
+def _quarantine(
+    exits: Sequence[float], now: float, settings: QuarantineSettings
+) -> tuple[float, float] | None:
+    """(start, end) of the node's latest quarantine up to ``now``, or None if it never qualified.
 
     Each exit that has ``threshold`` exits (itself included) within ``window_s`` up to it starts
-    or extends a quarantine until ``duration_s`` after it; overlapping ones merge into one."""
-    ordered = sorted(exits)
+    or extends a quarantine until ``duration_s`` after it; overlapping ones merge into one.
+    Exits after ``now`` (another node's clock runs ahead) do not count yet."""
+    ordered = sorted(t for t in exits if t <= now)
     found: tuple[float, float] | None = None
     for i, last in enumerate(ordered):
         count = sum(1 for t in ordered[: i + 1] if last - t < settings.window_s)
@@ -91,7 +94,7 @@ def quarantined(
     for name, exits in unclean_exits.items():
         if name not in members:
             continue
-        found = _quarantine(exits, settings)
+        found = _quarantine(exits, now, settings)
         if found is not None and found[1] > now:
             qualifying.append((found[0], name, found[1]))
     qualifying.sort()
