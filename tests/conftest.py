@@ -6,6 +6,7 @@ import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -81,3 +82,11 @@ def no_process_outlives_the_suite(tmp_path_factory: pytest.TempPathFactory) -> I
         if base in cmdline and "pytest" not in cmdline:
             survivors.append(f"{proc_dir.name}: {cmdline[:120]}")
     assert not survivors, "processes outlived the test suite:\n" + "\n".join(survivors)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Keep each phase's report on the item, so fixtures can tell whether the test failed."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

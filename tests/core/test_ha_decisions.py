@@ -1113,7 +1113,7 @@ def views(draw: st.DrawFn, shapes: tuple[str, ...] = SHAPES) -> HaView:
         elif shape == "start":
             owner = None
         instance = None
-        if shape == "steady":  # runs where it should: only a failback may move it
+        if shape == "steady" and owner is not None:  # runs where it should: only failback
             instance = Instance(node=owner, generation=generation, status=InstanceStatus.RUNNING)
         elif owner is not None and (shape == "crashed" or draw(st.integers(0, 3))):
             instance = Instance(
@@ -1324,10 +1324,9 @@ def test_quarantined_nodes_take_nothing_and_their_vms_only_move_off(view: HaView
         if isinstance(action, StartVm):
             assert view.nodes[action.node].state is not NodeState.QUARANTINED
             owner = view.vms[action.vm].owner
-            on_quarantined = owner in view.nodes and (
-                view.nodes[owner].state is NodeState.QUARANTINED
-            )
-            if on_quarantined and action.kind is StartKind.MOVE:
+            info = view.nodes.get(owner) if owner is not None else None
+            if info is not None and info.state is NodeState.QUARANTINED:
+                assert action.kind in (StartKind.MOVE, StartKind.FAILOVER)  # failover: a crash
                 assert view.armed
 
 

@@ -18,7 +18,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,12 @@ from vmcluster.clusterstate.store import (
 from vmcluster.core.cluster import ClusterView, NodeState, evaluate
 from vmcluster.core.decide import EmitEvent, RecordedView, RecordView, decide
 from vmcluster.core.membership import DetectorSettings, FailureDetector
+from vmcluster.core.quarantine import (
+    QuarantineSettings,
+    effective_state,
+    quarantined,
+    record_exit,
+)
 from vmcluster.logs import event, get_logger
 from vmcluster.protocols.heartbeat import Heartbeat
 
@@ -104,6 +110,7 @@ class Agent:
         )
         self.detector = FailureDetector(me=config.node, networks=self.networks, settings=settings)
         self.quorum = QuorumState()
+        self.quarantine_settings = QuarantineSettings()
         self.is_leader = False
         self.started_at = time.time()
         self._wake_detector = asyncio.Event()
@@ -341,6 +348,9 @@ class Agent:
             if not decision.actions:
                 continue
             puts: dict[str, Put] = {}
+            exits = self._unclean_exits(view, recorded)
+            if exits is not None:
+                puts[self.keys.quarantine] = Put(value=dumps({"exits": exits}))
             for action in decision.actions:
                 if isinstance(action, EmitEvent):
                     key, value = self._event_record(action.kind, action.subject, action.reason)
@@ -363,9 +373,40 @@ class Agent:
             except StoreError as exc:
                 log.info(event("controller.commit.failed", reason=str(exc)))
 
+    def quarantined(self) -> dict[str, float]:
+        """node -> end of its quarantine, from the unclean exits the leader recorded."""
+        exits = (self.cache.json(self.keys.quarantine) or {}).get("exits", {})
+        members = sorted(self.cache.nodes())
+        return quarantined(exits, time.time(), members, self.quarantine_settings)
+
+    def _unclean_exits(
+        self, view: ClusterView, recorded: RecordedView
+    ) -> dict[str, list[float]] | None:
+        """The unclean exits with the nodes that just went Down without being paused first
+        (None: no change). Written with the view that records the change, so counted once."""
+        gone = [name for name, node in view.nodes.items()
+                if node.state is NodeState.DOWN
+                and recorded.nodes.get(name) not in (None, "down", "paused")]  # fmt: skip
+        if not gone:
+            return None
+        exits = dict((self.cache.json(self.keys.quarantine) or {}).get("exits", {}))
+        keep = self.quarantine_settings.window_s + self.quarantine_settings.duration_s
+        for name in gone:
+            exits[name] = list(record_exit(exits.get(name, []), time.time(), keep))
+            log.warning(event("node.unclean-exit", node=name, recent=len(exits[name])))
+        return exits
+
     def view(self) -> ClusterView:
-        """The cluster as this node sees it now (its own state is NoQuorum without quorum)."""
+        """The cluster as this node sees it now (its own state is NoQuorum without quorum;
+        quarantined nodes that are alive are Quarantined)."""
         view = evaluate(self.cache.facts(self.networks))
+        held = self.quarantined()
+        if held:
+            view = ClusterView(
+                nodes={name: replace(node, state=effective_state(node.state, name in held))
+                       for name, node in view.nodes.items()},
+                networks=view.networks, leader=view.leader,
+            )  # fmt: skip
         me = self.config.node
         if not self.has_quorum() and me in view.nodes:
             nodes = dict(view.nodes)

@@ -135,6 +135,7 @@ class VmService:
                 name=name, state=node.state,
                 memory_mib=int(parts.get("spec", {}).get("vm_memory_mib", 0)),
                 draining=bool(admin.get("draining")),
+                failback_until=admin.get("failback_until"),
             )  # fmt: skip
         return HaView(nodes=nodes, vms={n: s.record for n, s in stored.items()},
                       armed=self.armed())  # fmt: skip

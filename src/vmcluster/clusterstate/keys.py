@@ -13,6 +13,7 @@
     /vmcluster/v1/<cluster>/vms/<vm>/placement  owner, generation, phase (written by the leader)
     /vmcluster/v1/<cluster>/vms/<vm>/instance   the owner's report, bound to its lease
     /vmcluster/v1/<cluster>/ha                  armed or disarmed
+    /vmcluster/v1/<cluster>/quarantine          unclean exits per node (written by the leader)
 
 Values are JSON objects (UTF-8).
 """
@@ -70,6 +71,10 @@ class Keys:
     @property
     def ha(self) -> str:
         return f"{self.prefix}ha"
+
+    @property
+    def quarantine(self) -> str:
+        return f"{self.prefix}quarantine"
 
     def split_vm_key(self, key: str) -> tuple[str, str] | None:
         """'.../vms/web1/placement' -> ('web1', 'placement'); None for other keys."""

@@ -19,7 +19,7 @@ from typing import Any
 
 from vmcluster.core.ha import Instance, InstanceStatus, VmPhase, VmRecord
 from vmcluster.core.model import NAME_RE, VmSpec, check_name
-from vmcluster.core.placement import PlacementPolicy, Priority
+from vmcluster.core.placement import Failback, FailbackMode, PlacementPolicy, Priority
 from vmcluster.errors import InvalidInput
 
 PRIORITY_NAMES = {"high": Priority.HIGH, "medium": Priority.MEDIUM, "low": Priority.LOW,
@@ -37,7 +37,10 @@ def policy_to_json(policy: PlacementPolicy) -> dict[str, Any]:
     name = next(k for k, v in PRIORITY_NAMES.items() if v is policy.priority)
     return {"priority": name, "preferred": list(policy.preferred),
             "possible": list(policy.possible), "anti_affinity": policy.anti_affinity,
-            "anti_affinity_hard": policy.anti_affinity_hard}  # fmt: skip
+            "anti_affinity_hard": policy.anti_affinity_hard,
+            "failback": {"mode": str(policy.failback.mode),
+                         "start_hour": policy.failback.start_hour,
+                         "end_hour": policy.failback.end_hour}}  # fmt: skip
 
 
 def policy_from_json(data: Mapping[str, Any]) -> PlacementPolicy:
@@ -47,6 +50,15 @@ def policy_from_json(data: Mapping[str, Any]) -> PlacementPolicy:
         possible=tuple(str(n) for n in data.get("possible", [])),
         anti_affinity=data.get("anti_affinity") or None,
         anti_affinity_hard=bool(data.get("anti_affinity_hard", False)),
+        failback=failback_from_json(data.get("failback") or {}),
+    )
+
+
+def failback_from_json(data: Mapping[str, Any]) -> Failback:
+    return Failback(
+        mode=FailbackMode(str(data.get("mode", "never"))),
+        start_hour=data.get("start_hour", 0),
+        end_hour=data.get("end_hour", 0),
     )
 
 
