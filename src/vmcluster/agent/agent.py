@@ -307,6 +307,8 @@ class Agent:
         while True:
             seen = self.cache.version
             leader = self.cache.leader()
+            if leader is not None and leader != self.config.node and self.has_quorum():
+                leader = await self._depose_if_isolated(leader)
             if leader is None and self.has_quorum():
                 try:
                     won = await self.store.create(
@@ -321,13 +323,39 @@ class Agent:
             self.is_leader = self.has_quorum() and self.cache.leader() == self.config.node
             await self.cache.wait_changed(0.5, after=seen)
 
+    async def _depose_if_isolated(self, leader: str) -> str | None:
+        """Remove the leader key of a leader the cluster sees Isolated (heartbeats lost on every
+        network), rather than wait for its lease to expire: failover starts a lease TTL sooner.
+
+        Safe because a leader acts only through commits that compare the leader key's revision
+        (a deposed leader's commits fail) and through fences, which the arrays order by
+        generation (a deposed leader can neither un-fence nor re-open an older generation).
+        """
+        view = self.view()
+        me, them = view.nodes.get(self.config.node), view.nodes.get(leader)
+        if me is None or them is None or me.state is not NodeState.UP:
+            return leader
+        if them.state is not NodeState.ISOLATED:
+            return leader
+        entry = self.cache.entries.get(self.keys.leader)
+        if entry is None:
+            return None
+        try:
+            if await self.store.delete_if(self.keys.leader, mod_revision=entry.mod_revision):
+                log.warning(event("leader.deposed", node=leader, by=self.config.node,
+                                  reason="isolated"))  # fmt: skip
+                return None
+        except StoreError as exc:
+            log.info(event("election.depose.failed", reason=str(exc)))
+        return leader
+
     async def _controller_loop(self) -> None:
         last_reason = ""
         seen = -1
         while True:
             await self.cache.wait_changed(CONTROLLER_PERIOD_S, after=seen)
             seen = self.cache.version
-            if not (self.is_leader and self.has_quorum()):
+            if not self.has_quorum():  # leadership: the leader key in the cache, below
                 continue
             leader_entry = self.cache.entries.get(self.keys.leader)
             if leader_entry is None or self.cache.leader() != self.config.node:

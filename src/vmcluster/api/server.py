@@ -72,9 +72,14 @@ ERROR_STATUS: tuple[tuple[type[VmclusterError], int, str], ...] = (
 
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Errors become JSON with the HTTP status and a kind the CLI maps back to exit codes."""
+    """Errors become JSON with the HTTP status and a kind the CLI maps back to exit codes.
+    Every answer says whether this agent has quorum (without it, reads may be stale)."""
     try:
-        return await handler(request)
+        response = await handler(request)
+        if not response.prepared:
+            quorate = request.app[AGENT_KEY].has_quorum()
+            response.headers["X-Vmcluster-Quorum"] = "yes" if quorate else "no"
+        return response
     except VmclusterError as exc:
         for cls, status, kind in ERROR_STATUS:
             if isinstance(exc, cls):

@@ -30,6 +30,7 @@ ERROR_KINDS: dict[str, type[VmclusterError]] = {
 DEFAULT_API = "unix:///run/vmcluster/api.sock"
 DEFAULT_SECRETS = "/etc/vmcluster/secrets.json"
 REQUEST_TIMEOUT_S = 10.0
+QUORUM_HEADER = "X-Vmcluster-Quorum"  # "no": the agent answered from a cache that may be stale
 
 
 class ApiUnreachable(VmclusterError):
@@ -83,18 +84,26 @@ class ApiClient:
         self.token = Secrets.read(Path(target.secrets_file)).token
 
     async def _first(self, attempt: Callable[[aiohttp.ClientSession, str], Any]) -> Any:
+        """The first agent's answer; an answer from an agent without quorum (possibly stale)
+        only if no agent with quorum answers."""
         errors: list[str] = []
         no_quorum: InvalidState | None = None
+        stale: list[Any] = []
         for url in self.endpoints:
             session, base = _session(url)
             try:
                 async with session:
-                    return await attempt(session, base)
+                    answer, quorate = await attempt(session, base)
+                if quorate:
+                    return answer
+                stale.append(answer)
             except (aiohttp.ClientConnectionError, TimeoutError, OSError) as exc:
                 errors.append(f"{url} ({type(exc).__name__})")
             except InvalidState as exc:  # 503: this agent has no quorum; another may
                 no_quorum = exc
                 errors.append(f"{url} (no quorum)")
+        if stale:
+            return stale[0]
         if no_quorum is not None:
             raise no_quorum
         raise ApiUnreachable(f"cannot reach the cluster API: tried {', '.join(errors)}")
@@ -109,7 +118,7 @@ class ApiClient:
                 except ValueError:
                     answer = {"error": text.strip().splitlines()[0] if text.strip() else ""}
                 if response.status < 400:
-                    return answer
+                    return answer, response.headers.get(QUORUM_HEADER, "yes") != "no"
                 error = str(answer.get("error", "")) if isinstance(answer, dict) else ""
                 kind = str(answer.get("kind", "")) if isinstance(answer, dict) else ""
                 if response.status == 404:

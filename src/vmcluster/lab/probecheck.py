@@ -40,6 +40,9 @@ def check_lab(lab: Lab, vms: list[dict[str, Any]]) -> list[VmCheck]:
             continue
         first = vm["disks"][0]
         path = lun_file(lab, first["array"], first["lun"])
+        # Consoles first: an ACK printed after the disk was read would look lost; a record
+        # written after the consoles were read is merely not acknowledged yet.
+        consoles = node_consoles(lab, vm["name"])
         disk = path.read_bytes() if path.exists() else b""
-        results.append(check_vm(vm["name"], node_consoles(lab, vm["name"]), disk))
+        results.append(check_vm(vm["name"], consoles, disk))
     return results
