@@ -336,3 +336,42 @@ def test_bad_requests_get_one_line_errors_and_leave_nothing_behind(lab: Lab) -> 
     _cli("vm", "delete", "x1")
     assert _vms() == {}
     assert sorted(p.name for p in (lab.host_dir("a1") / "luns").glob("*.raw")) == ["lab-probe.raw"]
+
+
+# ----- the watchdog and quarantine -----
+
+
+def test_a_hung_agent_loses_its_vms_to_the_watchdog_and_the_vm_fails_over(lab: Lab) -> None:
+    leader = next(n for n, v in _nodes().items() if v["leader"])
+    victim = next(n for n in ("n1", "n2", "n3") if n != leader)
+    _create("p8", "--preferred", victim)
+    first = _running("p8")
+    assert first["owner"] == victim
+    before = _writing(lab, first)
+    old_pid = _qemu_pid(lab, victim, "p8", first["generation"])
+    assert old_pid is not None
+    _cli("lab", "fault", "freeze", victim, "--name", lab.name)
+    # Nobody renews the agent's deadline: its watchdog kills the VM.
+    _until(lambda: not Path(f"/proc/{old_pid}").exists(), what="old QEMU killed")
+    log = (lab.host_dir(victim) / "data" / "watchdog.log").read_text()
+    assert f"watchdog.fenced pid={old_pid}" in log
+    second = _running("p8", generation_above=first["generation"], not_on=victim)
+    _writing(lab, second, above=before)
+    _cli("lab", "fault", "thaw", victim, "--name", lab.name)
+    _until(lambda: _nodes()[victim]["state"] == "up", what=f"{victim} up again")
+    assert _vms()["p8"]["owner"] == second["owner"]
+    _check_probe(lab)
+
+
+def test_a_node_that_crashes_three_times_is_quarantined_and_gets_no_vms(lab: Lab) -> None:
+    for _ in range(3):
+        _cli("lab", "fault", "crash", "n3", "--name", lab.name)
+        _until(lambda: _nodes()["n3"]["state"] == "down", what="n3 down")
+        _cli("lab", "fault", "restart", "n3", "--name", lab.name)
+        _until(lambda: _nodes()["n3"]["state"] in ("up", "quarantined"), what="n3 back")
+    _until(lambda: _nodes()["n3"]["state"] == "quarantined", what="n3 quarantined")
+    assert "node.quarantined" in _event_kinds("n3")
+    _create("p9", "--preferred", "n3")
+    vm = _running("p9")
+    assert vm["owner"] != "n3"
+    _writing(lab, vm)

@@ -21,12 +21,15 @@ self-fence also takes it off the network.)
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vmcluster.agent import watchdog
 from vmcluster.agent.hosting import LocalInstance, VmHost
 from vmcluster.arrays.qsd import QsdArray
 from vmcluster.clusterstate.keys import dumps
@@ -227,6 +230,7 @@ class VmService:
         self.host.adopt()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._self_fence_loop(), name="self-fence")
+            tg.create_task(self._watchdog_loop(), name="watchdog")
             tg.create_task(self._reconcile_loop(), name="reconcile")
 
     async def _reconcile_loop(self) -> None:
@@ -363,6 +367,44 @@ class VmService:
             self.agent._emit_later("node.self-fenced", self.me, why)
             while self.host.instances:  # noqa: ASYNC110 - wait for the pidfd watchers
                 await asyncio.sleep(SELF_FENCE_CHECK_S)
+
+    # ----- every node: the watchdog's deadline -----
+
+    async def _watchdog_loop(self) -> None:
+        """Keep the watchdog process told of the deadline and the instances (once VMs run)."""
+        run_dir = Path(self.agent.config.vms.run_dir)
+        margin = self.agent.config.timings.self_fence_margin_s
+        told: tuple[float, frozenset[Any]] | None = None
+        child: subprocess.Popen[bytes] | None = None
+        while True:
+            await asyncio.sleep(SELF_FENCE_CHECK_S)
+            instances = frozenset(i.proc for i in self.host.instances.values())
+            if child is not None:
+                child.poll()  # reap it if it died
+            if not instances and told is None:
+                continue
+            state = (self.agent.quorum.valid_until - margin, instances)
+            if state == told:
+                continue
+            try:
+                watchdog.write_state(run_dir, state[0], sorted(instances, key=lambda p: p.pid))
+                told = state
+                if instances and watchdog.running(run_dir) is None:
+                    child = self._start_watchdog(run_dir)
+            except OSError as exc:
+                log.warning(event("watchdog.update.failed", reason=str(exc)))
+
+    def _start_watchdog(self, run_dir: Path) -> "subprocess.Popen[bytes]":
+        log_path = Path(self.agent.config.data_dir) / "watchdog.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as out:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "vmcluster.agent.watchdog", str(run_dir)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,  # it must outlive a crashed or killed agent
+            )  # fmt: skip
+        log.info(event("watchdog.started", pid=child.pid, run_dir=str(run_dir)))
+        return child
 
     async def close(self) -> None:
         for task in self._busy.values():

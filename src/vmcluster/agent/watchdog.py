@@ -1,0 +1,105 @@
+"""The node's watchdog: kills the node's VMs when the agent stops renewing its promise.
+
+The agent's self-fence kills its VMs once its lease is no longer known valid; an agent that hangs
+(or dies) cannot. The watchdog is a separate small process, started by the agent when it first
+runs a VM and left running on its own session, that enforces the same deadline from outside:
+
+    <run_dir>/watchdog.json   {"deadline": <CLOCK_BOOTTIME seconds>, "instances":
+                               [{"pid": P, "start_ticks": T}, ...], "agent_pid": A}
+
+The agent rewrites the file (atomically) whenever its lease is renewed or its instances change,
+with ``deadline = valid_until - self_fence_margin_s``. When the boot-time clock passes the deadline
+the watchdog SIGKILLs every listed instance that is still the same process (pid and start time),
+logs it, and keeps watching. The file is the only interface: a restarted agent simply takes over
+by writing it, and a second watchdog is never started while the first is alive (pidfile).
+"""
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from vmcluster.hypervisor import process
+
+CHECK_S = 0.05
+
+
+def boottime() -> float:
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def state_path(run_dir: Path) -> Path:
+    return run_dir / "watchdog.json"
+
+
+def pid_path(run_dir: Path) -> Path:
+    return run_dir / "watchdog.pid"
+
+
+def write_state(run_dir: Path, deadline: float, instances: list[process.ProcessId]) -> None:
+    path = state_path(run_dir)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({
+        "deadline": deadline, "agent_pid": os.getpid(),
+        "instances": [{"pid": p.pid, "start_ticks": p.start_ticks} for p in instances],
+    }))  # fmt: skip
+    os.replace(tmp, path)
+
+
+def running(run_dir: Path) -> process.ProcessId | None:
+    """The live watchdog of ``run_dir``, if any."""
+    try:
+        data = json.loads(pid_path(run_dir).read_text())
+        proc = process.ProcessId(pid=int(data["pid"]), start_ticks=int(data["start_ticks"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return proc if process.is_alive(proc) else None
+
+
+def _log(message: str) -> None:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    print(f"{stamp} {message}", flush=True)
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def watch(run_dir: Path) -> None:
+    me = process.identify(os.getpid())
+    assert me is not None
+    pid_path(run_dir).write_text(json.dumps({"pid": me.pid, "start_ticks": me.start_ticks}))
+    _log(f"watchdog.started run_dir={run_dir}")
+    killed: set[process.ProcessId] = set()
+    while True:
+        time.sleep(CHECK_S)
+        data = _read(state_path(run_dir))
+        if data is None or boottime() < float(data.get("deadline", 0.0)):
+            continue
+        for entry in data.get("instances", []):
+            try:
+                proc = process.ProcessId(
+                    pid=int(entry["pid"]), start_ticks=int(entry["start_ticks"])
+                )
+            except (KeyError, TypeError, ValueError):
+                continue
+            if proc not in killed and process.send_signal(proc, signal.SIGKILL):
+                killed.add(proc)
+                _log(f'watchdog.fenced pid={proc.pid} reason="agent did not renew its deadline"')
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m vmcluster.agent.watchdog RUN_DIR")
+    watch(Path(sys.argv[1]))
+
+
+if __name__ == "__main__":
+    main()
