@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 demo: setup
-	@PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
+	@PATH="$(CURDIR)/$(BIN):$$PATH" KEEP="$(KEEP)" bash scripts/demo.sh
 
 lint: setup
 	$(BIN)/ruff check src tests bench

@@ -18,7 +18,7 @@ cluster2 = "10.0.2.11"
 heartbeat_interval_s = 0.2
 heartbeat_threshold = 5
 cross_site_threshold = 20
-lease_ttl_s = 2
+lease_ttl_s = 5
 self_fence_margin_s = 0.5                  # VMs are killed this long before the lease may expire
 
 [vms]                                      # running VMs on this node
@@ -53,7 +53,7 @@ class Timings:
     heartbeat_interval_s: float = 0.2
     heartbeat_threshold: int = 5
     cross_site_threshold: int = 20
-    lease_ttl_s: int = 2
+    lease_ttl_s: int = 5
     self_fence_margin_s: float = 0.5
 
     def __post_init__(self) -> None:
