@@ -28,7 +28,52 @@ _EVENT = {
                    "subject": {"type": "string"}, "reason": {"type": "string"},
                    "node": {"type": "string"}},
 }  # fmt: skip
-_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+_ERROR_KINDS = ["no_quorum", "invalid_input", "not_found", "already_exists", "invalid_state",
+                "error"]  # fmt: skip
+_ERROR = {"type": "object", "required": ["error"],
+          "properties": {"error": {"type": "string"}, "kind": {"enum": _ERROR_KINDS}}}  # fmt: skip
+_POLICY = {
+    "type": "object",
+    "properties": {
+        "priority": {"enum": ["high", "medium", "low", "none"]},
+        "preferred": {"type": "array", "items": {"type": "string"}},
+        "possible": {"type": "array", "items": {"type": "string"}},
+        "anti_affinity": {"type": ["string", "null"]},
+        "anti_affinity_hard": {"type": "boolean"},
+        "failback": {"type": "object", "properties": {
+            "mode": {"enum": ["never", "immediate", "window"]},
+            "start_hour": {"type": "integer"}, "end_hour": {"type": "integer"}}},
+    },
+}  # fmt: skip
+_VM = {
+    "type": "object",
+    "required": ["name", "state", "owner", "generation"],
+    "properties": {
+        "name": {"type": "string"},
+        "state": {"enum": ["stopped", "pending", "starting", "running", "stopping", "failed"]},
+        "owner": {"type": ["string", "null"]},
+        "generation": {"type": "integer"},
+        "reason": {"type": "string"},
+        "intent": {"enum": ["running", "stopped"]},
+        "memory_mib": {"type": "integer"},
+        "vcpus": {"type": "integer"},
+        "disks": {"type": "array", "items": {"type": "object"}},
+        "policy": _POLICY,
+        "failovers": {"type": "array", "items": {"type": "number"}},
+        "instance": {"type": ["object", "null"]},
+    },
+}  # fmt: skip
+_VM_CREATE = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string"}, "memory_mib": {"type": "integer", "default": 128},
+        "vcpus": {"type": "integer", "default": 1},
+        "disks": {"type": "array", "items": {"type": "integer"}, "description": "sizes, bytes"},
+        "array": {"type": "string"}, "policy": _POLICY, "image": {"type": "string"},
+        "probe_interval_ms": {"type": "integer"}, "start": {"type": "boolean"},
+    },
+}  # fmt: skip
 
 
 def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
@@ -37,6 +82,15 @@ def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
 
 _ERRORS = {"401": _json(_ERROR, "missing or invalid bearer token")}
 _NODE_PARAM = [{"name": "node", "in": "path", "required": True, "schema": {"type": "string"}}]
+_VM_PARAM = [{"name": "vm", "in": "path", "required": True, "schema": {"type": "string"}}]
+_WRITE_ERRORS = {"404": _json(_ERROR, "no such VM"), "409": _json(_ERROR, "wrong state"),
+                 "503": _json(_ERROR, "no quorum: try another node"), **_ERRORS}  # fmt: skip
+
+
+def _vm_action(summary: str) -> dict[str, Any]:
+    return {"post": {"summary": summary, "parameters": _VM_PARAM,
+                     "responses": {"200": _json({"type": "object"}), **_WRITE_ERRORS}}}  # fmt: skip
+
 
 OPENAPI: dict[str, Any] = {
     "openapi": "3.1.0",
@@ -64,6 +118,40 @@ OPENAPI: dict[str, Any] = {
                                                            "404": _json(_ERROR, "no such node"),
                                                            "503": _json(_ERROR, "no quorum"),
                                                            **_ERRORS}}},
+        "/v1/nodes/{node}/drain": {"post": {"summary": "Pause a node and move its VMs away",
+                                            "parameters": _NODE_PARAM,
+                                            "responses": {"200": _json(_NODE),
+                                                          "404": _json(_ERROR, "no such node"),
+                                                          "503": _json(_ERROR, "no quorum"),
+                                                          **_ERRORS}}},
+        "/v1/vms": {
+            "get": {"summary": "Every clustered VM",
+                    "responses": {"200": _json({"type": "array", "items": _VM}), **_ERRORS}},
+            "post": {"summary": "Create a clustered VM (its LUNs on an array)",
+                     "requestBody": {"content": {"application/json": {"schema": _VM_CREATE}}},
+                     "responses": {"201": _json(_VM), "400": _json(_ERROR, "invalid input"),
+                                   **_WRITE_ERRORS}}},
+        "/v1/vms/{vm}": {
+            "get": {"summary": "One VM", "parameters": _VM_PARAM,
+                    "responses": {"200": _json(_VM), "404": _json(_ERROR, "no such VM"),
+                                  **_ERRORS}},
+            "delete": {"summary": "Delete a stopped VM and its LUNs", "parameters": _VM_PARAM,
+                       "responses": {"200": _json({"type": "object"}), **_WRITE_ERRORS}}},
+        "/v1/vms/{vm}/start": _vm_action("Ask the cluster to run the VM"),
+        "/v1/vms/{vm}/stop": _vm_action("Ask the cluster to stop the VM"),
+        "/v1/vms/{vm}/console": {"get": {
+            "summary": "The console of an instance that ran on this node",
+            "parameters": [*_VM_PARAM,
+                           {"name": "generation", "in": "query", "schema": {"type": "integer"}},
+                           {"name": "limit", "in": "query", "schema": {"type": "integer"}}],
+            "responses": {"200": _json({"type": "object"}), "404": _json(_ERROR, "no console"),
+                          **_ERRORS}}},
+        "/v1/ha": {"get": {"summary": "Whether HA is armed",
+                           "responses": {"200": _json({"type": "object"}), **_ERRORS}}},
+        "/v1/ha/arm": {"post": {"summary": "Resume automatic HA actions",
+                                "responses": {"200": _json({"type": "object"}), **_ERRORS}}},
+        "/v1/ha/disarm": {"post": {"summary": "Freeze automatic HA actions",
+                                   "responses": {"200": _json({"type": "object"}), **_ERRORS}}},
         "/v1/events": {"get": {
             "summary": "Events (newest last); follow=true streams NDJSON",
             "parameters": [
