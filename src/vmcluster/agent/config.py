@@ -77,7 +77,8 @@ class VmSettings:
     accel: str = "auto"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.memory_mib, int) or not 0 <= self.memory_mib <= 1 << 30:
+        bad_type = isinstance(self.memory_mib, bool) or not isinstance(self.memory_mib, int)
+        if bad_type or not 0 <= self.memory_mib <= 1 << 30:
             raise InvalidInput("vms.memory_mib must be a whole number of MiB")
         if self.accel not in ("auto", "kvm", "tcg"):
             raise InvalidInput(f"vms.accel {self.accel!r}: use auto, kvm or tcg")
@@ -104,6 +105,8 @@ class ArrayAccess:
 
     def portal(self, index: int = 0) -> tuple[str, int]:
         host, _, port = self.nbd[index].rpartition(":")
+        if host.startswith("[") and host.endswith("]"):  # [IPv6]:port
+            host = host[1:-1]
         return host, int(port)
 
 
@@ -196,11 +199,8 @@ def load_config(path: Path) -> AgentConfig:
     try:
         timings = Timings(**data.get("timings", {}))
         vms = VmSettings(**data.get("vms", {}))
-        arrays = {
-            name: ArrayAccess(name=name, qmp_socket=str(a["qmp_socket"]),
-                              directory=str(a["directory"]), nbd=tuple(a["nbd"]))
-            for name, a in dict(data.get("arrays", {})).items()
-        }  # fmt: skip
+        arrays = {name: _array_access(path, name, a)
+                  for name, a in dict(data.get("arrays", {})).items()}  # fmt: skip
         return AgentConfig(
             cluster=data["cluster"], node=data["node"], site=data.get("site", ""),
             data_dir=data.get("data_dir", "/var/lib/vmcluster"),
@@ -212,8 +212,24 @@ def load_config(path: Path) -> AgentConfig:
         )  # fmt: skip
     except KeyError as exc:
         raise InvalidInput(f"agent config {path}: {exc.args[0]!r} is missing") from None
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise InvalidInput(f"agent config {path}: {exc}") from None
+
+
+def _array_access(path: Path, name: str, table: Any) -> ArrayAccess:
+    if not isinstance(table, dict):
+        raise InvalidInput(f"agent config {path}: arrays.{name} must be a table")
+    extra = sorted(set(table) - {"qmp_socket", "directory", "nbd"})
+    if extra:
+        raise InvalidInput(f"agent config {path}: arrays.{name}: unknown setting {extra[0]!r}")
+    for key in ("qmp_socket", "directory", "nbd"):
+        if key not in table:
+            raise InvalidInput(f"agent config {path}: arrays.{name}: {key!r} is missing")
+    if not isinstance(table["nbd"], list):
+        raise InvalidInput(f"agent config {path}: arrays.{name}: nbd must be a list of "
+                           "HOST:PORT portals")  # fmt: skip
+    return ArrayAccess(name=name, qmp_socket=str(table["qmp_socket"]),
+                       directory=str(table["directory"]), nbd=tuple(table["nbd"]))  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

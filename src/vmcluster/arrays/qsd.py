@@ -199,12 +199,16 @@ class QsdArray:
         raise HypervisorError(f"array {self.name}: export {export_id} did not go away")
 
     async def exports(self) -> list[str]:
-        async with self._session() as session:
+        async with self._locked(), self._session() as session:
             reply = await session.execute("query-block-exports")
         return sorted(str(e["id"]) for e in reply)
 
     async def restore(self) -> None:
         """Re-create every configured LUN node and export (after the daemon restarted)."""
+        async with self._locked():
+            await self._restore()
+
+    async def _restore(self) -> None:
         config = ArrayConfig.load(self.config_path)
         async with self._session() as session:
             for lun in config.luns.values():

@@ -44,6 +44,11 @@ def policy_to_json(policy: PlacementPolicy) -> dict[str, Any]:
 
 
 def policy_from_json(data: Mapping[str, Any]) -> PlacementPolicy:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"policy must be an object, not {data!r}")
+    for field_name in ("preferred", "possible"):
+        if not isinstance(data.get(field_name, []), list):
+            raise ValueError(f"policy.{field_name} must be a list of node names")
     return PlacementPolicy(
         priority=parse_priority(str(data.get("priority", "medium"))),
         preferred=tuple(str(n) for n in data.get("preferred", [])),
@@ -55,8 +60,16 @@ def policy_from_json(data: Mapping[str, Any]) -> PlacementPolicy:
 
 
 def failback_from_json(data: Mapping[str, Any]) -> Failback:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"failback must be an object, not {data!r}")
+    try:
+        mode = FailbackMode(str(data.get("mode", "never")))
+    except ValueError:
+        raise ValueError(
+            f"invalid failback mode {data.get('mode')!r}: use never, immediate or window"
+        ) from None
     return Failback(
-        mode=FailbackMode(str(data.get("mode", "never"))),
+        mode=mode,
         start_hour=data.get("start_hour", 0),
         end_hour=data.get("end_hour", 0),
     )

@@ -1,0 +1,364 @@
+"""The leader's VM executor (VmService.control) on an in-memory store, without QEMU or arrays:
+it fences the new generation at every array before it commits the placement, and commits only
+while it holds the leader key."""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vmcluster.agent.agent import Agent
+from vmcluster.agent.config import AgentConfig, ArrayAccess, Secrets
+from vmcluster.clusterstate.fake import FakeStore
+from vmcluster.clusterstate.keys import Keys, dumps, loads
+from vmcluster.clusterstate.vmrecords import ClusteredVm, DiskPlacement
+from vmcluster.core.cluster import ClusterView, NodeState, NodeView
+from vmcluster.core.model import DiskSpec, VmSpec
+from vmcluster.core.placement import PlacementPolicy
+from vmcluster.core.units import MIB
+from vmcluster.errors import VmclusterError
+
+TIMEOUT_S = 10.0  # only so that nothing hangs
+NODES = ("n1", "n2", "n3")
+VM = "web"
+DAY_S = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class FenceCall:
+    array: str
+    lun: str
+    generation: int
+    placement: dict[str, Any] | None  # the VM's placement in the store when the fence began
+
+
+@dataclass
+class FakeArray:
+    """Stands in for QsdArray: records each fence with the store's placement at that moment."""
+
+    name: str
+    store: FakeStore
+    keys: Keys
+    calls: list[FenceCall]
+    failure: Exception | None = None
+
+    async def fence(self, lun: str, generation: int) -> str:
+        entry = await self.store.get(self.keys.vm(VM, "placement"))
+        placement = None if entry is None else loads(entry.value)
+        self.calls.append(FenceCall(self.name, lun, generation, placement))
+        await asyncio.sleep(0.01)  # a real fence takes a while: a commit must still wait for it
+        if self.failure is not None:
+            raise self.failure
+        return f"{lun}.g{generation}"
+
+
+@dataclass
+class Bench:
+    store: FakeStore
+    agent: Agent
+    keys: Keys
+    calls: list[FenceCall]
+    failures: dict[str, Exception] = field(default_factory=dict)  # array -> what fence raises
+
+    async def put(self, key: str, value: dict[str, Any]) -> int:
+        return await self.store.put(key, dumps(value))
+
+    async def synced(self) -> None:
+        """Wait until the agent's cache has every change made to the store so far."""
+        target = (await self.store.get_prefix(self.keys.prefix)).revision
+        cache = self.agent.cache
+        async with asyncio.timeout(TIMEOUT_S):
+            while cache.revision < target:
+                await cache.wait_changed(1.0, after=cache.version)
+
+    async def control(self, states: dict[str, NodeState], leader_revision: int) -> None:
+        await self.synced()
+        await self.agent.vms.control(view(states), leader_revision)
+
+    async def placement(self) -> dict[str, Any] | None:
+        entry = await self.store.get(self.keys.vm(VM, "placement"))
+        return None if entry is None else loads(entry.value)
+
+    async def placement_revision(self) -> int:
+        entry = await self.store.get(self.keys.vm(VM, "placement"))
+        return 0 if entry is None else entry.mod_revision
+
+    async def events(self) -> list[dict[str, Any]]:
+        snapshot = await self.store.get_prefix(self.keys.events_prefix)
+        return [loads(e.value) for e in snapshot.entries]
+
+
+def view(states: dict[str, NodeState], leader: str = "n1") -> ClusterView:
+    nodes = {name: NodeView(name=name, state=state, networks={}, leader=name == leader)
+             for name, state in states.items()}  # fmt: skip
+    return ClusterView(nodes=nodes, networks={}, leader=leader)
+
+
+ALL_UP = dict.fromkeys(NODES, NodeState.UP)
+
+
+def clustered_vm(preferred: tuple[str, ...] = ("n2",)) -> ClusteredVm:
+    disks = (DiskSpec(name="disk0", size_bytes=8 * MIB), DiskSpec(name="disk1", size_bytes=8 * MIB))
+    spec = VmSpec(name=VM, memory_mib=256, disks=disks)
+    storage = (DiskPlacement(disk="disk0", array="a1", lun="web-disk0"),
+               DiskPlacement(disk="disk1", array="a2", lun="web-disk1"))  # fmt: skip
+    return ClusteredVm(spec=spec, storage=storage, policy=PlacementPolicy(preferred=preferred))
+
+
+def placed(owner: str, generation: int, *, failovers: tuple[float, ...] = ()) -> dict[str, Any]:
+    return {"owner": owner, "generation": generation, "phase": "running", "reason": "placed",
+            "failovers": list(failovers), "restarts": [], "at": time.time() - 60}  # fmt: skip
+
+
+@asynccontextmanager
+async def bench(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Bench]:
+    """Node n1's agent (not started) on a fresh store with nodes n1-n3 that give 4 GiB to VMs,
+    the VM ``web`` (two disks on arrays a1 and a2) wanted running, and its cache loaded."""
+    store = FakeStore()
+    arrays = {name: ArrayAccess(name=name, qmp_socket=f"/unused/{name}.qmp",
+                                directory=f"/unused/{name}", nbd=("127.0.0.1:10809",))
+              for name in ("a1", "a2")}  # fmt: skip
+    config = AgentConfig(cluster="exec", node="n1", secrets_file="/unused",
+                         networks={"cluster1": "127.0.9.1"}, etcd=("http://unused:2379",),
+                         api_socket=str(tmp_path / "n1.sock"), data_dir=str(tmp_path / "n1"),
+                         arrays=arrays)  # fmt: skip
+    agent = Agent(config, Secrets.generate(), store)
+    b = Bench(store=store, agent=agent, keys=agent.keys, calls=[])
+
+    def array(name: str) -> FakeArray:
+        return FakeArray(name, store, b.keys, b.calls, b.failures.get(name))
+
+    monkeypatch.setattr(agent.vms, "_array", array)
+    for node in NODES:
+        await b.put(b.keys.node(node, "spec"), {"name": node, "vm_memory_mib": 4096})
+    await b.put(b.keys.vm(VM, "spec"), clustered_vm().to_dict())
+    await b.put(b.keys.vm(VM, "intent"), {"running": True, "at": time.time()})
+    cache = asyncio.create_task(agent.cache.run(), name="cache")
+    try:
+        async with asyncio.timeout(TIMEOUT_S):
+            await agent.cache.loaded.wait()
+        yield b
+    finally:
+        cache.cancel()
+        await asyncio.wait([cache])
+        await store.close()
+
+
+def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        scenario: Callable[[Bench], Any]) -> None:  # fmt: skip
+    async def main() -> None:
+        async with bench(tmp_path, monkeypatch) as b:
+            async with asyncio.timeout(TIMEOUT_S):
+                await scenario(b)
+
+    asyncio.run(main())
+
+
+async def lead(b: Bench, node: str = "n1") -> int:
+    """Make ``node`` the leader in the store; the leader key's revision."""
+    return await b.put(b.keys.leader, {"node": node, "since": time.time()})
+
+
+# ----- (a) a start: fence first, then the placement -----
+
+
+def test_a_start_fences_generation_1_before_the_placement_exists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario(b: Bench) -> None:
+        revision = await lead(b)
+        await b.control(ALL_UP, revision)
+        assert sorted((c.array, c.lun, c.generation) for c in b.calls) == [
+            ("a1", "web-disk0", 1),
+            ("a2", "web-disk1", 1),
+        ]
+        assert all(c.placement is None for c in b.calls), "placement written before the fence"
+        placement = await b.placement()
+        assert placement is not None
+        assert placement["owner"] == "n2"  # the preferred owner
+        assert placement["generation"] == 1
+        assert placement["phase"] == "starting"
+        assert placement["failovers"] == []
+        starts = [e for e in await b.events() if e["kind"] == "vm.start"]
+        assert len(starts) == 1
+        assert starts[0]["subject"] == VM
+        assert "[generation 1]" in starts[0]["reason"]
+
+    run(tmp_path, monkeypatch, scenario)
+
+
+def test_without_a_preference_the_start_goes_to_an_up_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario(b: Bench) -> None:
+        await b.put(b.keys.vm(VM, "spec"), clustered_vm(preferred=()).to_dict())
+        revision = await lead(b)
+        states = {"n1": NodeState.DOWN, "n2": NodeState.PAUSED, "n3": NodeState.UP}
+        await b.control(states, revision)
+        placement = await b.placement()
+        assert placement is not None
+        assert placement["owner"] == "n3"
+        assert [c.placement for c in b.calls] == [None, None]
+
+    run(tmp_path, monkeypatch, scenario)
+
+
+# ----- (b) a deposed leader -----
+
+
+def test_a_deposed_leader_writes_no_placement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario(b: Bench) -> None:
+        mine = await lead(b, "n1")
+        await lead(b, "n3")  # n3 took over since n1 read the leader key
+        await b.control(ALL_UP, mine)
+        assert await b.placement() is None
+        assert await b.events() == []
+        # The fence it made is harmless: generation 1 is owned by nobody.
+        assert {c.generation for c in b.calls} <= {1}
+
+    run(tmp_path, monkeypatch, scenario)
+
+
+def test_a_leader_revision_that_never_was_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario(b: Bench) -> None:
+        revision = await lead(b)
+        await b.control(ALL_UP, revision + 1000)
+        assert await b.placement() is None
+        assert await b.events() == []
+        await b.control(ALL_UP, revision)  # the real revision: it commits
+        assert (await b.placement() or {}).get("generation") == 1
+
+    run(tmp_path, monkeypatch, scenario)
+
+
+# ----- (c) a fence that fails -----
+
+
+@pytest.mark.parametrize(
+    "failure", [VmclusterError("array a2 is unreachable"), ConnectionRefusedError(111, "refused")]
+)
+def test_a_failed_fence_writes_no_placement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: Exception
+) -> None:
+    async def scenario(b: Bench) -> None:
+        b.failures["a2"] = failure
+        revision = await lead(b)
+        await b.control(ALL_UP, revision)
+        assert {c.array for c in b.calls} == {"a1", "a2"}
+        assert await b.placement() is None
+        assert await b.events() == []
+        # Once the array answers again, the next cycle starts the VM.
+        del b.failures["a2"]
+        await b.control(ALL_UP, revision)
+        assert (await b.placement() or {}).get("phase") == "starting"
+
+    run(tmp_path, monkeypatch, scenario)
+
+
+def test_a_failed_fence_keeps_the_old_placement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario(b: Bench) -> None:
+        await b.put(b.keys.vm(VM, "placement"), placed("n2", 5))
+        before = await b.placement_revision()
+        b.failures["a1"] = VmclusterError("array a1 is unreachable")
+        revision = await lead(b)
+        await b.control({**ALL_UP, "n2": NodeState.DOWN}, revision)
+        assert {c.generation for c in b.calls} == {6}
+        assert await b.placement_revision() == before
+        assert (await b.placement() or {})["owner"] == "n2"
+
+    run(tmp_path, monkeypatch, scenario)
+
+
+# ----- (d) failover -----
+
+
+@pytest.mark.parametrize("lost", [NodeState.DOWN, NodeState.ISOLATED])
+def test_failover_takes_the_next_generation_and_records_the_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lost: NodeState
+) -> None:
+    async def scenario(b: Bench) -> None:
+        now = time.time()
+        earlier = (now - 2 * DAY_S, now - 100.0)  # one too old to keep, one recent
+        await b.put(b.keys.vm(VM, "placement"), placed("n2", 3, failovers=earlier))
+        await b.put(b.keys.vm(VM, "instance"), {"node": "n2", "generation": 3,
+                                                "status": "running", "at": now})  # fmt: skip
+        revision = await lead(b)
+        before = time.time()
+        await b.control({**ALL_UP, "n2": lost}, revision)
+        after = time.time()
+        assert sorted((c.array, c.lun, c.generation) for c in b.calls) == [
+            ("a1", "web-disk0", 4),
+            ("a2", "web-disk1", 4),
+        ]
+        for call in b.calls:  # fenced while the old placement still stood
+            assert call.placement is not None
+            assert (call.placement["owner"], call.placement["generation"]) == ("n2", 3)
+        placement = await b.placement()
+        assert placement is not None
+        assert placement["owner"] in {"n1", "n3"}
+        assert placement["generation"] == 4
+        assert placement["phase"] == "starting"
+        *kept, newest = placement["failovers"]
+        assert kept == [now - 100.0]
+        assert before <= newest <= after
+        assert placement["restarts"] == []
+        kinds = [e["kind"] for e in await b.events()]
+        assert kinds == ["vm.failover"]
+
+    run(tmp_path, monkeypatch, scenario)
+
+
+def test_failover_with_nowhere_to_go_still_fences_the_old_owner(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario(b: Bench) -> None:
+        await b.put(b.keys.vm(VM, "placement"), placed("n2", 7))
+        revision = await lead(b)
+        states = {"n1": NodeState.PAUSED, "n2": NodeState.ISOLATED, "n3": NodeState.DOWN}
+        await b.control(states, revision)
+        assert {(c.generation, c.placement["generation"] if c.placement else None)
+                for c in b.calls} == {(8, 7)}  # fmt: skip
+        placement = await b.placement()
+        assert placement is not None
+        assert placement["owner"] is None
+        assert placement["generation"] == 8
+        assert placement["phase"] == "pending"
+        assert [e["kind"] for e in await b.events()] == ["vm.pending"]
+
+    run(tmp_path, monkeypatch, scenario)
+
+
+# ----- (e) HA disarmed -----
+
+
+def test_disarmed_ha_neither_fences_nor_fails_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario(b: Bench) -> None:
+        await b.put(b.keys.vm(VM, "placement"), placed("n2", 3))
+        await b.put(b.keys.ha, {"armed": False})
+        before = await b.placement_revision()
+        revision = await lead(b)
+        lost = {**ALL_UP, "n2": NodeState.DOWN}
+        await b.control(lost, revision)
+        assert b.calls == []
+        assert await b.placement_revision() == before
+        assert await b.events() == []
+        # Armed again, the same view fails the VM over.
+        await b.put(b.keys.ha, {"armed": True})
+        await b.control(lost, revision)
+        assert {c.generation for c in b.calls} == {4}
+        assert (await b.placement() or {}).get("generation") == 4
+
+    run(tmp_path, monkeypatch, scenario)
