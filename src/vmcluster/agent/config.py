@@ -20,6 +20,7 @@ heartbeat_threshold = 5
 cross_site_threshold = 20
 lease_ttl_s = 5
 self_fence_margin_s = 0.5                  # VMs are killed this long before the lease may expire
+resiliency_period_s = 0                    # > 0: freeze them instead, and kill them this much later
 
 [vms]                                      # running VMs on this node
 memory_mib = 16384                         # memory this node gives to VMs
@@ -55,6 +56,7 @@ class Timings:
     cross_site_threshold: int = 20
     lease_ttl_s: int = 5
     self_fence_margin_s: float = 0.5
+    resiliency_period_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.01 <= self.heartbeat_interval_s <= 10:
@@ -67,6 +69,8 @@ class Timings:
             raise InvalidInput("timings.lease_ttl_s must be 1 to 60 (whole seconds, as etcd has)")
         if not 0.05 <= self.self_fence_margin_s < self.lease_ttl_s * 0.75:
             raise InvalidInput("timings.self_fence_margin_s must be 0.05 s to 3/4 of the lease TTL")
+        if isinstance(self.resiliency_period_s, bool) or not 0 <= self.resiliency_period_s <= 3600:
+            raise InvalidInput("timings.resiliency_period_s must be 0 to 3600 seconds")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -169,7 +173,8 @@ class AgentConfig:
                   f"heartbeat_threshold = {t.heartbeat_threshold}",
                   f"cross_site_threshold = {t.cross_site_threshold}",
                   f"lease_ttl_s = {t.lease_ttl_s}",
-                  f"self_fence_margin_s = {t.self_fence_margin_s}"]  # fmt: skip
+                  f"self_fence_margin_s = {t.self_fence_margin_s}",
+                  f"resiliency_period_s = {t.resiliency_period_s}"]  # fmt: skip
         v = self.vms
         lines += ["", "[vms]", f"memory_mib = {v.memory_mib}",
                   f"run_dir = {json.dumps(v.run_dir)}", f"images_dir = {json.dumps(v.images_dir)}",

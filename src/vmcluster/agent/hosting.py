@@ -247,6 +247,13 @@ class VmHost:
             async with asyncio.timeout(KILL_WAIT_S):
                 await instance.exited.wait()
 
+    def signal_all(self, sig: signal.Signals) -> int:
+        """Send ``sig`` to every instance (SIGSTOP / SIGCONT: the self-fence's freeze)."""
+        return sum(1 for i in self.instances.values() if process.send_signal(i.proc, sig))
+
+    def signal(self, instance: LocalInstance, sig: signal.Signals) -> bool:
+        return process.send_signal(instance.proc, sig)
+
     def kill_now(self) -> int:
         """SIGKILL every instance at once, without waiting (the self-fence). Returns how many."""
         for instance in self.instances.values():

@@ -21,6 +21,7 @@ self-fence also takes it off the network.)
 
 import asyncio
 import contextlib
+import signal
 import subprocess
 import sys
 import time
@@ -247,7 +248,7 @@ class VmService:
                 wait_cache.cancel()
                 wait_wake.cancel()
             seen = self.cache.version
-            if not self.agent.has_quorum():
+            if not self._lease_ok():
                 continue  # the self-fence deals with what runs; nothing new starts
             try:
                 await self._reconcile()
@@ -350,17 +351,38 @@ class VmService:
 
     # ----- every node: the self-fence -----
 
-    async def _self_fence_loop(self) -> None:
+    def _lease_ok(self) -> bool:
+        """The lease is known valid for at least the self-fence margin."""
         margin = self.agent.config.timings.self_fence_margin_s
+        return self.agent.clock() < self.agent.quorum.valid_until - margin
+
+    async def _self_fence_loop(self) -> None:
+        """Past the deadline: kill every instance, or with a resiliency period R, freeze them
+        (SIGSTOP: no CPU, disk or network) and kill them R seconds later unless the lease comes
+        back first and the placement still names this node at their generation."""
+        resiliency = self.agent.config.timings.resiliency_period_s
+        frozen_at: float | None = None
         while True:
             await asyncio.sleep(SELF_FENCE_CHECK_S)
-            if not self.host.instances:
+            if frozen_at is not None and self._lease_ok():
+                self._thaw_current()
+                frozen_at = None
                 continue
-            if self.agent.clock() < self.agent.quorum.valid_until - margin:
+            if not self.host.instances or self._lease_ok():
+                continue
+            if resiliency > 0 and frozen_at is None:
+                frozen_at = self.agent.clock()
+                count = self.host.signal_all(signal.SIGSTOP)
+                log.warning(event("vm.self-fence", node=self.me, frozen=count,
+                                  resiliency_s=resiliency,
+                                  reason="lease not renewed in time"))  # fmt: skip
+                continue
+            if frozen_at is not None and self.agent.clock() < frozen_at + resiliency:
                 continue
             for instance in self.host.instances.values():
                 self._ended[instance.key] = InstanceStatus.CRASHED
             killed = self.host.kill_now()
+            frozen_at = None
             log.warning(event("vm.self-fence", node=self.me, killed=killed,
                               reason="lease not renewed in time"))  # fmt: skip
             why = f"killed {killed} VM instances: lease not renewed in time"
@@ -368,12 +390,25 @@ class VmService:
             while self.host.instances:  # noqa: ASYNC110 - wait for the pidfd watchers
                 await asyncio.sleep(SELF_FENCE_CHECK_S)
 
+    def _thaw_current(self) -> None:
+        """The lease is back: resume the frozen instances whose placement is still ours at
+        their generation; the others stay frozen until the reconciler kills them."""
+        stored = self.stored()
+        for key, instance in self.host.instances.items():
+            vm = stored.get(key[0])
+            current = vm is not None and vm.record.owner == self.me \
+                and vm.record.generation == key[1]  # fmt: skip
+            if current:
+                self.host.signal(instance, signal.SIGCONT)
+                log.warning(event("vm.self-fence.resumed", vm=key[0], generation=key[1]))
+
     # ----- every node: the watchdog's deadline -----
 
     async def _watchdog_loop(self) -> None:
         """Keep the watchdog process told of the deadline and the instances (once VMs run)."""
         run_dir = Path(self.agent.config.vms.run_dir)
         margin = self.agent.config.timings.self_fence_margin_s
+        resiliency = self.agent.config.timings.resiliency_period_s
         told: tuple[float, frozenset[Any]] | None = None
         child: subprocess.Popen[bytes] | None = None
         while True:
@@ -387,7 +422,8 @@ class VmService:
             if state == told:
                 continue
             try:
-                watchdog.write_state(run_dir, state[0], sorted(instances, key=lambda p: p.pid))
+                watchdog.write_state(run_dir, state[0], sorted(instances, key=lambda p: p.pid),
+                                     resiliency_s=resiliency)  # fmt: skip
                 told = state
                 if instances and watchdog.running(run_dir) is None:
                     child = self._start_watchdog(run_dir)

@@ -10,8 +10,11 @@ runs a VM and left running on its own session, that enforces the same deadline f
 The agent rewrites the file (atomically) whenever its lease is renewed or its instances change,
 with ``deadline = valid_until - self_fence_margin_s``. When the boot-time clock passes the deadline
 the watchdog SIGKILLs every listed instance that is still the same process (pid and start time),
-logs it, and keeps watching. The file is the only interface: a restarted agent simply takes over
-by writing it, and a second watchdog is never started while the first is alive (pidfile).
+logs it, and keeps watching. With a resiliency period R (``resiliency_s``) it SIGSTOPs them at the
+deadline and SIGKILLs them at ``deadline + R``; a renewed deadline before then leaves them to the
+agent, which resumes those it still owns. The file is the only interface: a restarted agent
+simply takes over by writing it, and a second watchdog is never started while the first is alive
+(pidfile).
 """
 
 import json
@@ -39,11 +42,13 @@ def pid_path(run_dir: Path) -> Path:
     return run_dir / "watchdog.pid"
 
 
-def write_state(run_dir: Path, deadline: float, instances: list[process.ProcessId]) -> None:
+def write_state(
+    run_dir: Path, deadline: float, instances: list[process.ProcessId], *, resiliency_s: float = 0
+) -> None:
     path = state_path(run_dir)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({
-        "deadline": deadline, "agent_pid": os.getpid(),
+        "deadline": deadline, "agent_pid": os.getpid(), "resiliency_s": resiliency_s,
         "instances": [{"pid": p.pid, "start_ticks": p.start_ticks} for p in instances],
     }))  # fmt: skip
     os.replace(tmp, path)
@@ -77,22 +82,43 @@ def watch(run_dir: Path) -> None:
     assert me is not None
     pid_path(run_dir).write_text(json.dumps({"pid": me.pid, "start_ticks": me.start_ticks}))
     _log(f"watchdog.started run_dir={run_dir}")
-    killed: set[process.ProcessId] = set()
+    done: set[process.ProcessId] = set()
+    frozen: set[process.ProcessId] = set()
     while True:
         time.sleep(CHECK_S)
         data = _read(state_path(run_dir))
-        if data is None or boottime() < float(data.get("deadline", 0.0)):
+        if data is None:
             continue
-        for entry in data.get("instances", []):
-            try:
-                proc = process.ProcessId(
-                    pid=int(entry["pid"]), start_ticks=int(entry["start_ticks"])
-                )
-            except (KeyError, TypeError, ValueError):
+        deadline = float(data.get("deadline", 0.0))
+        if boottime() < deadline:
+            frozen.clear()  # renewed: the agent resumes what it still owns
+            continue
+        resiliency = float(data.get("resiliency_s", 0.0))
+        kill = boottime() >= deadline + resiliency
+        for proc in _instances(data):
+            if proc in done:
                 continue
-            if proc not in killed and process.send_signal(proc, signal.SIGKILL):
-                killed.add(proc)
-                _log(f'watchdog.fenced pid={proc.pid} reason="agent did not renew its deadline"')
+            if kill:
+                if process.send_signal(proc, signal.SIGKILL):
+                    _log(
+                        f'watchdog.fenced pid={proc.pid} reason="agent did not renew its deadline"'
+                    )
+                done.add(proc)
+            elif proc not in frozen:
+                if process.send_signal(proc, signal.SIGSTOP):
+                    _log(f"watchdog.frozen pid={proc.pid} resiliency_s={resiliency:g}")
+                frozen.add(proc)
+
+
+def _instances(data: dict[str, Any]) -> list[process.ProcessId]:
+    found = []
+    for entry in data.get("instances", []):
+        try:
+            found.append(process.ProcessId(pid=int(entry["pid"]),
+                                           start_ticks=int(entry["start_ticks"])))  # fmt: skip
+        except (KeyError, TypeError, ValueError):
+            continue
+    return found
 
 
 def main() -> None:

@@ -1,0 +1,115 @@
+"""The watchdog process: it kills the listed instances once the deadline passes, freezes them
+first with a resiliency period, and never touches a process whose identity does not match."""
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tests.support import kill_by_pid
+
+from vmcluster.agent import watchdog
+from vmcluster.hypervisor import process
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
+
+
+def _until(check: object, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.02)
+    raise AssertionError("condition not reached")
+
+
+@pytest.fixture
+def victim() -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        yield proc
+    finally:
+        kill_by_pid(proc.pid)
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Iterator[Path]:
+    directory = tmp_path / "run"
+    directory.mkdir()
+    with (tmp_path / "watchdog.log").open("wb") as out:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "vmcluster.agent.watchdog", str(directory)],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        _until(lambda: watchdog.running(directory) is not None)
+        yield directory
+    finally:
+        kill_by_pid(child.pid)
+        child.wait(timeout=10)
+
+
+def _ident(proc: subprocess.Popen[bytes]) -> process.ProcessId:
+    ident = process.identify(proc.pid)
+    assert ident is not None
+    return ident
+
+
+def _reaped_or_dead(proc: subprocess.Popen[bytes]) -> bool:
+    return proc.poll() is not None
+
+
+def test_nothing_happens_before_the_deadline_then_the_instance_is_killed(
+    run_dir: Path, victim: subprocess.Popen[bytes]
+) -> None:
+    watchdog.write_state(run_dir, watchdog.boottime() + 60, [_ident(victim)])
+    time.sleep(0.5)
+    assert victim.poll() is None
+    watchdog.write_state(run_dir, watchdog.boottime() - 0.01, [_ident(victim)])
+    _until(lambda: _reaped_or_dead(victim))
+    assert victim.returncode == -9
+    log = (run_dir.parent / "watchdog.log").read_text()
+    assert f"watchdog.fenced pid={victim.pid}" in log
+
+
+def test_with_a_resiliency_period_it_freezes_first_and_kills_later(
+    run_dir: Path, victim: subprocess.Popen[bytes]
+) -> None:
+    watchdog.write_state(run_dir, watchdog.boottime(), [_ident(victim)], resiliency_s=1.5)
+    _until(lambda: _state(victim.pid) == "T")
+    time.sleep(0.5)
+    assert victim.poll() is None, "killed before the resiliency period ended"
+    _until(lambda: _reaped_or_dead(victim))
+    assert victim.returncode == -9
+
+
+def test_a_renewed_deadline_during_the_resiliency_period_saves_the_instance(
+    run_dir: Path, victim: subprocess.Popen[bytes]
+) -> None:
+    watchdog.write_state(run_dir, watchdog.boottime(), [_ident(victim)], resiliency_s=1.0)
+    _until(lambda: _state(victim.pid) == "T")
+    watchdog.write_state(run_dir, watchdog.boottime() + 60, [_ident(victim)], resiliency_s=1.0)
+    time.sleep(1.5)
+    assert victim.poll() is None  # the agent, not the watchdog, resumes what it still owns
+    process.send_signal(_ident(victim), signal.SIGCONT)
+    _until(lambda: _state(victim.pid) in ("S", "R"))
+
+
+def test_a_process_with_another_start_time_is_never_touched(
+    run_dir: Path, victim: subprocess.Popen[bytes]
+) -> None:
+    real = _ident(victim)
+    impostor = process.ProcessId(pid=real.pid, start_ticks=real.start_ticks + 1)
+    watchdog.write_state(run_dir, watchdog.boottime() - 1, [impostor])
+    time.sleep(0.5)
+    assert victim.poll() is None
+    assert _state(victim.pid) in ("S", "R")
