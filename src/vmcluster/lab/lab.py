@@ -183,8 +183,8 @@ class Lab:
             "--initial-cluster", plan.etcd_initial_cluster(),
             "--initial-cluster-state", "new",
             "--initial-cluster-token", f"vmcluster-lab-{plan.name}",
-            "--heartbeat-interval", "100",
-            "--election-timeout", "1000",
+            "--heartbeat-interval", "50",
+            "--election-timeout", "500",
             # A member cut off for a while must not depose the leader when it comes back.
             "--pre-vote=true",
             "--logger", "zap",
