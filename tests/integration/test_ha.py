@@ -4,6 +4,7 @@ the failover threshold, pending VMs, HA disarmed, drain and resume, failback, an
 test ends with the probe checker: no acknowledged write lost (I2), no write of a retired
 generation (I1)."""
 
+import asyncio
 import json
 import os
 import time
@@ -161,27 +162,35 @@ def test_crash_of_the_owner_node_brings_the_vm_back_elsewhere_without_losing_a_w
 
 
 def test_isolated_owner_is_fenced_at_the_array_and_stops_its_vm(lab: Lab) -> None:
-    """The owner loses both cluster networks but keeps its storage paths: the VM fails over, the
-    array serves only the new generation, and the old node's self-fence kills the old QEMU."""
+    """The owner loses both cluster networks but keeps its storage paths: its VMs fail over, the
+    array serves only the new generations, a VM that writes loses its disk at once (and its QEMU
+    is killed), and a quiet VM (one write a minute) is killed by the old node's self-fence."""
     leader = next(n for n, v in _nodes().items() if v["leader"])
     victim = next(n for n in ("n1", "n2", "n3") if n != leader)
     _create("p2", "--preferred", victim)
+    _create("q2", "--preferred", victim, "--probe-interval", "60000")
     first = _running("p2")
-    assert first["owner"] == victim
+    quiet = _running("q2")
+    assert first["owner"] == quiet["owner"] == victim
     before = _writing(lab, first)
     old_pid = _qemu_pid(lab, victim, "p2", first["generation"])
+    quiet_pid = _qemu_pid(lab, victim, "q2", quiet["generation"])
     assert old_pid is not None
+    assert quiet_pid is not None
     for network in ("cluster1", "cluster2"):
         _cli("lab", "fault", "link", victim, network, "down", "--name", lab.name)
     second = _running("p2", generation_above=first["generation"], not_on=victim)
+    _running("q2", generation_above=quiet["generation"], not_on=victim)
     # The storage fence: only the new generation's export exists at the array.
     disk = second["disks"][0]
     array = lab.array(lab.plan().host(disk["array"]))
-    exports = [e for e in __import__("asyncio").run(array.exports()) if e.startswith(disk["lun"])]
+    exports = [e for e in asyncio.run(array.exports()) if e.startswith(disk["lun"] + ".")]
     assert exports == [f"{disk['lun']}.g{second['generation']}"]
-    # The self-fence: the old node killed its QEMU on its own, without quorum.
+    # The old instances: the writer lost its disk, the quiet one was self-fenced.
     _until(lambda: not Path(f"/proc/{old_pid}").exists(), what="old QEMU gone")
+    _until(lambda: not Path(f"/proc/{quiet_pid}").exists(), what="quiet QEMU gone")
     log = (lab.host_dir(victim) / "agent.log").read_text()
+    assert "vm.instance.lost-disk vm=p2" in log
     assert "vm.self-fence" in log
     _writing(lab, second, above=before)
     _cli("lab", "fault", "heal", "--name", lab.name)

@@ -373,6 +373,8 @@ class Agent:
                 await self.vms.control(view, leader_entry.mod_revision)
             except StoreError as exc:
                 log.info(event("controller.vms.failed", reason=str(exc)))
+            except Exception as exc:  # a bug or a record nobody foresaw: log it, keep leading
+                log.exception(event("controller.vms.error", reason=repr(exc)))
             if not decision.actions:
                 continue
             puts: dict[str, Put] = {}

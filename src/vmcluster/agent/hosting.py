@@ -47,8 +47,11 @@ class LocalInstance:
     qmp_socket: Path
     console_log: Path
     started_at: float
-    stop_requested: bool = False
+    stop_requested: bool = False  # an orderly stop (or a retired generation) asked for
+    fenced: bool = False  # killed by the self-fence: a crash as far as HA is concerned
     guest_powered_off: bool = False
+    lost_disk: bool = False  # an I/O error stopped the guest: killed, reported crashed
+    session: QmpSession | None = None  # the one QMP connection (QEMU's monitor takes one client)
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list["asyncio.Task[None]"] = field(default_factory=list)
 
@@ -127,68 +130,107 @@ class VmHost:
             disks.append(NbdDisk(host=host, port=port, export=f"{placement.lun}.g{generation}"))
         vm_dir = self.vm_dir(spec.name)
         vm_dir.mkdir(parents=True, exist_ok=True)
+        pidfile = vm_dir / f"g{generation}.pid"
+        running = _live_qemu(pidfile, spec.name, generation)
+        if running is not None:
+            # A QEMU of this very generation already runs (an agent died while starting it):
+            # take it over rather than start a second writer on the same export.
+            log.warning(event("vm.instance.found", vm=spec.name, generation=generation,
+                              pid=running.pid))  # fmt: skip
+            return await self._register(spec.name, generation, running, time.time())
         socket_path = self._qmp_socket(spec.name, generation)
         socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         socket_path.unlink(missing_ok=True)
         launch = Launch(
             spec=spec, kernel=image.kernel, initrd=image.initrd, disk_files=tuple(disks),
             qmp_socket=socket_path, console_log=self.console_log(spec.name, generation),
-            pidfile=vm_dir / f"g{generation}.pid", accel=await asyncio.to_thread(self.accel),
-            generation=generation,
+            pidfile=pidfile, accel=await asyncio.to_thread(self.accel), generation=generation,
         )  # fmt: skip
         argv = build_argv(launch, qemu_binary())
-        # QEMU's own start (it connects to the arrays) must not stall the agent's heartbeats.
-        proc = await asyncio.to_thread(
-            process.launch_daemon, argv, launch.pidfile, what=f"VM {spec.name}"
+        # QEMU's own start (it connects to the arrays) must not stall the agent's heartbeats;
+        # once launched it must be recorded even if this task is cancelled meanwhile.
+        launching = asyncio.ensure_future(
+            asyncio.to_thread(process.launch_daemon, argv, pidfile, what=f"VM {spec.name}")
         )
-        instance = LocalInstance(vm=spec.name, generation=generation, proc=proc,
-                                 qmp_socket=socket_path, console_log=launch.console_log,
-                                 started_at=time.time())  # fmt: skip
-        self._save(instance)
-        self.instances[instance.key] = instance
+        started_at = time.time()
         try:
-            session = QmpSession(socket_path, name=spec.name)
-            await session.connect()
-            status = await session.status()
-            if not status.running:
-                await session.close()
-                raise HypervisorError(f"VM {spec.name}: QEMU started but is {status.status}")
-        except HypervisorError:
-            await self.kill(instance)
+            proc = await asyncio.shield(launching)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                self._save(spec.name, generation, await launching, started_at)
             raise
-        self._watch(instance, session)
+        instance = await self._register(spec.name, generation, proc, started_at)
         log.info(event("vm.instance.started", vm=spec.name, generation=generation, pid=proc.pid,
                        accel=launch.accel))  # fmt: skip
         return instance
 
-    def _save(self, instance: LocalInstance) -> None:
-        path = self.vm_dir(instance.vm) / f"g{instance.generation}.json"
+    async def _register(
+        self, vm: str, generation: int, proc: process.ProcessId, started_at: float
+    ) -> LocalInstance:
+        """Record and watch a launched QEMU; it must answer QMP and run, else it is killed."""
+        instance = LocalInstance(vm=vm, generation=generation, proc=proc,
+                                 qmp_socket=self._qmp_socket(vm, generation),
+                                 console_log=self.console_log(vm, generation),
+                                 started_at=started_at)  # fmt: skip
+        session = QmpSession(instance.qmp_socket, name=vm)
+        try:
+            self._save(vm, generation, proc, started_at)
+            await session.connect()
+            status = await session.status()
+            if not status.running:
+                raise HypervisorError(f"VM {vm}: QEMU started but is {status.status}")
+        except BaseException:
+            await session.close()
+            process.send_signal(proc, signal.SIGKILL)
+            await process.wait_exit(proc, KILL_WAIT_S)
+            self._forget(instance)
+            raise
+        self.instances[instance.key] = instance
+        instance.session = session
+        self._watch(instance, session)
+        return instance
+
+    def _forget(self, instance: LocalInstance) -> None:
+        self.instances.pop(instance.key, None)
+        (self.vm_dir(instance.vm) / f"g{instance.generation}.json").unlink(missing_ok=True)
+        instance.qmp_socket.unlink(missing_ok=True)
+
+    def _save(self, vm: str, generation: int, proc: process.ProcessId, started_at: float) -> None:
+        path = self.vm_dir(vm) / f"g{generation}.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": instance.proc.pid,
-                                   "start_ticks": instance.proc.start_ticks,
-                                   "started_at": instance.started_at}))  # fmt: skip
+        tmp.write_text(json.dumps({"pid": proc.pid, "start_ticks": proc.start_ticks,
+                                   "started_at": started_at}))  # fmt: skip
         tmp.replace(path)
 
-    def adopt(self) -> list[LocalInstance]:
-        """Instances left running by an earlier agent on this node."""
-        adopted = []
+    async def adopt(self) -> list[LocalInstance]:
+        """Instances left running by an earlier agent on this node: those it recorded
+        (``g<N>.json``) and those it launched but died before recording (QEMU's pid file, with
+        the VM's name and generation checked in the process's command line)."""
+        found: dict[tuple[str, int], tuple[process.ProcessId, float]] = {}
+        for path in sorted(self.data_dir.glob("vms/*/g*.pid")):
+            vm, generation = path.parent.name, _generation_of(path)
+            proc = None if generation is None else _live_qemu(path, vm, generation)
+            if proc is not None and generation is not None:
+                found[(vm, generation)] = (proc, 0.0)
         for path in sorted(self.data_dir.glob("vms/*/g*.json")):
-            vm = path.parent.name
+            generation = _generation_of(path)
             try:
-                generation = int(path.stem[1:])
                 data = json.loads(path.read_text())
                 proc = process.ProcessId(pid=int(data["pid"]), start_ticks=int(data["start_ticks"]))
             except (OSError, ValueError, KeyError, TypeError):
                 continue
-            if not process.is_alive(proc):
+            if generation is None or not process.is_alive(proc):
                 path.unlink(missing_ok=True)
                 continue
-            instance = LocalInstance(vm=vm, generation=generation, proc=proc,
-                                     qmp_socket=self._qmp_socket(vm, generation),
-                                     console_log=self.console_log(vm, generation),
-                                     started_at=float(data.get("started_at", 0.0)))  # fmt: skip
-            self.instances[instance.key] = instance
-            self._watch(instance, None)
+            found[(path.parent.name, generation)] = (proc, float(data.get("started_at", 0.0)))
+        adopted = []
+        for (vm, generation), (proc, started_at) in sorted(found.items()):
+            try:
+                instance = await self._register(vm, generation, proc, started_at)
+            except HypervisorError as exc:  # it did not answer: killed by _register
+                log.warning(event("vm.instance.unadoptable", vm=vm, generation=generation,
+                                  reason=str(exc)))  # fmt: skip
+                continue
             log.warning(event("vm.instance.adopted", vm=vm, generation=generation, pid=proc.pid))
             adopted.append(instance)
         return adopted
@@ -215,9 +257,7 @@ class VmHost:
         if session is not None:
             await session.close()
         instance.exited.set()
-        self.instances.pop(instance.key, None)
-        (self.vm_dir(instance.vm) / f"g{instance.generation}.json").unlink(missing_ok=True)
-        instance.qmp_socket.unlink(missing_ok=True)
+        self._forget(instance)
         log.info(event("vm.instance.exited", vm=instance.vm, generation=instance.generation,
                        requested=instance.stop_requested,
                        guest_powered_off=instance.guest_powered_off))  # fmt: skip
@@ -229,7 +269,16 @@ class VmHost:
                 data = qemu_event.data
                 if qemu_event.name == "SHUTDOWN" and data.get("guest"):
                     instance.guest_powered_off = True
-                elif qemu_event.name in ("STOP", "BLOCK_IO_ERROR", "RESUME"):
+                elif qemu_event.name == "BLOCK_IO_ERROR" and not instance.stop_requested:
+                    # The disk is gone (fenced, or the array lost it): the guest is paused and
+                    # cannot go on. Kill it and report a crash, so that the leader restarts the
+                    # VM at a new generation (with a new fence) instead of leaving it paused.
+                    instance.lost_disk = True
+                    log.warning(event("vm.instance.lost-disk", vm=instance.vm,
+                                      generation=instance.generation,
+                                      reason=str(data.get("reason", ""))))  # fmt: skip
+                    process.send_signal(instance.proc, signal.SIGKILL)
+                elif qemu_event.name in ("STOP", "RESUME"):
                     log.warning(event("vm.instance.qemu-event", vm=instance.vm,
                                       generation=instance.generation, qemu_event=qemu_event.name,
                                       reason=str(data.get("reason", ""))))  # fmt: skip
@@ -257,16 +306,20 @@ class VmHost:
     def kill_now(self) -> int:
         """SIGKILL every instance at once, without waiting (the self-fence). Returns how many."""
         for instance in self.instances.values():
-            instance.stop_requested = True
+            instance.fenced = True
             process.send_signal(instance.proc, signal.SIGKILL)
         return len(self.instances)
 
     async def stop(self, instance: LocalInstance, timeout_s: float) -> str:
-        """Press the power button until the guest powers off; kill it after ``timeout_s``."""
+        """Press the power button until the guest powers off; kill it after ``timeout_s``.
+
+        The button is pressed over the instance's own QMP session: QEMU's monitor socket serves
+        one client at a time, and the watcher holds it."""
         instance.stop_requested = True
         deadline = time.monotonic() + timeout_s
-        with contextlib.suppress(HypervisorError):
-            async with QmpSession(instance.qmp_socket, name=instance.vm) as session:
+        session = instance.session
+        if session is not None:
+            with contextlib.suppress(HypervisorError):
                 while (remaining := deadline - time.monotonic()) > 0:
                     await session.powerdown()
                     if await process.wait_exit(instance.proc, min(remaining, POWERDOWN_REPEAT_S)):
@@ -283,3 +336,25 @@ class VmHost:
         for instance in list(self.instances.values()):
             for task in instance.tasks:
                 task.cancel()
+
+
+def _generation_of(path: Path) -> int | None:
+    """``g12.pid`` -> 12."""
+    try:
+        return int(path.name[1:].split(".")[0])
+    except ValueError:
+        return None
+
+
+def _live_qemu(pidfile: Path, vm: str, generation: int) -> process.ProcessId | None:
+    """The live QEMU named by ``pidfile`` if it runs generation ``generation`` of ``vm``."""
+    try:
+        pid = int(pidfile.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    if f"guest={vm},debug-threads=on".encode() not in cmdline:
+        return None
+    if not any(f"vmcluster.gen={generation} ".encode() in arg for arg in cmdline):
+        return None
+    return process.identify(pid)

@@ -5,10 +5,13 @@ Each raises a :class:`VmclusterError` with a one-line message; nothing is left h
 create whose spec cannot be written removes the LUNs it made).
 """
 
+import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmcluster.clusterstate.keys import dumps
@@ -210,7 +213,7 @@ async def set_armed(agent: "Agent", armed: bool) -> dict[str, Any]:
     return {"armed": armed}
 
 
-def console(agent: "Agent", name: str, generation: int | None, limit: int) -> dict[str, Any]:
+async def console(agent: "Agent", name: str, generation: int | None, limit: int) -> dict[str, Any]:
     """The console of ``name``'s instance of ``generation`` on this node (default: the newest)."""
     consoles = agent.vms.host.consoles(name)
     if not consoles:
@@ -221,6 +224,12 @@ def console(agent: "Agent", name: str, generation: int | None, limit: int) -> di
     if path is None:
         raise NotFound(f"VM {name!r} has no console of generation {generation} on node "
                        f"{agent.config.node}")  # fmt: skip
-    data = path.read_bytes()
+    data = await asyncio.to_thread(_tail, path, limit)  # off the loop: logs grow
     return {"name": name, "node": agent.config.node, "generation": generation,
-            "text": data[-limit:].decode("utf-8", "replace")}  # fmt: skip
+            "text": data.decode("utf-8", "replace")}  # fmt: skip
+
+
+def _tail(path: Path, limit: int) -> bytes:
+    with path.open("rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - limit))
+        return f.read()

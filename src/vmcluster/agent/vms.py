@@ -66,8 +66,10 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 STOP_TIMEOUT_S = 30.0
+FENCE_TIMEOUT_S = 5.0  # one array that does not answer must not hold up every failover
 RECONCILE_PERIOD_S = 0.5
 SELF_FENCE_CHECK_S = 0.05
+KILLED_WAIT_S = 10.0
 RUNS = (VmPhase.STARTING, VmPhase.RUNNING)
 
 
@@ -93,6 +95,7 @@ class VmService:
             arrays=dict(agent.config.arrays), on_exit=self._exited,
         )  # fmt: skip
         self._ended: dict[tuple[str, int], InstanceStatus] = {}  # instances that ended here
+        self._guest_off: set[tuple[str, int]] = set()  # ... because the guest powered off
         self._busy: dict[tuple[str, int], asyncio.Task[None]] = {}  # starts and stops under way
         self._wake = asyncio.Event()
         self._last_reason = ""
@@ -162,8 +165,14 @@ class VmService:
     async def _fence(self, vm: ClusteredVm, generation: int) -> None:
         """Retire every other generation of the VM's disks at their arrays; export this one."""
         started = time.monotonic()
-        await asyncio.gather(*(self._array(p.array).fence(p.lun, generation)
-                               for p in vm.storage))  # fmt: skip
+        fences = asyncio.gather(*(self._array(p.array).fence(p.lun, generation)
+                                  for p in vm.storage))  # fmt: skip
+        try:
+            async with asyncio.timeout(FENCE_TIMEOUT_S):
+                await fences
+        except TimeoutError:
+            raise VmclusterError(f"VM {vm.name}: the fence of generation {generation} did not "
+                                 f"finish in {FENCE_TIMEOUT_S:g} s") from None  # fmt: skip
         log.info(event("vm.fenced", vm=vm.name, generation=generation,
                        ms=round((time.monotonic() - started) * 1000)))  # fmt: skip
 
@@ -228,7 +237,8 @@ class VmService:
         await self.cache.loaded.wait()
         while not self.agent.has_quorum():  # noqa: ASYNC110 - quorum is a deadline
             await asyncio.sleep(0.05)
-        self.host.adopt()
+        await self.host.adopt()
+        self._thaw_current()  # a watchdog may have frozen them while no agent ran
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._self_fence_loop(), name="self-fence")
             tg.create_task(self._watchdog_loop(), name="watchdog")
@@ -283,6 +293,9 @@ class VmService:
         for key in stop:
             if key not in self.host.instances and key not in self._busy:
                 self._ended.setdefault(key, InstanceStatus.STOPPED)
+        for key in [k for k in self._ended if k not in run and k not in stop]:
+            del self._ended[key]  # no longer placed here: a re-created VM may reuse the key
+            self._guest_off.discard(key)
         await self._report({**run, **stop})
 
     def _spawn(self, key: tuple[str, int], work: Any) -> None:
@@ -310,8 +323,11 @@ class VmService:
                        how=how))  # fmt: skip
 
     def _exited(self, instance: LocalInstance) -> None:
-        if instance.stop_requested or instance.guest_powered_off:
+        orderly = instance.stop_requested or instance.guest_powered_off
+        if orderly and not (instance.fenced or instance.lost_disk):
             status = InstanceStatus.STOPPED
+            if instance.guest_powered_off and not instance.stop_requested:
+                self._guest_off.add(instance.key)
         else:
             status = InstanceStatus.CRASHED
             log.warning(event("vm.instance.crashed", vm=instance.vm,
@@ -338,7 +354,7 @@ class VmService:
             puts = {self.keys.vm(vm.name, "instance"): Put(
                 value=dumps(instance_to_json(wanted, at=time.time())),
                 lease=self.agent.quorum.lease_id)}  # fmt: skip
-            if status is InstanceStatus.STOPPED and vm.record.want_running:
+            if key in self._guest_off and vm.record.want_running:
                 # The guest powered itself off: the VM is stopped, as if an admin stopped it.
                 puts[self.keys.vm(vm.name, "intent")] = Put(
                     value=dumps({"running": False, "at": time.time(), "by": "guest"})
@@ -362,10 +378,14 @@ class VmService:
         back first and the placement still names this node at their generation."""
         resiliency = self.agent.config.timings.resiliency_period_s
         frozen_at: float | None = None
+        was_ok = True
         while True:
             await asyncio.sleep(SELF_FENCE_CHECK_S)
-            if frozen_at is not None and self._lease_ok():
-                self._thaw_current()
+            ok = self._lease_ok()
+            if ok and not was_ok and resiliency > 0:
+                self._thaw_current()  # frozen by us or by the watchdog
+            was_ok = ok
+            if frozen_at is not None and ok:
                 frozen_at = None
                 continue
             if not self.host.instances or self._lease_ok():
@@ -387,8 +407,10 @@ class VmService:
                               reason="lease not renewed in time"))  # fmt: skip
             why = f"killed {killed} VM instances: lease not renewed in time"
             self.agent._emit_later("node.self-fenced", self.me, why)
-            while self.host.instances:  # noqa: ASYNC110 - wait for the pidfd watchers
-                await asyncio.sleep(SELF_FENCE_CHECK_S)
+            with contextlib.suppress(TimeoutError):  # the pidfd watchers see them go
+                async with asyncio.timeout(KILLED_WAIT_S):
+                    while self.host.instances:  # noqa: ASYNC110
+                        await asyncio.sleep(SELF_FENCE_CHECK_S)
 
     def _thaw_current(self) -> None:
         """The lease is back: resume the frozen instances whose placement is still ours at
@@ -397,7 +419,7 @@ class VmService:
         for key, instance in self.host.instances.items():
             vm = stored.get(key[0])
             current = vm is not None and vm.record.owner == self.me \
-                and vm.record.generation == key[1]  # fmt: skip
+                and vm.record.generation == key[1] and vm.record.phase in RUNS  # fmt: skip
             if current:
                 self.host.signal(instance, signal.SIGCONT)
                 log.warning(event("vm.self-fence.resumed", vm=key[0], generation=key[1]))
@@ -418,7 +440,9 @@ class VmService:
                 child.poll()  # reap it if it died
             if not instances and told is None:
                 continue
-            state = (self.agent.quorum.valid_until - margin, instances)
+            # The watchdog is the backstop: its deadline is half a margin after the agent's own,
+            # still before the lease can expire.
+            state = (self.agent.quorum.valid_until - margin / 2, instances)
             if state == told:
                 continue
             try:

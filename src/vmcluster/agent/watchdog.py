@@ -8,7 +8,8 @@ runs a VM and left running on its own session, that enforces the same deadline f
                                [{"pid": P, "start_ticks": T}, ...], "agent_pid": A}
 
 The agent rewrites the file (atomically) whenever its lease is renewed or its instances change,
-with ``deadline = valid_until - self_fence_margin_s``. When the boot-time clock passes the deadline
+with ``deadline = valid_until - self_fence_margin_s / 2`` (the agent's own self-fence acts half a
+margin earlier; the watchdog is the backstop). When the boot-time clock passes the deadline
 the watchdog SIGKILLs every listed instance that is still the same process (pid and start time),
 logs it, and keeps watching. With a resiliency period R (``resiliency_s``) it SIGSTOPs them at the
 deadline and SIGKILLs them at ``deadline + R``; a renewed deadline before then leaves them to the

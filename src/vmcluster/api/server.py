@@ -226,7 +226,7 @@ async def _vm_console(request: web.Request) -> web.Response:
     except ValueError:
         raise InvalidInput("generation and limit must be whole numbers") from None
     return web.json_response(
-        vmadmin.console(agent, request.match_info["vm"], generation, max(1, limit))
+        await vmadmin.console(agent, request.match_info["vm"], generation, max(1, limit))
     )
 
 

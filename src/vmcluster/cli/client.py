@@ -37,6 +37,10 @@ class ApiUnreachable(VmclusterError):
     """No agent answered."""
 
 
+class NoQuorumAnswer(InvalidState):
+    """An agent answered 503: it has no quorum now (another agent may)."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClusterTarget:
     endpoints: dict[str, str]  # node (or "local") -> URL
@@ -87,7 +91,7 @@ class ApiClient:
         """The first agent's answer; an answer from an agent without quorum (possibly stale)
         only if no agent with quorum answers."""
         errors: list[str] = []
-        no_quorum: InvalidState | None = None
+        no_quorum: NoQuorumAnswer | None = None
         stale: list[Any] = []
         for url in self.endpoints:
             session, base = _session(url)
@@ -99,7 +103,7 @@ class ApiClient:
                 stale.append(answer)
             except (aiohttp.ClientConnectionError, TimeoutError, OSError) as exc:
                 errors.append(f"{url} ({type(exc).__name__})")
-            except InvalidState as exc:  # 503: this agent has no quorum; another may
+            except NoQuorumAnswer as exc:  # 503: this agent has no quorum; another may
                 no_quorum = exc
                 errors.append(f"{url} (no quorum)")
         if stale:
@@ -124,7 +128,7 @@ class ApiClient:
                 if response.status == 404:
                     raise NotFound(error or f"API {path}: not found")
                 if response.status == 503:
-                    raise InvalidState(error or "the agent is unavailable")
+                    raise NoQuorumAnswer(error or "the agent is unavailable")
                 if kind in ERROR_KINDS:
                     raise ERROR_KINDS[kind](error)
                 raise VmclusterError(f"API {method} {path}: {response.status} {error}".rstrip())

@@ -47,8 +47,11 @@ def policy_from_json(data: Mapping[str, Any]) -> PlacementPolicy:
     if not isinstance(data, Mapping):
         raise ValueError(f"policy must be an object, not {data!r}")
     for field_name in ("preferred", "possible"):
-        if not isinstance(data.get(field_name, []), list):
+        value = data.get(field_name, [])
+        if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
             raise ValueError(f"policy.{field_name} must be a list of node names")
+    if not isinstance(data.get("anti_affinity") or "", str):
+        raise ValueError("policy.anti_affinity must be a class name or null")
     return PlacementPolicy(
         priority=parse_priority(str(data.get("priority", "medium"))),
         preferred=tuple(str(n) for n in data.get("preferred", [])),

@@ -259,6 +259,11 @@ def _judge(vm: VmRecord, view: HaView, now: float) -> VmAction | _Move | None:
             return failed
         return _Move(kind=StartKind.FAILOVER, avoid=frozenset({vm.owner}),
                      why=f"{vm.owner} is {owner_state or 'gone'}")  # fmt: skip
+    if vm.phase is VmPhase.STOPPING and instance is not None \
+            and instance.status is not InstanceStatus.RUNNING:  # fmt: skip
+        # Started again while a stop was under way: the stop is done, start it afresh.
+        return SetPhase(vm=vm.name, phase=VmPhase.STOPPED,
+                        reason=f"{vm.name} stopped on {vm.owner}; starting again")  # fmt: skip
     if instance is not None and instance.status is InstanceStatus.CRASHED:
         if not view.armed:
             return None
