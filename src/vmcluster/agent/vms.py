@@ -314,6 +314,10 @@ class VmService:
 
     async def _start(self, vm: StoredVm) -> None:
         generation = vm.record.generation
+        if not self._lease_ok():  # nothing starts without quorum (it may have gone meanwhile)
+            log.info(event("vm.instance.deferred", vm=vm.name, generation=generation,
+                           reason="no quorum"))  # fmt: skip
+            return  # the next reconcile with quorum starts it
         log.info(event("vm.instance.starting", vm=vm.name, generation=generation))
         await self.host.start(vm.spec, generation)
 
@@ -449,7 +453,8 @@ class VmService:
                 watchdog.write_state(run_dir, state[0], sorted(instances, key=lambda p: p.pid),
                                      resiliency_s=resiliency)  # fmt: skip
                 told = state
-                if instances and watchdog.running(run_dir) is None:
+                starting = child is not None and child.poll() is None
+                if instances and not starting and watchdog.running(run_dir) is None:
                     child = self._start_watchdog(run_dir)
             except OSError as exc:
                 log.warning(event("watchdog.update.failed", reason=str(exc)))
@@ -467,8 +472,10 @@ class VmService:
         return child
 
     async def close(self) -> None:
-        for task in self._busy.values():
+        tasks = list(self._busy.values())
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self.host.close()
 
