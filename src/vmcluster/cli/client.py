@@ -87,7 +87,9 @@ class ApiClient:
         self.endpoints = [target.endpoints[via]] if via else list(target.endpoints.values())
         self.token = Secrets.read(Path(target.secrets_file)).token
 
-    async def _first(self, attempt: Callable[[aiohttp.ClientSession, str], Any]) -> Any:
+    async def _first(
+        self, attempt: Callable[[aiohttp.ClientSession, str], Any], *, idempotent: bool = True
+    ) -> Any:
         """The first agent's answer; an answer from an agent without quorum (possibly stale)
         only if no agent with quorum answers."""
         errors: list[str] = []
@@ -102,6 +104,12 @@ class ApiClient:
                     return answer
                 stale.append(answer)
             except (aiohttp.ClientConnectionError, TimeoutError, OSError) as exc:
+                sent = not isinstance(exc, (aiohttp.ClientConnectorError, ConnectionRefusedError,
+                                            FileNotFoundError))  # fmt: skip
+                if sent and not idempotent:  # it may have been applied: never send it twice
+                    raise ApiUnreachable(f"no answer from {url} ({type(exc).__name__}): the "
+                                         "request may or may not have been applied; check "
+                                         "before retrying") from None  # fmt: skip
                 errors.append(f"{url} ({type(exc).__name__})")
             except NoQuorumAnswer as exc:  # 503: this agent has no quorum; another may
                 no_quorum = exc
@@ -133,7 +141,7 @@ class ApiClient:
                     raise ERROR_KINDS[kind](error)
                 raise VmclusterError(f"API {method} {path}: {response.status} {error}".rstrip())
 
-        return await self._first(attempt)
+        return await self._first(attempt, idempotent=method == "GET")
 
     def get(self, path: str) -> Any:
         return asyncio.run(self.request("GET", path))
