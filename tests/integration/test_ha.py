@@ -270,7 +270,9 @@ def test_with_ha_disarmed_nothing_moves_until_it_is_armed(lab: Lab) -> None:
     first = _running("p5")
     _writing(lab, first)
     _cli("cluster", "ha", "disarm")
-    assert _cli("cluster", "ha", "status", "-o", "json").json() == {"armed": False}
+    status = _cli("cluster", "ha", "status", "-o", "json").json()
+    assert isinstance(status, dict)
+    assert status["armed"] is False
     _cli("lab", "fault", "crash", first["owner"], "--name", lab.name)
     _until(lambda: _nodes()[first["owner"]]["state"] == "down", what="owner down")
     time.sleep(3.0)  # several controller cycles
@@ -384,3 +386,25 @@ def test_a_node_that_crashes_three_times_is_quarantined_and_gets_no_vms(lab: Lab
     vm = _running("p9")
     assert vm["owner"] != "n3"
     _writing(lab, vm)
+
+
+def test_ha_settings_change_what_happens_after_a_qemu_crash(lab: Lab) -> None:
+    _one_line_error(["cluster", "ha", "set", "--restart-limit", "-1"], 2, "restart_limit")
+    _one_line_error(["cluster", "ha", "set", "--failover-threshold", "x"], 2, "failover-threshold")
+    _one_line_error(["cluster", "ha", "set"], 2, "nothing to change")
+    _cli("cluster", "ha", "set", "--restart-limit", "0", "--failover-threshold", "1")
+    status = _cli("cluster", "ha", "status", "-o", "json").json()
+    assert isinstance(status, dict)
+    assert (status["restart_limit"], status["failover_threshold"]) == (0, 1)
+    _create("p10")
+    vm = _running("p10")
+    _writing(lab, vm)
+    # No restart in place: the first QEMU crash fails the VM over at once.
+    kill_by_pid(_qemu_pid(lab, vm["owner"], "p10", vm["generation"]) or 0)
+    moved = _running("p10", generation_above=vm["generation"], not_on=vm["owner"])
+    _writing(lab, moved)
+    # Threshold 1: the next crash leaves it failed.
+    kill_by_pid(_qemu_pid(lab, moved["owner"], "p10", moved["generation"]) or 0)
+    failed = _until(lambda: _vms()["p10"]["state"] == "failed" and _vms()["p10"], what="failed")
+    assert "1 failovers within 6 h" in failed["reason"]
+    _check_probe(lab)

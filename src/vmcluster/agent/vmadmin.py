@@ -17,8 +17,11 @@ from typing import TYPE_CHECKING, Any
 from vmcluster.clusterstate.keys import dumps
 from vmcluster.clusterstate.store import Commit, Put
 from vmcluster.clusterstate.vmrecords import (
+    HA_SETTINGS,
     ClusteredVm,
     DiskPlacement,
+    ha_settings_from_json,
+    ha_settings_to_json,
     lun_name,
     placement_to_json,
     policy_from_json,
@@ -203,14 +206,45 @@ async def delete(agent: "Agent", name: str) -> dict[str, Any]:
     return {"name": name, "deleted": True}
 
 
-async def set_armed(agent: "Agent", armed: bool) -> dict[str, Any]:
+def ha_json(agent: "Agent") -> dict[str, Any]:
+    """``GET /v1/ha``: armed, and the settings in force (defaults filled in)."""
+    record = agent.cache.json(agent.keys.ha) or {}
+    return {"armed": bool(record.get("armed", True)),
+            **ha_settings_to_json(agent.vms.ha_settings())}  # fmt: skip
+
+
+async def _update_ha(agent: "Agent", changes: Mapping[str, Any], kind: str, why: str) -> None:
     _require_quorum(agent)
-    key, value = agent._event_record("ha.armed" if armed else "ha.disarmed", agent.config.cluster,
-                                     f"by an admin through {agent.config.node}")  # fmt: skip
-    await agent.store.commit(Commit(puts={agent.keys.ha: Put(value=dumps({"armed": armed,
-                                                                           "at": time.time()})),
-                                          key: Put(value=value)}))  # fmt: skip
+    entry = agent.cache.entries.get(agent.keys.ha)
+    record = {**(agent.cache.json(agent.keys.ha) or {}), **changes, "at": time.time()}
+    key, value = agent._event_record(kind, agent.config.cluster, why)
+    applied = await agent.store.commit(Commit(
+        expect={agent.keys.ha: entry.mod_revision if entry else 0},
+        puts={agent.keys.ha: Put(value=dumps(record)), key: Put(value=value)},
+    ))  # fmt: skip
+    if not applied:
+        raise InvalidState("the HA settings changed meanwhile; try again")
+
+
+async def set_armed(agent: "Agent", armed: bool) -> dict[str, Any]:
+    await _update_ha(agent, {"armed": armed}, "ha.armed" if armed else "ha.disarmed",
+                     f"by an admin through {agent.config.node}")  # fmt: skip
     return {"armed": armed}
+
+
+async def set_ha_settings(agent: "Agent", body: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(body) - set(HA_SETTINGS))
+    if unknown:
+        raise InvalidInput(f"unknown HA setting {unknown[0]!r} (known: {', '.join(HA_SETTINGS)})")
+    current = ha_settings_to_json(agent.vms.ha_settings())
+    try:
+        settings = ha_settings_from_json({**current, **body})
+    except ValueError as exc:
+        raise InvalidInput(f"HA settings: {exc}") from None
+    changed = ", ".join(f"{k}={v}" for k, v in body.items()) or "no change"
+    why = f"{changed} (by an admin through {agent.config.node})"
+    await _update_ha(agent, ha_settings_to_json(settings), "ha.settings", why)
+    return ha_settings_to_json(settings)
 
 
 async def console(agent: "Agent", name: str, generation: int | None, limit: int) -> dict[str, Any]:

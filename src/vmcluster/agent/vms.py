@@ -37,12 +37,14 @@ from vmcluster.clusterstate.keys import dumps
 from vmcluster.clusterstate.store import Commit, Put, StoreError
 from vmcluster.clusterstate.vmrecords import (
     ClusteredVm,
+    ha_settings_from_json,
     instance_to_json,
     placement_to_json,
     vm_record,
 )
 from vmcluster.core.cluster import ClusterView, NodeState
 from vmcluster.core.ha import (
+    HaSettings,
     HaView,
     Instance,
     InstanceStatus,
@@ -132,6 +134,14 @@ class VmService:
     def armed(self) -> bool:
         return bool((self.cache.json(self.keys.ha) or {}).get("armed", True))
 
+    def ha_settings(self) -> HaSettings:
+        """The cluster's HA settings (``ha`` record); the defaults if it is unreadable."""
+        try:
+            return ha_settings_from_json(self.cache.json(self.keys.ha) or {})
+        except ValueError as exc:
+            log.warning(event("ha.settings.invalid", reason=str(exc)))
+            return HaSettings()
+
     def ha_view(self, view: ClusterView, stored: Mapping[str, StoredVm]) -> HaView:
         nodes = {}
         specs = self.cache.nodes()
@@ -145,7 +155,7 @@ class VmService:
                 failback_until=admin.get("failback_until"),
             )  # fmt: skip
         return HaView(nodes=nodes, vms={n: s.record for n, s in stored.items()},
-                      armed=self.armed())  # fmt: skip
+                      armed=self.armed(), settings=self.ha_settings())  # fmt: skip
 
     # ----- the leader's executor -----
 

@@ -150,6 +150,12 @@ OPENAPI: dict[str, Any] = {
                            "responses": {"200": _json({"type": "object"}), **_ERRORS}}},
         "/v1/ha/arm": {"post": {"summary": "Resume automatic HA actions",
                                 "responses": {"200": _json({"type": "object"}), **_ERRORS}}},
+        "/v1/ha/settings": {"post": {
+            "summary": "Change HA settings (failover_on_isolation, restart_limit, "
+                       "restart_period_s, failover_threshold, failover_period_s)",
+            "requestBody": {"content": {"application/json": {"schema": {"type": "object"}}}},
+            "responses": {"200": _json({"type": "object"}), "400": _json(_ERROR, "invalid"),
+                          **_ERRORS}}},
         "/v1/ha/disarm": {"post": {"summary": "Freeze automatic HA actions",
                                    "responses": {"200": _json({"type": "object"}), **_ERRORS}}},
         "/v1/events": {"get": {

@@ -13,7 +13,8 @@
     DELETE /v1/vms/{vm}              delete a stopped VM and its LUNs
     POST /v1/vms/{vm}/start|stop     set the VM's intent; the leader acts on it
     GET  /v1/vms/{vm}/console?generation=N&limit=BYTES   the console kept on this node
-    GET  /v1/ha, POST /v1/ha/arm|disarm   automatic HA actions on or frozen
+    GET  /v1/ha, POST /v1/ha/arm|disarm   automatic HA actions on or frozen, and the settings
+    POST /v1/ha/settings             failover_on_isolation, restart_limit, failover_threshold, ...
     GET  /v1/events?limit=N          the newest events
     GET  /v1/events?follow=true      newline-delimited JSON: the newest, then each new event
     GET  /openapi.json               this API's OpenAPI document (no token needed)
@@ -231,7 +232,12 @@ async def _vm_console(request: web.Request) -> web.Response:
 
 
 async def _ha(request: web.Request) -> web.Response:
-    return web.json_response({"armed": request.app[AGENT_KEY].vms.armed()})
+    return web.json_response(vmadmin.ha_json(request.app[AGENT_KEY]))
+
+
+async def _ha_settings(request: web.Request) -> web.Response:
+    agent = request.app[AGENT_KEY]
+    return web.json_response(await vmadmin.set_ha_settings(agent, await _json_body(request)))
 
 
 async def _ha_arm(request: web.Request) -> web.Response:
@@ -295,6 +301,7 @@ def make_app(agent: "Agent") -> web.Application:
     app.router.add_get("/v1/ha", _ha)
     app.router.add_post("/v1/ha/arm", _ha_arm)
     app.router.add_post("/v1/ha/disarm", _ha_disarm)
+    app.router.add_post("/v1/ha/settings", _ha_settings)
     app.router.add_get("/v1/events", _events)
     return app
 

@@ -17,7 +17,7 @@ from vmcluster.cli.common import stdout as out
 from vmcluster.clusterstate.etcd import EtcdStore
 from vmcluster.clusterstate.keys import Keys, dumps
 from vmcluster.core.model import check_name
-from vmcluster.errors import AlreadyExists, InvalidState
+from vmcluster.errors import AlreadyExists, InvalidInput, InvalidState
 
 via_option = click.option("--via", metavar="NODE", help="Ask this node's agent (default: any).")
 
@@ -205,12 +205,67 @@ def disarm(via: str | None) -> None:
 @via_option
 @output_option
 def ha_status(via: str | None, output: str) -> None:
-    """Whether HA is armed."""
+    """Whether HA is armed, and the HA settings in force."""
     data = _client(via).get("/v1/ha")
     if output == "json":
         print_json(data)
-    else:
-        out.print("armed" if data["armed"] else "disarmed", markup=False)
+        return
+    threshold = data["failover_threshold"]
+    print_fields([
+        ("HA", "armed" if data["armed"] else "DISARMED (nothing moves automatically)"),
+        ("failover on isolation", "yes" if data["failover_on_isolation"] else
+         "no (waits for the lease: Down)"),
+        ("restart in place", f"{data['restart_limit']} per "
+                             f"{data['restart_period_s'] / 3600:g} h"),
+        ("failover threshold", f"{'nodes - 1' if threshold is None else threshold} per "
+                               f"{data['failover_period_s'] / 3600:g} h"),
+    ])  # fmt: skip
+
+
+@ha.command("set")
+@click.option(
+    "--failover-on-isolation/--no-failover-on-isolation",
+    default=None,
+    help="Fail over as soon as the owner is Isolated (default), or wait until Down.",
+)
+@click.option("--restart-limit", type=int, help="Restarts in place after QEMU crashes, per period.")
+@click.option("--restart-period", type=float, metavar="HOURS", help="Period of the restart limit.")
+@click.option(
+    "--failover-threshold",
+    metavar="N|default",
+    help="Failovers per period before a VM is failed (default: nodes - 1).",
+)
+@click.option(
+    "--failover-period", type=float, metavar="HOURS", help="Period of the failover threshold."
+)
+@via_option
+def ha_set(
+    failover_on_isolation: bool | None, restart_limit: int | None, restart_period: float | None,
+    failover_threshold: str | None, failover_period: float | None, via: str | None,
+) -> None:  # fmt: skip
+    """Change the cluster's HA settings (the others keep their values)."""
+    body: dict[str, Any] = {}
+    if failover_on_isolation is not None:
+        body["failover_on_isolation"] = failover_on_isolation
+    if restart_limit is not None:
+        body["restart_limit"] = restart_limit
+    if restart_period is not None:
+        body["restart_period_s"] = restart_period * 3600
+    if failover_threshold is not None:
+        if failover_threshold == "default":
+            body["failover_threshold"] = None
+        elif failover_threshold.isdigit():
+            body["failover_threshold"] = int(failover_threshold)
+        else:
+            raise InvalidInput(f"invalid --failover-threshold {failover_threshold!r}: "
+                               "use a whole number or 'default'")  # fmt: skip
+    if failover_period is not None:
+        body["failover_period_s"] = failover_period * 3600
+    if not body:
+        raise InvalidInput("nothing to change: give at least one setting (see --help)")
+    _client(via).post("/v1/ha/settings", body)
+    out.print("HA settings changed: " + ", ".join(f"{k}={v}" for k, v in body.items()),
+              markup=False)  # fmt: skip
 
 
 def _event_line(e: dict[str, Any]) -> str:

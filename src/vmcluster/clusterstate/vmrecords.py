@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmcluster.core.ha import Instance, InstanceStatus, VmPhase, VmRecord
+from vmcluster.core.ha import HaSettings, Instance, InstanceStatus, VmPhase, VmRecord
 from vmcluster.core.model import NAME_RE, VmSpec, check_name
 from vmcluster.core.placement import Failback, FailbackMode, PlacementPolicy, Priority
 from vmcluster.errors import InvalidInput
@@ -175,3 +175,34 @@ class ClusteredVm:
             if isinstance(exc, InvalidInput):
                 raise
             raise InvalidInput(f"malformed clustered VM spec: {exc!r}") from None
+
+
+HA_SETTINGS = ("failover_on_isolation", "restart_limit", "restart_period_s", "failover_threshold",
+               "failover_period_s")  # fmt: skip
+
+
+def ha_settings_from_json(data: Mapping[str, Any]) -> HaSettings:
+    """The cluster's HA settings from the ``ha`` record (missing ones: the defaults).
+
+    Raises ValueError naming the setting for a value of the wrong type or out of range."""
+    defaults = HaSettings()
+    values: dict[str, Any] = {}
+    for name in HA_SETTINGS:
+        value = data.get(name, getattr(defaults, name))
+        if name == "failover_on_isolation":
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false")
+        elif name == "failover_threshold" and value is None:
+            pass  # WSFC's default: the number of nodes - 1
+        elif name in ("restart_limit", "failover_threshold"):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1000:
+                raise ValueError(f"{name} must be a whole number from 0 to 1000")
+        elif isinstance(value, bool) or not isinstance(value, int | float) \
+                or not 60 <= value <= 30 * 86400:  # fmt: skip
+            raise ValueError(f"{name} must be 60 s to 30 days")
+        values[name] = value
+    return HaSettings(**values)
+
+
+def ha_settings_to_json(settings: HaSettings) -> dict[str, Any]:
+    return {name: getattr(settings, name) for name in HA_SETTINGS}
