@@ -186,11 +186,8 @@ def _classes(view: HaView, *, hard: bool) -> dict[str, frozenset[str]]:
     found: dict[str, set[str]] = {name: set() for name in view.nodes}
     for vm in view.vms.values():
         policy = vm.policy
-        holds = vm.owner in found and vm.phase in (
-            VmPhase.STARTING,
-            VmPhase.RUNNING,
-            VmPhase.STOPPING,
-        )
+        # Conservative: a failed VM keeps its owner's class (it may still run there, cut off).
+        holds = vm.owner in found and vm.phase is not VmPhase.STOPPED
         if holds and policy.anti_affinity and (policy.anti_affinity_hard or not hard):
             found[vm.owner].add(policy.anti_affinity)  # type: ignore[index]
     return {name: frozenset(classes) for name, classes in found.items()}
