@@ -8,7 +8,9 @@ VM under ``<data_dir>/vms/<vm>/``:
     g<N>.pid       QEMU's pid file
     g<N>.json      pid + start time, so a restarted agent re-adopts the instance
 
-QEMU runs detached (``-daemonize``): an agent restart does not touch running VMs. The agent
+QEMU runs detached (``-daemonize``) and a restarted agent re-adopts it; but an agent that is away
+longer than the heartbeat timeout (1 s) leaves its node Isolated, so its VMs fail over (fenced)
+and the old instances are killed (docs/operations.md). The agent
 watches each instance with a pidfd (exit) and a QMP session (a guest that powers itself off).
 """
 
