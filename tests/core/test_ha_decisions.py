@@ -32,6 +32,7 @@ from vmcluster.core.ha import (
     VmPhase,
     VmRecord,
     decide_vms,
+    stop_before_moving,
 )
 from vmcluster.core.placement import Failback, FailbackMode, PlacementPolicy, Priority, utc_hour
 from vmcluster.errors import InvalidInput
@@ -1344,3 +1345,78 @@ def test_the_reason_says_no_change_exactly_when_there_are_no_actions(view: HaVie
     assert decision.reason.startswith("no change:") == (not decision.actions)
     for action in decision.actions:
         assert action.vm in action.reason
+
+
+# ----- how moves are carried out: a clean stop first -----
+
+
+def _running_on(name: str, owner: str, **policy: Any) -> VmRecord:
+    return VmRecord(name=name, memory_mib=128, policy=PlacementPolicy(**policy),
+                    want_running=True, phase=VmPhase.RUNNING, owner=owner, generation=3,
+                    instance=Instance(node=owner, generation=3,
+                                      status=InstanceStatus.RUNNING))  # fmt: skip
+
+
+def test_a_drain_stops_a_running_guest_cleanly_before_it_moves() -> None:
+    view = HaView(
+        nodes={"n1": NodeInfo(name="n1", state=NodeState.PAUSED, memory_mib=1024, draining=True),
+               "n2": NodeInfo(name="n2", state=NodeState.UP, memory_mib=1024)},
+        vms={"web": _running_on("web", "n1")},
+    )  # fmt: skip
+    decided = decide_vms(view, NOW)
+    assert [type(a) for a in decided.actions] == [StartVm]
+    [stop] = stop_before_moving(decided, view).actions
+    assert isinstance(stop, StopVm)
+    assert stop.node == "n1"
+    assert "stopping it on n1 first" in stop.reason
+    # Once stopped there, the VM is started afresh, on n2 (n1 is paused).
+    stopped = replace(view.vms["web"], phase=VmPhase.STOPPING,
+                      instance=Instance(node="n1", generation=3,
+                                        status=InstanceStatus.STOPPED))  # fmt: skip
+    [done] = decide_vms(replace(view, vms={"web": stopped}), NOW).actions
+    assert isinstance(done, SetPhase)
+    assert done.phase is VmPhase.STOPPED
+    again = replace(stopped, phase=VmPhase.STOPPED, owner=None)
+    [start] = decide_vms(replace(view, vms={"web": again}), NOW).actions
+    assert isinstance(start, StartVm)
+    assert (start.node, start.generation) == ("n2", 4)
+
+
+def test_a_stop_under_way_is_not_decided_again() -> None:
+    view = HaView(
+        nodes={"n1": NodeInfo(name="n1", state=NodeState.PAUSED, memory_mib=1024, draining=True),
+               "n2": NodeInfo(name="n2", state=NodeState.UP, memory_mib=1024)},
+        vms={"web": replace(_running_on("web", "n1"), phase=VmPhase.STOPPING)},
+    )  # fmt: skip
+    assert decide_vms(view, NOW).actions == ()
+
+
+def test_failovers_restarts_and_crashed_moves_are_not_turned_into_stops() -> None:
+    gone = Instance(node="n1", generation=3, status=InstanceStatus.CRASHED)
+    crashed = replace(_running_on("web", "n1"), instance=gone)
+    view = HaView(
+        nodes={"n1": NodeInfo(name="n1", state=NodeState.PAUSED, memory_mib=1024, draining=True),
+               "n2": NodeInfo(name="n2", state=NodeState.UP, memory_mib=1024)},
+        vms={"web": crashed},
+    )  # fmt: skip
+    decided = decide_vms(view, NOW)
+    assert stop_before_moving(decided, view) == decided
+    down = replace(view, nodes={**view.nodes, "n1": NodeInfo(name="n1", state=NodeState.DOWN,
+                                                             memory_mib=1024)},
+                   vms={"web": _running_on("web", "n1")})  # fmt: skip
+    decided = decide_vms(down, NOW)
+    assert [a.kind for a in decided.actions if isinstance(a, StartVm)] == [StartKind.FAILOVER]
+    assert stop_before_moving(decided, down) == decided
+
+
+def test_a_failback_of_a_running_guest_stops_it_first() -> None:
+    view = HaView(
+        nodes={"n1": NodeInfo(name="n1", state=NodeState.UP, memory_mib=1024),
+               "n2": NodeInfo(name="n2", state=NodeState.UP, memory_mib=1024)},
+        vms={"web": _running_on("web", "n2", preferred=("n1",),
+                                failback=Failback(mode=FailbackMode.IMMEDIATE))},
+    )  # fmt: skip
+    [stop] = stop_before_moving(decide_vms(view, NOW), view).actions
+    assert isinstance(stop, StopVm)
+    assert stop.node == "n2"
+    assert stop.reason.startswith("failback web to n1")

@@ -295,6 +295,8 @@ def test_drain_moves_vms_off_and_resume_with_failback_brings_them_back(lab: Lab)
     assert moved["state"] == "running"
     assert moved["owner"] != "n1"
     assert _nodes()["n1"]["state"] == "paused"
+    log = (lab.host_dir("n1") / "agent.log").read_text()
+    assert 'vm.instance.stopped vm=p6 generation=1 how="powered off"' in log  # a clean stop
     before = _writing(lab, moved, above=before)
     _cli("node", "resume", "n1", "--failback")
     back = _running("p6", generation_above=moved["generation"])
@@ -314,7 +316,10 @@ def test_immediate_failback_returns_a_vm_to_its_preferred_node(lab: Lab) -> None
     _cli("lab", "fault", "restart", "n2", "--name", lab.name)
     back = _running("p7", generation_above=away["generation"])
     assert back["owner"] == "n2"
-    assert "vm.failback" in _event_kinds("p7")
+    events = _cli("events", "-o", "json", "--limit", "500").json()
+    assert isinstance(events, list)
+    stops = [e["reason"] for e in events if e["subject"] == "p7" and e["kind"] == "vm.stopping"]
+    assert any(r.startswith("failback p7 to n2") for r in stops), stops  # stopped cleanly first
     _writing(lab, back)
     _check_probe(lab)
 

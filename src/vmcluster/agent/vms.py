@@ -58,6 +58,7 @@ from vmcluster.core.ha import (
     VmPhase,
     VmRecord,
     decide_vms,
+    stop_before_moving,
 )
 from vmcluster.errors import VmclusterError
 from vmcluster.logs import event, get_logger
@@ -163,7 +164,8 @@ class VmService:
         stored = self.stored()
         if not stored:
             return
-        decision = decide_vms(self.ha_view(view, stored), time.time())
+        ha_view = self.ha_view(view, stored)
+        decision = stop_before_moving(decide_vms(ha_view, time.time()), ha_view)
         if decision.reason != self._last_reason:
             log.info(event("ha.cycle", reason=decision.reason))
             self._last_reason = decision.reason

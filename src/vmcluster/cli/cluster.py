@@ -169,7 +169,11 @@ def drain(name: str, wait: bool, timeout: float, via: str | None) -> None:
         return
     deadline = time.monotonic() + timeout
     while True:
-        left = [v["name"] for v in client.get("/v1/vms") if v["owner"] == name]
+        # Its VMs are stopped there first, then started elsewhere: wait until each has left
+        # and none of those that should run is still between the two.
+        between = ("stopping", "stopped", "starting")
+        left = [v["name"] for v in client.get("/v1/vms") if v["owner"] == name
+                or (v["intent"] == "running" and v["state"] in between)]  # fmt: skip
         if not left:
             out.print(f"node {name} drained", markup=False)
             return

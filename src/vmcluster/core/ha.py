@@ -265,6 +265,8 @@ def _judge(vm: VmRecord, view: HaView, now: float) -> VmAction | _Move | None:
         # Started again while a stop was under way: the stop is done, start it afresh.
         return SetPhase(vm=vm.name, phase=VmPhase.STOPPED,
                         reason=f"{vm.name} stopped on {vm.owner}; starting again")  # fmt: skip
+    if vm.phase is VmPhase.STOPPING and instance is not None:
+        return None  # a stop under way (a move stops the guest first): wait for it
     if instance is not None and instance.status is InstanceStatus.CRASHED:
         if not view.armed:
             return None
@@ -403,6 +405,34 @@ def _placed(vm: VmRecord, move: _Move, placement: Placement) -> list[VmAction]:
     if vm.phase is not VmPhase.PENDING or vm.reason != placement.reason:
         return [SetPending(vm=vm.name, reason=placement.reason)]
     return []
+
+
+def _guest_runs(vm: VmRecord) -> bool:
+    """The owner reports the current generation running: a move can stop it cleanly first."""
+    instance = vm.instance
+    return (vm.owner is not None and vm.phase in (VmPhase.STARTING, VmPhase.RUNNING)
+            and instance is not None and instance.generation == vm.generation
+            and instance.status is InstanceStatus.RUNNING)  # fmt: skip
+
+
+def stop_before_moving(decision: VmDecision, view: HaView) -> VmDecision:
+    """How a move is carried out: a move (drain, quarantine) or failback of a VM whose guest
+    runs becomes a clean stop on its owner first; once it is stopped, the next decision starts
+    it, and placement puts it where the move would have (the source is paused, quarantined or
+    ranked below the destination). Failovers and restarts are unchanged: nothing runs there."""
+    actions: list[VmAction] = []
+    for action in decision.actions:
+        vm = view.vms.get(action.vm)
+        moving = isinstance(action, StartVm) and action.kind in (StartKind.MOVE,
+                                                                 StartKind.FAILBACK)  # fmt: skip
+        if moving and vm is not None and vm.owner is not None and _guest_runs(vm):
+            why = f"{action.reason}: stopping it on {vm.owner} first"
+            actions.append(StopVm(vm=vm.name, node=vm.owner, reason=why))
+        else:
+            actions.append(action)
+    if tuple(actions) == decision.actions:
+        return decision
+    return VmDecision(actions=tuple(actions), reason="; ".join(_describe(a) for a in actions))
 
 
 def decide_vms(view: HaView, now: float) -> VmDecision:
