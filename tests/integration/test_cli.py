@@ -71,6 +71,8 @@ def test_create_list_show_delete_round_trip(empty_home: DataDir) -> None:
         (["vm", "create", "--local", "ok1", "--vcpus", "0"], ["vcpus 0 is out of range"]),
         (["vm", "create", "--local", "ok1", "--image", "No/Such"], ["invalid image name"]),
         (["vm", "create", "--local", "ok1", "--probe-interval", "1"], ["probe interval (ms) 1"]),
+        (["vm", "create", "--local", "ok1", "--priority", "high"], ["--priority is for clustered"]),
+        (["vm", "create", "ok1", "--nic", "user"], ["--nic needs --local"]),
     ],
 )
 def test_invalid_create_is_refused_and_creates_nothing(

@@ -58,7 +58,7 @@ def vm() -> None:
     "nics",
     multiple=True,
     type=click.Choice([str(m) for m in NicMode]),
-    help="Add a NIC: 'user' forwards the guest's HTTP to a port on 127.0.0.1.",
+    help="With --local: add a NIC; 'user' forwards the guest's HTTP to a port on 127.0.0.1.",
 )
 @click.option("--image", default=DEFAULT_IMAGE, show_default=True, help="Guest image.")
 @click.option(
@@ -89,7 +89,15 @@ def create(
     memory_bytes = parse_size(memory, what="memory size", default_unit="M")
     if memory_bytes % MIB:
         raise InvalidInput(f"invalid memory size {memory!r}: use whole MiB")
-    if not local:
+    if local:
+        cluster_only = {"--priority": priority != "medium", "--preferred": preferred,
+                        "--possible": possible, "--anti-affinity": anti_affinity,
+                        "--failback": failback != "never", "--array": array,
+                        "--start": start_now, "--via": via}  # fmt: skip
+        given = [option for option, value in cluster_only.items() if value]
+        if given:
+            raise InvalidInput(f"{given[0]} is for clustered VMs: drop it or drop --local")
+    else:
         if nics:
             raise InvalidInput("--nic needs --local: clustered VMs have no NICs yet")
         clustervm.create(
