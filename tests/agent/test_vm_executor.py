@@ -133,7 +133,7 @@ async def bench(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterato
     def array(name: str) -> FakeArray:
         return FakeArray(name, store, b.keys, b.calls, b.failures.get(name))
 
-    monkeypatch.setattr(agent.vms, "_array", array)
+    monkeypatch.setattr(agent.vms, "array", array)
     for node in NODES:
         await b.put(b.keys.node(node, "spec"), {"name": node, "vm_memory_mib": 4096})
     await b.put(b.keys.vm(VM, "spec"), clustered_vm().to_dict())

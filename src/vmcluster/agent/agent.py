@@ -207,13 +207,13 @@ class Agent:
         self.quorum.has_quorum = True
         if self.quorum.lost_at is not None:
             log.warning(event("quorum.regained", node=self.config.node))
-            self._emit_later("quorum.lost", self.config.node,
+            self.emit_later("quorum.lost", self.config.node,
                              f"no quorum from {time.ctime(self.quorum.lost_at)}")  # fmt: skip
-            self._emit_later("quorum.regained", self.config.node, "lease renewed")
+            self.emit_later("quorum.regained", self.config.node, "lease renewed")
             self.quorum.lost_at = None
         else:
             log.info(event("quorum.joined", node=self.config.node))
-            self._emit_later("node.joined", self.config.node,
+            self.emit_later("node.joined", self.config.node,
                              f"agent started (incarnation {self.incarnation})")  # fmt: skip
 
     def has_quorum(self) -> bool:
@@ -383,7 +383,7 @@ class Agent:
                 puts[self.keys.quarantine] = Put(value=dumps({"exits": exits}))
             for action in decision.actions:
                 if isinstance(action, EmitEvent):
-                    key, value = self._event_record(action.kind, action.subject, action.reason)
+                    key, value = self.event_record(action.kind, action.subject, action.reason)
                     puts[key] = Put(value=value)
                 elif isinstance(action, RecordView):
                     puts[self.keys.view] = Put(value=dumps({
@@ -448,7 +448,7 @@ class Agent:
 
     # ----- events -----
 
-    def _event_record(self, kind: str, subject: str, reason: str) -> tuple[str, bytes]:
+    def event_record(self, kind: str, subject: str, reason: str) -> tuple[str, bytes]:
         now = time.time()
         event_id = f"{time.time_ns():020d}-{self.config.node}-{os.urandom(2).hex()}"
         value = {"time": now, "kind": kind, "subject": subject, "reason": reason,
@@ -457,7 +457,7 @@ class Agent:
         return self.keys.event(event_id), dumps(value)
 
     async def _emit(self, kind: str, subject: str, reason: str) -> bool:
-        key, value = self._event_record(kind, subject, reason)
+        key, value = self.event_record(kind, subject, reason)
         try:
             await self.store.create(key, value)  # create: a retried write never doubles it
             return True
@@ -465,7 +465,7 @@ class Agent:
             log.info(event("event.write.failed", kind=kind, reason=str(exc)))
             return False
 
-    def _emit_later(self, kind: str, subject: str, reason: str) -> None:
+    def emit_later(self, kind: str, subject: str, reason: str) -> None:
         try:
             self._outbox.put_nowait((kind, subject, reason))
         except asyncio.QueueFull:

@@ -99,11 +99,7 @@ class VmHost:
 
     def consoles(self, vm: str) -> dict[int, Path]:
         """generation -> console log, for every instance of ``vm`` this node ran."""
-        found = {}
-        for path in self.vm_dir(vm).glob("g*.console"):
-            with contextlib.suppress(ValueError):
-                found[int(path.name[1:].split(".")[0])] = path
-        return found
+        return console_logs(self.vm_dir(vm))
 
     # ----- start -----
 
@@ -338,6 +334,16 @@ class VmHost:
         for instance in list(self.instances.values()):
             for task in instance.tasks:
                 task.cancel()
+
+
+def console_logs(vm_dir: Path) -> dict[int, Path]:
+    """generation -> console log in a VM's directory (``g<N>.console``)."""
+    found = {}
+    for path in vm_dir.glob("g*.console"):
+        generation = _generation_of(path)
+        if generation is not None:
+            found[generation] = path
+    return found
 
 
 def _generation_of(path: Path) -> int | None:

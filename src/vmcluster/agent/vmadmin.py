@@ -52,7 +52,7 @@ def _require_quorum(agent: "Agent") -> None:
         raise NoQuorum(f"node {agent.config.node} has no quorum: try another node")
 
 
-def _find(agent: "Agent", name: str) -> "StoredVm":
+def find(agent: "Agent", name: str) -> "StoredVm":
     vm = agent.vms.stored().get(name)
     if vm is None:
         raise NotFound(f"VM {name!r} does not exist in cluster {agent.config.cluster}")
@@ -83,10 +83,6 @@ def vm_json(vm: "StoredVm", *, now: float | None = None) -> dict[str, Any]:
     }
 
 
-def _node_names(agent: "Agent") -> set[str]:
-    return set(agent.cache.nodes())
-
-
 async def create(agent: "Agent", body: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(body) - CREATE_FIELDS)
     if unknown:
@@ -104,7 +100,7 @@ async def create(agent: "Agent", body: Mapping[str, Any]) -> dict[str, Any]:
         policy = policy_from_json(body.get("policy") or {})
     except ValueError as exc:
         raise InvalidInput(f"VM {name}: {exc}") from None
-    members = _node_names(agent)
+    members = set(agent.cache.nodes())
     for node in (*policy.preferred, *policy.possible):
         if node not in members:
             raise InvalidInput(f"VM {name}: {node!r} is not a node of cluster "
@@ -123,7 +119,7 @@ async def create(agent: "Agent", body: Mapping[str, Any]) -> dict[str, Any]:
     _require_quorum(agent)
     if name in agent.vms.stored():
         raise AlreadyExists(f"VM {name!r} already exists in cluster {agent.config.cluster}")
-    qsd = agent.vms._array(array)
+    qsd = agent.vms.array(array)
     existing = qsd.luns()
     for placement in vm.storage:
         if placement.lun in existing:
@@ -134,7 +130,7 @@ async def create(agent: "Agent", body: Mapping[str, Any]) -> dict[str, Any]:
             await qsd.create_lun(placement.lun, disk.size_bytes)
             made.append(placement.lun)
         start = bool(body.get("start", False))
-        key, value = agent._event_record("vm.created", name, f"on array {array}, "
+        key, value = agent.event_record("vm.created", name, f"on array {array}, "
                                          f"{'starting' if start else 'stopped'}")  # fmt: skip
         applied = await agent.store.commit(Commit(
             expect={agent.keys.vm(name, "spec"): 0},
@@ -156,7 +152,7 @@ async def create(agent: "Agent", body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 async def set_intent(agent: "Agent", name: str, running: bool) -> dict[str, Any]:
-    vm = _find(agent, name)
+    vm = find(agent, name)
     _require_quorum(agent)
     puts = {agent.keys.vm(name, "intent"): Put(value=dumps({"running": running,
                                                             "at": time.time()}))}  # fmt: skip
@@ -175,7 +171,7 @@ async def set_intent(agent: "Agent", name: str, running: bool) -> dict[str, Any]
             value=dumps(placement_to_json(cleared, at=time.time()))
         )
     kind = "vm.start-requested" if running else "vm.stop-requested"
-    key, value = agent._event_record(kind, name, f"by an admin through {agent.config.node}")
+    key, value = agent.event_record(kind, name, f"by an admin through {agent.config.node}")
     puts[key] = Put(value=value)
     if not await agent.store.commit(Commit(expect=expect, puts=puts)):
         raise InvalidState(f"VM {name}: its placement changed meanwhile; try again")
@@ -183,14 +179,14 @@ async def set_intent(agent: "Agent", name: str, running: bool) -> dict[str, Any]
 
 
 async def delete(agent: "Agent", name: str) -> dict[str, Any]:
-    vm = _find(agent, name)
+    vm = find(agent, name)
     _require_quorum(agent)
     if vm.record.want_running or vm.record.phase in HOLDS_NODE:
         raise InvalidState(f"VM {name!r} is {vm.record.phase}: stop it first "
                            f"(vmcluster vm stop {name})")  # fmt: skip
     parts = ("spec", "intent", "placement", "instance")
     expect = {agent.keys.vm(name, p): vm.revisions.get(p, 0) for p in parts}
-    key, value = agent._event_record("vm.deleted", name, f"by an admin through {agent.config.node}")
+    key, value = agent.event_record("vm.deleted", name, f"by an admin through {agent.config.node}")
     applied = await agent.store.commit(Commit(
         expect=expect, deletes=tuple(agent.keys.vm(name, p) for p in parts if vm.revisions.get(p)),
         puts={key: Put(value=value)},
@@ -199,7 +195,7 @@ async def delete(agent: "Agent", name: str) -> dict[str, Any]:
         raise InvalidState(f"VM {name}: it changed meanwhile; try again")
     for placement in vm.spec.storage:
         try:
-            await agent.vms._array(placement.array).delete_lun(placement.lun)
+            await agent.vms.array(placement.array).delete_lun(placement.lun)
         except VmclusterError as exc:
             log.warning(event("vm.delete.lun-left", vm=name, lun=placement.lun, reason=str(exc)))
     log.info(event("vm.deleted", vm=name))
@@ -217,7 +213,7 @@ async def _update_ha(agent: "Agent", changes: Mapping[str, Any], kind: str, why:
     _require_quorum(agent)
     entry = agent.cache.entries.get(agent.keys.ha)
     record = {**(agent.cache.json(agent.keys.ha) or {}), **changes, "at": time.time()}
-    key, value = agent._event_record(kind, agent.config.cluster, why)
+    key, value = agent.event_record(kind, agent.config.cluster, why)
     applied = await agent.store.commit(Commit(
         expect={agent.keys.ha: entry.mod_revision if entry else 0},
         puts={agent.keys.ha: Put(value=dumps(record)), key: Put(value=value)},

@@ -42,7 +42,7 @@ from vmcluster.clusterstate.vmrecords import (
     placement_to_json,
     vm_record,
 )
-from vmcluster.core.cluster import ClusterView, NodeState
+from vmcluster.core.cluster import ClusterView
 from vmcluster.core.ha import (
     HaSettings,
     HaView,
@@ -58,6 +58,7 @@ from vmcluster.core.ha import (
     VmPhase,
     VmRecord,
     decide_vms,
+    describe,
     stop_before_moving,
 )
 from vmcluster.errors import VmclusterError
@@ -177,7 +178,7 @@ class VmService:
     async def _fence(self, vm: ClusteredVm, generation: int) -> None:
         """Retire every other generation of the VM's disks at their arrays; export this one."""
         started = time.monotonic()
-        fences = asyncio.gather(*(self._array(p.array).fence(p.lun, generation)
+        fences = asyncio.gather(*(self.array(p.array).fence(p.lun, generation)
                                   for p in vm.storage))  # fmt: skip
         try:
             async with asyncio.timeout(FENCE_TIMEOUT_S):
@@ -188,7 +189,8 @@ class VmService:
         log.info(event("vm.fenced", vm=vm.name, generation=generation,
                        ms=round((time.monotonic() - started) * 1000)))  # fmt: skip
 
-    def _array(self, name: str) -> QsdArray:
+    def array(self, name: str) -> QsdArray:
+        """The driver of array ``name`` as this node reaches it."""
         access = self.agent.config.arrays.get(name)
         if access is None:
             raise VmclusterError(f"node {self.me} has no access to array {name}")
@@ -231,7 +233,7 @@ class VmService:
             log.warning(event("vm.fence.failed", vm=vm.name, reason=str(exc)))
             return
         key = self.keys.vm(vm.name, "placement")
-        event_key, event_value = self.agent._event_record(kind, vm.name, _describe(action))
+        event_key, event_value = self.agent.event_record(kind, vm.name, describe(action))
         commit = Commit(
             expect={self.keys.leader: leader_revision, key: vm.revisions.get("placement", 0)},
             puts={key: Put(value=dumps(placement_to_json(record, at=now))),
@@ -404,7 +406,7 @@ class VmService:
             if frozen_at is not None and ok:
                 frozen_at = None
                 continue
-            if not self.host.instances or self._lease_ok():
+            if not self.host.instances or ok:
                 continue
             if resiliency > 0 and frozen_at is None:
                 frozen_at = self.agent.clock()
@@ -422,7 +424,7 @@ class VmService:
             log.warning(event("vm.self-fence", node=self.me, killed=killed,
                               reason="lease not renewed in time"))  # fmt: skip
             why = f"killed {killed} VM instances: lease not renewed in time"
-            self.agent._emit_later("node.self-fenced", self.me, why)
+            self.agent.emit_later("node.self-fenced", self.me, why)
             with contextlib.suppress(TimeoutError):  # the pidfd watchers see them go
                 async with asyncio.timeout(KILLED_WAIT_S):
                     while self.host.instances:  # noqa: ASYNC110
@@ -496,14 +498,3 @@ def _keep(
     times: tuple[float, ...], now: float, horizon_s: float = 24 * 3600.0
 ) -> tuple[float, ...]:
     return tuple(t for t in times if now - t < horizon_s)
-
-
-def _describe(action: VmAction) -> str:
-    if isinstance(action, StartVm):
-        return f"{action.reason} [generation {action.generation}]"
-    if isinstance(action, SetPending) and action.fence_generation is not None:
-        return f"{action.reason} [fenced at generation {action.fence_generation}]"
-    return action.reason
-
-
-__all__ = ["NodeState", "StoredVm", "VmService"]

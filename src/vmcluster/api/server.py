@@ -195,7 +195,7 @@ async def _vms(request: web.Request) -> web.Response:
 
 async def _vm(request: web.Request) -> web.Response:
     agent = request.app[AGENT_KEY]
-    return web.json_response(vmadmin.vm_json(vmadmin._find(agent, request.match_info["vm"])))
+    return web.json_response(vmadmin.vm_json(vmadmin.find(agent, request.match_info["vm"])))
 
 
 async def _vm_create(request: web.Request) -> web.Response:

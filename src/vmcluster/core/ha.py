@@ -432,7 +432,7 @@ def stop_before_moving(decision: VmDecision, view: HaView) -> VmDecision:
             actions.append(action)
     if tuple(actions) == decision.actions:
         return decision
-    return VmDecision(actions=tuple(actions), reason="; ".join(_describe(a) for a in actions))
+    return VmDecision(actions=tuple(actions), reason="; ".join(describe(a) for a in actions))
 
 
 def decide_vms(view: HaView, now: float) -> VmDecision:
@@ -453,10 +453,13 @@ def decide_vms(view: HaView, now: float) -> VmDecision:
         return VmDecision(
             actions=(), reason=f"no change: {running} running, {pending} pending{state}"
         )
-    return VmDecision(actions=tuple(actions), reason="; ".join(_describe(a) for a in actions))
+    return VmDecision(actions=tuple(actions), reason="; ".join(describe(a) for a in actions))
 
 
-def _describe(action: VmAction) -> str:
+def describe(action: VmAction) -> str:
+    """An action in one line: its reason, and the generation it fences."""
     if isinstance(action, StartVm):
         return f"{action.reason} [generation {action.generation}]"
+    if isinstance(action, SetPending) and action.fence_generation is not None:
+        return f"{action.reason} [fenced at generation {action.fence_generation}]"
     return action.reason

@@ -9,6 +9,7 @@ LUNs comes from the cluster's API; VMs whose spec cannot be read are skipped wit
 from pathlib import Path
 from typing import Any
 
+from vmcluster.agent.hosting import console_logs
 from vmcluster.guest.check import ConsoleLog, VmCheck, check_vm
 from vmcluster.lab.lab import Lab
 
@@ -18,11 +19,7 @@ def node_consoles(lab: Lab, vm: str) -> list[ConsoleLog]:
     logs = []
     for host in lab.plan().nodes:
         vm_dir = lab.host_dir(host.name) / "data" / "vms" / vm
-        for path in sorted(vm_dir.glob("g*.console")):
-            try:
-                generation = int(path.name[1:].split(".")[0])
-            except ValueError:
-                continue
+        for generation, path in sorted(console_logs(vm_dir).items()):
             text = path.read_bytes().decode("utf-8", "replace")
             logs.append(ConsoleLog(node=host.name, generation=generation, text=text))
     return logs
