@@ -197,6 +197,37 @@ def test_a_crashed_leader_goes_down_and_another_takes_over(tmp_path: Path) -> No
     run(scenario, tmp_path)
 
 
+def test_two_nodes_a_crashed_peer_never_makes_the_survivor_look_isolated(
+    tmp_path: Path,
+) -> None:
+    """The crashed agent's lease and its last link report live on for a lease TTL; that report
+    says it hears the survivor. The survivor must stay Up all along (its VMs untouched) and see
+    the dead node Isolated at once, then Down."""
+
+    async def scenario(c: Cluster) -> None:
+        await c.until(lambda: len(c.states("n1")) == 2 and len(c.leaders("n1")) == 1
+                      and set(c.states("n1").values()) == {NodeState.UP})  # fmt: skip
+        (leader,) = c.leaders("n1")
+        dead = "n2" if leader == "n1" else "n1"
+        await c.crash(dead)
+        seen: list[NodeState] = []
+
+        def dead_is_down() -> bool:
+            states = c.states(leader)
+            assert states[leader] is NodeState.UP, states
+            if not seen or seen[-1] is not states[dead]:
+                seen.append(states[dead])
+            return states[dead] is NodeState.DOWN
+
+        await c.until(dead_is_down)
+        assert seen[-2:] == [NodeState.ISOLATED, NodeState.DOWN]
+        kinds = [(v["kind"], v["subject"]) for _, v in c.agents[leader].cache.events(1000)]
+        assert ("node.isolated", dead) in kinds
+        assert ("node.isolated", leader) not in kinds
+
+    run(scenario, tmp_path, size=2)
+
+
 def test_an_agent_cut_off_from_the_database_loses_quorum_and_changes_nothing(
     tmp_path: Path,
 ) -> None:

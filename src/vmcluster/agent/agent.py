@@ -429,7 +429,11 @@ class Agent:
     def view(self) -> ClusterView:
         """The cluster as this node sees it now (its own state is NoQuorum without quorum;
         quarantined nodes that are alive are Quarantined)."""
-        view = evaluate(self.cache.facts(self.networks))
+        facts = self.cache.facts(self.networks)
+        me = self.config.node
+        if me in facts.reports:  # once published: this node's live links stand for its report
+            facts = replace(facts, viewer=me, reports={**facts.reports, me: self.detector.links()})
+        view = evaluate(facts)
         held = self.quarantined()
         if held:
             view = ClusterView(
@@ -437,7 +441,6 @@ class Agent:
                        for name, node in view.nodes.items()},
                 networks=view.networks, leader=view.leader,
             )  # fmt: skip
-        me = self.config.node
         if not self.has_quorum() and me in view.nodes:
             nodes = dict(view.nodes)
             mine = nodes[me]

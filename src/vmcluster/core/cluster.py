@@ -11,6 +11,16 @@ and per network, as WSFC names them.
 - Link between two nodes on a network: up only if each reports the other up (both directions).
 - Only *reporting* nodes (alive, with a link report) count for links: a node that is still
   joining makes no network look partitioned and no other node look isolated.
+- A report counts only from a node that is *heard*. ``viewer`` is the node that evaluates (its
+  own entry in ``reports`` is its live view). A node that crashed keeps its lease, and with it
+  its last report, for up to a lease TTL, and that report still says it hears everyone. So the
+  reports that count are the viewer's and those of the nodes that it, or a node whose report
+  counts, hears now (a heartbeat heard means the node runs). A reporting node outside that set
+  has no link to anyone, whatever its report says: it is Isolated. So in a 2-node cluster with
+  a witness the survivor stays Up (its VMs untouched) and the dead node is Isolated, and two
+  nodes that crash together do not look Up to each other. If the heard set is smaller than the
+  rest (the viewer is the one cut off from a majority that hears each other), every report
+  counts and the viewer comes out Isolated.
 - Network: Up if every pair of reporting nodes has a link on it, Down if no pair has, Partitioned
   otherwise. Per node: the reporting nodes split into groups that reach each other on the
   network (connected components); a node in the one largest group is Up there, a node outside it
@@ -53,6 +63,9 @@ class ClusterFacts:
     # node -> peer -> network -> link state, as each node last reported
     reports: Mapping[str, Mapping[str, Mapping[str, LinkState]]] = field(default_factory=dict)
     leader: str | None = None
+    # The node that evaluates (its own report in ``reports`` is its live view), or None: every
+    # report counts (a view from outside the cluster).
+    viewer: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,11 +90,41 @@ def _heard(facts: ClusterFacts, a: str, b: str, network: str) -> bool:
     return facts.reports.get(a, {}).get(b, {}).get(network) is LinkState.UP
 
 
+def counted_reports(facts: ClusterFacts) -> frozenset[str]:
+    """The reporting nodes whose link reports count (see the module's docstring)."""
+    reporting = frozenset(n for n in facts.alive & set(facts.members) if n in facts.reports)
+    viewer = facts.viewer
+    if viewer is None or viewer not in reporting:
+        return reporting
+    heard, frontier = {viewer}, [viewer]
+    while frontier:
+        listener = frontier.pop()
+        for node in sorted(reporting - heard):
+            if any(_heard(facts, listener, node, net) for net in facts.networks):
+                heard.add(node)
+                frontier.append(node)
+    if len(heard) < len(reporting) - len(heard):
+        return reporting  # the viewer is the one cut off: the others' reports decide
+    return frozenset(heard)
+
+
+def _only_counted(facts: ClusterFacts, counted: frozenset[str]) -> ClusterFacts:
+    """``facts`` where a report that does not count says its node hears nobody."""
+    if counted >= set(facts.reports):
+        return facts
+    reports = {n: r if n in counted else {} for n, r in facts.reports.items()}
+    return ClusterFacts(members=facts.members, networks=facts.networks, alive=facts.alive,
+                        paused=facts.paused, reports=reports, leader=facts.leader,
+                        viewer=facts.viewer)  # fmt: skip
+
+
 def _linked(facts: ClusterFacts, a: str, b: str, network: str) -> bool:
     return _heard(facts, a, b, network) and _heard(facts, b, a, network)
 
 
 def evaluate(facts: ClusterFacts) -> ClusterView:
+    counted = counted_reports(facts)
+    facts = _only_counted(facts, counted)
     reporting = sorted(n for n in facts.alive & set(facts.members) if n in facts.reports)
     network_states: dict[str, NetworkState] = {}
     for network in facts.networks:
@@ -96,7 +139,7 @@ def evaluate(facts: ClusterFacts) -> ClusterView:
     majority = {network: _largest_group(facts, reporting, network) for network in facts.networks}
     nodes: dict[str, NodeView] = {}
     for name in facts.members:
-        others = [m for m in reporting if m != name]
+        others = sorted(counted - {name})
         per_network: dict[str, NetworkState] = {}
         for network in facts.networks:
             if name not in reporting:
