@@ -12,6 +12,7 @@ import pytest
 from vmcluster.agent.agent import Agent
 from vmcluster.agent.config import AgentConfig, Secrets
 from vmcluster.clusterstate.fake import FakeStore
+from vmcluster.clusterstate.keys import loads
 from vmcluster.clusterstate.store import (
     Commit,
     Entry,
@@ -22,6 +23,7 @@ from vmcluster.clusterstate.store import (
     WatchEvent,
 )
 from vmcluster.core.cluster import NodeState
+from vmcluster.errors import AlreadyExists
 
 TIMEOUT_S = 30.0  # only so that nothing hangs
 
@@ -306,3 +308,66 @@ def test_incarnations_grow_even_when_the_clock_goes_back(tmp_path: Path) -> None
     second = next_incarnation(tmp_path)
     assert first == 10**19 + 1
     assert second == first + 1
+
+
+def _twin(c: Cluster, tmp: Path, name: str, data_dir: Path) -> Agent:
+    """A second agent configured with node name ``name`` (its own data directory and API)."""
+    first = c.agents[name].config
+    config = AgentConfig(cluster=first.cluster, node=name, secrets_file="/unused",
+                         networks=dict(first.networks), etcd=first.etcd,
+                         api_socket=str(tmp / f"{name}-twin.sock"), data_dir=str(data_dir),
+                         heartbeat_port=first.heartbeat_port)  # fmt: skip
+    return Agent(config, c.secrets, CuttableStore(c.store))
+
+
+def test_a_second_agent_with_the_same_node_name_is_refused_and_starts_nothing(
+    tmp_path: Path,
+) -> None:
+    async def scenario(c: Cluster) -> None:
+        await c.until(lambda: c.agents["n1"].has_quorum() and len(c.states("n2")) == 2)
+        twin = _twin(c, tmp_path, "n1", tmp_path / "twin")
+        with pytest.raises(AlreadyExists, match=r"^node n1: another agent \(incarnation \d+\) "
+                           r"holds this node name in the cluster"):  # fmt: skip
+            async with asyncio.timeout(TIMEOUT_S):
+                await twin.run()
+        assert not twin.has_quorum()
+        api_socket = Path(twin.config.api_socket)
+        assert not await asyncio.to_thread(api_socket.exists)  # no API, heartbeats or VMs
+        alive = await c.store.get(c.agents["n1"].keys.node("n1", "alive"))
+        assert alive is not None
+        assert loads(alive.value)["incarnation"] == c.agents["n1"].incarnation
+        assert c.agents["n1"].has_quorum()
+
+    run(scenario, tmp_path, size=2)
+
+
+def test_a_second_agent_on_the_same_data_directory_is_refused_at_once(tmp_path: Path) -> None:
+    async def scenario(c: Cluster) -> None:
+        await c.until(c.agents["n1"].has_quorum)
+        twin = _twin(c, tmp_path, "n1", Path(c.agents["n1"].config.data_dir))
+        with pytest.raises(AlreadyExists, match="another agent already runs with data directory"):
+            async with asyncio.timeout(1.0):
+                await twin.run()
+        assert c.agents["n1"].has_quorum()
+
+    run(scenario, tmp_path, size=1)
+
+
+def test_a_restarted_agent_takes_its_name_back_at_once(tmp_path: Path) -> None:
+    """Its earlier run's alive key (still leased after a crash) is recognised as its own."""
+
+    async def scenario(c: Cluster) -> None:
+        await c.until(c.agents["n1"].has_quorum)
+        await c.crash("n1")
+        again = _twin(c, tmp_path, "n1", Path(c.agents["n1"].config.data_dir))
+        task = asyncio.create_task(again.run())
+        try:
+            start = asyncio.get_running_loop().time()
+            await c.until(again.has_quorum)
+            # Well before the old lease (5 s) could have expired.
+            assert asyncio.get_running_loop().time() - start < 4.0
+        finally:
+            task.cancel()
+            await asyncio.wait([task])
+
+    run(scenario, tmp_path, size=1)

@@ -15,6 +15,7 @@ One TaskGroup holds every loop for the agent's lifetime:
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import time
 from collections.abc import Callable
@@ -25,9 +26,10 @@ from typing import Any
 from vmcluster.agent.cache import ClusterCache
 from vmcluster.agent.config import AgentConfig, Secrets
 from vmcluster.agent.heartbeats import HeartbeatIO
-from vmcluster.clusterstate.keys import Keys, dumps
+from vmcluster.clusterstate.keys import Keys, dumps, loads
 from vmcluster.clusterstate.store import (
     Commit,
+    Entry,
     LeaseExpired,
     Put,
     Store,
@@ -43,12 +45,21 @@ from vmcluster.core.quarantine import (
     quarantined,
     record_exit,
 )
+from vmcluster.errors import AlreadyExists
 from vmcluster.logs import event, get_logger
 from vmcluster.protocols.heartbeat import Heartbeat
 
 log = get_logger(__name__)
 
 MAX_EVENTS = 1000
+
+
+def previous_incarnation(data_dir: Path) -> int:
+    """The incarnation of this node's last agent on this host (0: none)."""
+    try:
+        return int((data_dir / "incarnation").read_text().strip())
+    except (OSError, ValueError):
+        return 0
 
 
 def next_incarnation(data_dir: Path) -> int:
@@ -58,10 +69,7 @@ def next_incarnation(data_dir: Path) -> int:
     so it must grow even if the wall clock was set back: the last one is kept on disk.
     """
     path = data_dir / "incarnation"
-    try:
-        last = int(path.read_text().strip())
-    except (OSError, ValueError):
-        last = 0
+    last = previous_incarnation(data_dir)
     current = max(time.time_ns(), last + 1)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -71,6 +79,20 @@ def next_incarnation(data_dir: Path) -> int:
     except OSError as exc:
         log.warning(event("agent.incarnation.unsaved", path=str(path), error=str(exc)))
     return current
+
+
+def _lock_data_dir(data_dir: Path, node: str) -> int:
+    """Hold ``<data_dir>/agent.lock`` for the agent's life: one agent per data directory."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / "agent.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AlreadyExists(
+            f"node {node}: another agent already runs with data directory {data_dir}"
+        ) from None
+    return fd
 
 
 CONTROLLER_PERIOD_S = 1.0
@@ -100,6 +122,7 @@ class Agent:
         self.clock = clock
         self.keys = Keys(config.cluster)
         self.networks = tuple(sorted(config.networks))
+        self.previous_incarnation = previous_incarnation(Path(config.data_dir))
         self.incarnation = next_incarnation(Path(config.data_dir))
         self.cache = ClusterCache(store, self.keys)
         t = config.timings
@@ -132,6 +155,12 @@ class Agent:
 
         log.info(event("agent.starting", cluster=self.config.cluster, node=self.config.node,
                        incarnation=self.incarnation))  # fmt: skip
+        lock = _lock_data_dir(Path(self.config.data_dir), self.config.node)
+        try:
+            await self._claim_name()  # before anything runs: one agent per node name
+        except BaseException:
+            os.close(lock)
+            raise
         await self._heartbeats.open(dict(self.config.networks))
         try:
             async with asyncio.TaskGroup() as tg:
@@ -150,21 +179,72 @@ class Agent:
             await self.vms.close()
             self._heartbeats.close()
             await self.store.close()
+            os.close(lock)
+
+    # ----- the node's name -----
+
+    def _foreign(self, entry: Entry | None) -> int | None:
+        """The incarnation of another agent holding this node's alive key, or None."""
+        if entry is None:
+            return None
+        try:
+            incarnation = loads(entry.value).get("incarnation")
+        except ValueError:
+            return None  # not an agent's record: taken over
+        if incarnation in (self.incarnation, self.previous_incarnation):
+            return None  # this agent, or its own earlier run on this host (restarted)
+        return incarnation if isinstance(incarnation, int) else -1
+
+    async def _claim_name(self) -> None:
+        """Refuse to run while another agent holds this node's name.
+
+        Its alive key is bound to its lease: a dead agent's vanishes within a lease TTL, so the
+        key is given that long (and a little more) to go away before the start is refused.
+        A store that does not answer now does not stop the start: the lease loop claims the
+        key with a create-if-absent and never takes it from a live holder.
+        """
+        key = self.keys.node(self.config.node, "alive")
+        deadline = self.clock() + self.config.timings.lease_ttl_s + 1.0
+        while True:
+            try:
+                other = self._foreign(await self.store.get(key))
+            except StoreError:
+                return
+            if other is None:
+                return
+            if self.clock() >= deadline:
+                raise AlreadyExists(
+                    f"node {self.config.node}: another agent (incarnation {other}) holds this "
+                    "node name in the cluster; give every node its own name"
+                )
+            log.warning(event("agent.name.held", node=self.config.node, incarnation=other))
+            await asyncio.sleep(0.25)
 
     # ----- lease and quorum -----
 
     async def _lease_loop(self) -> None:
         ttl = self.config.timings.lease_ttl_s
+        key = self.keys.node(self.config.node, "alive")
         while True:
             try:
+                current = await self.store.get(key)
+                if (other := self._foreign(current)) is not None:
+                    log.error(event("agent.name.held", node=self.config.node, incarnation=other))
+                    await asyncio.sleep(min(0.5, ttl / 4))
+                    continue  # never quorum while another agent holds this name
                 sent = self.clock()
                 lease = await self.store.grant_lease(ttl)
                 # The spec and the alive key appear together: a member is never seen half-joined.
                 alive = {"incarnation": self.incarnation, "since": time.time()}
-                await self.store.commit(Commit(puts={
-                    self.keys.node(self.config.node, "spec"): Put(value=dumps(self._spec())),
-                    self.keys.node(self.config.node, "alive"): Put(value=dumps(alive), lease=lease),
-                }))  # fmt: skip
+                claimed = await self.store.commit(Commit(
+                    expect={key: current.mod_revision if current else 0},
+                    puts={self.keys.node(self.config.node, "spec"): Put(value=dumps(self._spec())),
+                          key: Put(value=dumps(alive), lease=lease)},
+                ))  # fmt: skip
+                if not claimed:  # changed meanwhile: look again
+                    with contextlib.suppress(StoreError):
+                        await self.store.revoke_lease(lease)
+                    continue
                 self.quorum.lease_id = lease
                 self.quorum.valid_until = sent + ttl
                 self._quorum_regained()
