@@ -11,9 +11,10 @@ from urllib.parse import quote
 import click
 
 from vmcluster.agent.config import Secrets
-from vmcluster.cli.client import ApiClient, find_target
+from vmcluster.api.client import ApiClient
 from vmcluster.cli.common import data_dir, output_option, print_fields, print_json, print_table
 from vmcluster.cli.common import stdout as out
+from vmcluster.cli.target import api_client
 from vmcluster.clusterstate.etcd import EtcdStore
 from vmcluster.clusterstate.keys import Keys, dumps
 from vmcluster.core.model import check_name
@@ -23,7 +24,7 @@ via_option = click.option("--via", metavar="NODE", help="Ask this node's agent (
 
 
 def _client(via: str | None) -> ApiClient:
-    return ApiClient(find_target(data_dir()), via=via)
+    return api_client(data_dir(), via)
 
 
 @click.group()

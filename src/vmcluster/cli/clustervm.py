@@ -6,15 +6,16 @@ import time
 from typing import Any
 from urllib.parse import quote
 
-from vmcluster.cli.client import ApiClient, find_target
+from vmcluster.api.client import ApiClient
 from vmcluster.cli.common import data_dir, print_fields, print_json, print_table, stdout
+from vmcluster.cli.target import api_client
 from vmcluster.errors import InvalidInput, InvalidState, NotFound
 
 POLL_S = 0.3
 
 
 def _client(via: str | None) -> ApiClient:
-    return ApiClient(find_target(data_dir()), via=via)
+    return api_client(data_dir(), via)
 
 
 def _path(name: str, suffix: str = "") -> str:
@@ -144,7 +145,7 @@ def console(name: str, *, follow: bool, generation: int | None, node: str | None
         raise NotFound(f"VM {name} runs nowhere now: name the node and generation of an earlier "
                        "instance with --node and --generation")  # fmt: skip
     generation = vm["generation"] if generation is None else generation
-    target = ApiClient(find_target(data_dir()), via=node)
+    target = _client(node)
     shown = 0
     out = sys.stdout
     while True:

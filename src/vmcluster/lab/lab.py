@@ -15,9 +15,10 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from vmcluster.agent.config import AgentConfig, ArrayAccess, Secrets, VmSettings
+from vmcluster.api.client import ApiClient, ClusterTarget
 from vmcluster.arrays.qsd import ArrayConfig, QsdArray
 from vmcluster.clusterstate.keys import Keys, dumps
 from vmcluster.core.model import DEFAULT_IMAGE
@@ -49,9 +50,6 @@ from vmcluster.lab.procs import Tracked, kill_and_wait, spawn
 from vmcluster.lab.state import LabState, locked
 from vmcluster.logs import event, get_logger
 from vmcluster.paths import DataDir
-
-if TYPE_CHECKING:
-    from vmcluster.cli.client import ApiClient
 
 log = get_logger(__name__)
 
@@ -234,7 +232,7 @@ class Lab:
 
     @property
     def cli_file(self) -> Path:
-        """Where the CLI finds this lab's agents and token (see vmcluster.cli.client)."""
+        """Where clients find this lab's agents and token (read by :meth:`api_target`)."""
         return self.dir / "cli.json"
 
     @property
@@ -299,13 +297,14 @@ class Lab:
         for host in plan.nodes:
             self._start(state, self._agent_tracked(plan, host))
 
-    def api(self, via: str | None = None) -> "ApiClient":
-        """A client of the lab cluster's API (any node's agent by default)."""
-        from vmcluster.cli.client import ApiClient, ClusterTarget
-
+    def api_target(self) -> ClusterTarget:
+        """This lab's agents (every node's local API socket) and its secrets file."""
         info = json.loads(self.cli_file.read_text())
-        target = ClusterTarget(endpoints=info["api"], secrets_file=info["secrets_file"])
-        return ApiClient(target, via=via)
+        return ClusterTarget(endpoints=dict(info["api"]), secrets_file=info["secrets_file"])
+
+    def api(self, via: str | None = None) -> ApiClient:
+        """A client of the lab cluster's API (any node's agent by default)."""
+        return ApiClient(self.api_target(), via=via)
 
     def cluster_nodes(self, via: str | None = None) -> list[dict[str, Any]]:
         """``GET /v1/nodes`` from a node's agent (any node by default)."""
@@ -496,6 +495,16 @@ def get_context(data: DataDir) -> str | None:
 
 def clear_context(data: DataDir) -> None:
     _context_path(data).unlink(missing_ok=True)
+
+
+def current_lab_target(data: DataDir) -> ClusterTarget | None:
+    """The agents of the current lab (set by 'lab up'), or None if no lab is current or its
+    cluster was never created."""
+    current = get_context(data)
+    if current is None:
+        return None
+    lab = Lab(data, current)
+    return lab.api_target() if lab.cli_file.exists() else None
 
 
 def list_labs(data: DataDir) -> list[str]:

@@ -1,16 +1,15 @@
-"""The CLI's client for the agents' REST API: which agents to ask, with which token.
+"""A client of the agents' REST API: a library (no click, no printing) used by the CLI, the lab
+and the benchmarks.
 
-Where the CLI finds the cluster, in order:
-1. ``$VMCLUSTER_API`` (comma-separated ``unix:///path`` or ``http://host:port`` URLs) and
-   ``$VMCLUSTER_SECRETS`` (the secrets file holding the token);
-2. the current lab (set by ``vmcluster lab up``): every node's local API socket;
-3. this host's agent: ``unix:///run/vmcluster/api.sock`` and ``/etc/vmcluster/secrets.json``.
-Any agent can answer; the CLI tries them in order and says which addresses it tried.
+It is given a :class:`ClusterTarget` (which agents to ask, and where the token is) as explicit
+data and knows nothing of where that came from: the CLI composes it from the environment, the
+current lab or this host's agent (``vmcluster.cli.target``); a lab gives its own
+(``Lab.api_target``). Any agent can answer: the client tries them in order and says which
+addresses it tried.
 """
 
 import asyncio
 import json
-import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,15 +19,12 @@ import aiohttp
 
 from vmcluster.agent.config import Secrets
 from vmcluster.errors import AlreadyExists, InvalidInput, InvalidState, NotFound, VmclusterError
-from vmcluster.paths import DataDir
 
 ERROR_KINDS: dict[str, type[VmclusterError]] = {
     "invalid_input": InvalidInput, "not_found": NotFound, "already_exists": AlreadyExists,
     "invalid_state": InvalidState,
 }  # fmt: skip
 
-DEFAULT_API = "unix:///run/vmcluster/api.sock"
-DEFAULT_SECRETS = "/etc/vmcluster/secrets.json"
 REQUEST_TIMEOUT_S = 10.0
 QUORUM_HEADER = "X-Vmcluster-Quorum"  # "no": the agent answered from a cache that may be stale
 
@@ -43,30 +39,10 @@ class NoQuorumAnswer(InvalidState):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClusterTarget:
-    endpoints: dict[str, str]  # node (or "local") -> URL
+    """Which agents to ask, in order, and the secrets file that holds the API token."""
+
+    endpoints: dict[str, str]  # node (or "local", "api1", ...) -> URL: unix:///path or http://...
     secrets_file: str
-
-
-def find_target(data: DataDir) -> ClusterTarget:
-    env_api = os.environ.get("VMCLUSTER_API")
-    if env_api:
-        urls = [u.strip() for u in env_api.split(",") if u.strip()]
-        secrets_file = os.environ.get("VMCLUSTER_SECRETS", DEFAULT_SECRETS)
-        endpoints = {f"api{i + 1}": url for i, url in enumerate(urls)}
-        return ClusterTarget(endpoints=endpoints, secrets_file=secrets_file)
-    from vmcluster.lab.lab import Lab, get_context
-
-    lab = get_context(data)
-    if lab is not None and Lab(data, lab).cli_file.exists():
-        info = json.loads(Lab(data, lab).cli_file.read_text())
-        return ClusterTarget(endpoints=dict(info["api"]), secrets_file=info["secrets_file"])
-    secrets = os.environ.get("VMCLUSTER_SECRETS", DEFAULT_SECRETS)
-    if not Path(secrets).exists():
-        raise NotFound(
-            f"no cluster to talk to: no lab is up, VMCLUSTER_API is not set and {secrets} "
-            "does not exist (--local works on this machine's own VMs)"
-        )
-    return ClusterTarget(endpoints={"local": DEFAULT_API}, secrets_file=secrets)
 
 
 def _session(url: str, *, stream: bool = False) -> tuple[aiohttp.ClientSession, str]:
