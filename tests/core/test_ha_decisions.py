@@ -1324,9 +1324,10 @@ def test_quarantined_nodes_take_nothing_and_their_vms_only_move_off(view: HaView
     for action in decide_vms(view, NOW).actions:
         if isinstance(action, StartVm):
             assert view.nodes[action.node].state is not NodeState.QUARANTINED
-            owner = view.vms[action.vm].owner
-            info = view.nodes.get(owner) if owner is not None else None
-            if info is not None and info.state is NodeState.QUARANTINED:
+            vm = view.vms[action.vm]
+            info = view.nodes.get(vm.owner) if vm.owner is not None else None
+            on_it = vm.phase is not VmPhase.STOPPED  # a stopped VM's last owner is history
+            if info is not None and info.state is NodeState.QUARANTINED and on_it:
                 assert action.kind in (StartKind.MOVE, StartKind.FAILOVER)  # failover: a crash
                 assert view.armed
 
@@ -1420,3 +1421,20 @@ def test_a_failback_of_a_running_guest_stops_it_first() -> None:
     assert isinstance(stop, StopVm)
     assert stop.node == "n2"
     assert stop.reason.startswith("failback web to n1")
+
+
+# --- a guest power-off racing an admin start --------------------------------------------------
+
+
+@pytest.mark.parametrize("phase", [VmPhase.RUNNING, VmPhase.STARTING])
+def test_a_stopped_instance_of_a_vm_that_should_run_is_started_afresh(phase: VmPhase) -> None:
+    """The guest powered off and an admin started the VM before it was seen stopped: the
+    intent says running, the instance says stopped. Shown running with nothing running, the VM
+    would never converge: it is recorded stopped, and the next decision starts it."""
+    report = Instance(node="n1", generation=GEN, status=InstanceStatus.STOPPED)
+    vm = running(phase=phase, instance=report)
+    action = only(decide(three(), vm))
+    assert bare([action]) == [SetPhase(vm="vm1", phase=VmPhase.STOPPED, reason="")]
+    assert "vm1 stopped on n1; starting again" in action.reason
+    after = replace(vm, phase=VmPhase.STOPPED, owner=None)
+    assert isinstance(only(decide(three(), after)), StartVm)

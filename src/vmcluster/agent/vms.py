@@ -28,7 +28,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, assert_never
 
 from vmcluster.agent import watchdog
 from vmcluster.agent.hosting import LocalInstance, VmHost
@@ -60,6 +60,17 @@ from vmcluster.core.ha import (
     decide_vms,
     describe,
     stop_before_moving,
+)
+from vmcluster.core.reconcile import (
+    ForgetEnded,
+    KillInstance,
+    Local,
+    NoteEnded,
+    Placed,
+    Report,
+    StartInstance,
+    StopInstance,
+    reconcile,
 )
 from vmcluster.errors import VmclusterError
 from vmcluster.logs import event, get_logger
@@ -99,7 +110,8 @@ class VmService:
             arrays=dict(agent.config.arrays), on_exit=self._exited,
         )  # fmt: skip
         self._ended: dict[tuple[str, int], InstanceStatus] = {}  # instances that ended here
-        self._guest_off: set[tuple[str, int]] = set()  # ... because the guest powered off
+        # ... because the guest powered off, with the intent's revision at that moment
+        self._guest_off: dict[tuple[str, int], int] = {}
         self._busy: dict[tuple[str, int], asyncio.Task[None]] = {}  # starts and stops under way
         self._wake = asyncio.Event()
         self._last_reason = ""
@@ -281,36 +293,27 @@ class VmService:
 
     async def _reconcile(self) -> None:
         stored = self.stored()
-        run: dict[tuple[str, int], StoredVm] = {}
-        stop: dict[tuple[str, int], StoredVm] = {}
-        for vm in stored.values():
-            record = vm.record
-            if record.owner != self.me:
-                continue
-            key = (vm.name, record.generation)
-            if record.phase in RUNS and record.want_running:
-                run[key] = vm
-            elif record.phase in (VmPhase.STOPPING, *RUNS):
-                stop[key] = vm
-        for key, instance in list(self.host.instances.items()):
-            if key in run or key in self._busy:
-                continue
-            if key in stop:
-                self._spawn(key, self._stop(instance))
-            else:  # a retired generation, or no longer ours: its disks are already fenced
+        placed = {name: placed_of(vm) for name, vm in stored.items()}
+        local = Local(running=frozenset(self.host.instances), busy=frozenset(self._busy),
+                      ended=dict(self._ended), guest_off=dict(self._guest_off))  # fmt: skip
+        for action in reconcile(self.me, placed, local):
+            key = (action.vm, action.generation)
+            if isinstance(action, StartInstance):
+                self._spawn(key, self._start(stored[action.vm]))
+            elif isinstance(action, StopInstance):
+                self._spawn(key, self._stop(self.host.instances[key]))
+            elif isinstance(action, KillInstance):
                 log.warning(event("vm.instance.retired", vm=key[0], generation=key[1]))
-                self._spawn(key, self.host.kill(instance))
-        for key, vm in run.items():
-            if key not in self.host.instances and key not in self._busy \
-                    and key not in self._ended:  # fmt: skip
-                self._spawn(key, self._start(vm))
-        for key in stop:
-            if key not in self.host.instances and key not in self._busy:
-                self._ended.setdefault(key, InstanceStatus.STOPPED)
-        for key in [k for k in self._ended if k not in run and k not in stop]:
-            del self._ended[key]  # no longer placed here: a re-created VM may reuse the key
-            self._guest_off.discard(key)
-        await self._report({**run, **stop})
+                self._spawn(key, self.host.kill(self.host.instances[key]))
+            elif isinstance(action, NoteEnded):
+                self._ended[key] = action.status
+            elif isinstance(action, ForgetEnded):
+                self._ended.pop(key, None)
+                self._guest_off.pop(key, None)
+            elif isinstance(action, Report):
+                await self._report(action)
+            else:
+                assert_never(action)
 
     def _spawn(self, key: tuple[str, int], work: Any) -> None:
         async def runner() -> None:
@@ -345,7 +348,8 @@ class VmService:
         if orderly and not (instance.fenced or instance.lost_disk):
             status = InstanceStatus.STOPPED
             if instance.guest_powered_off and not instance.stop_requested:
-                self._guest_off.add(instance.key)
+                entry = self.cache.entries.get(self.keys.vm(instance.vm, "intent"))
+                self._guest_off[instance.key] = entry.mod_revision if entry else 0
         else:
             status = InstanceStatus.CRASHED
             log.warning(event("vm.instance.crashed", vm=instance.vm,
@@ -353,35 +357,22 @@ class VmService:
         self._ended[instance.key] = status
         self._wake.set()
 
-    def _status(self, key: tuple[str, int]) -> InstanceStatus | None:
-        if key in self._ended:
-            return self._ended[key]
-        if key in self.host.instances and key not in self._busy:
-            return InstanceStatus.RUNNING
-        return None
-
-    async def _report(self, owned: Mapping[tuple[str, int], StoredVm]) -> None:
-        """Make ``vms/<vm>/instance`` say what runs here, for the placements this node owns."""
-        for key, vm in owned.items():
-            status = self._status(key)
-            if status is None:
-                continue
-            wanted = Instance(node=self.me, generation=key[1], status=status)
-            if vm.record.instance == wanted:
-                continue
-            puts = {self.keys.vm(vm.name, "instance"): Put(
-                value=dumps(instance_to_json(wanted, at=time.time())),
-                lease=self.agent.quorum.lease_id)}  # fmt: skip
-            if key in self._guest_off and vm.record.want_running:
-                # The guest powered itself off: the VM is stopped, as if an admin stopped it.
-                puts[self.keys.vm(vm.name, "intent")] = Put(
-                    value=dumps({"running": False, "at": time.time(), "by": "guest"})
-                )
-            commit = Commit(expect={self.keys.vm(vm.name, "placement"):
-                                    vm.revisions.get("placement", 0)}, puts=puts)  # fmt: skip
-            if await self.agent.store.commit(commit):
-                log.info(event("vm.instance.reported", vm=vm.name, generation=key[1],
-                               status=status))  # fmt: skip
+    async def _report(self, report: Report) -> None:
+        """Write ``vms/<vm>/instance`` (and a guest's stop) if the placement is unchanged."""
+        vm, generation = report.vm, report.generation
+        wanted = Instance(node=self.me, generation=generation, status=report.status)
+        puts = {self.keys.vm(vm, "instance"): Put(
+            value=dumps(instance_to_json(wanted, at=time.time())),
+            lease=self.agent.quorum.lease_id)}  # fmt: skip
+        expect = {self.keys.vm(vm, "placement"): report.placement_revision}
+        if report.stop_intent_revision is not None:
+            # The guest powered itself off: the VM is stopped, as if an admin stopped it.
+            intent = self.keys.vm(vm, "intent")
+            puts[intent] = Put(value=dumps({"running": False, "at": time.time(), "by": "guest"}))
+            expect[intent] = report.stop_intent_revision
+        if await self.agent.store.commit(Commit(expect=expect, puts=puts)):
+            log.info(event("vm.instance.reported", vm=vm, generation=generation,
+                           status=report.status))  # fmt: skip
 
     # ----- every node: the self-fence -----
 
@@ -492,6 +483,14 @@ class VmService:
         await asyncio.gather(*tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self.host.close()
+
+
+def placed_of(vm: StoredVm) -> Placed:
+    record = vm.record
+    return Placed(vm=vm.name, owner=record.owner, generation=record.generation,
+                  phase=record.phase, want_running=record.want_running, instance=record.instance,
+                  placement_revision=vm.revisions.get("placement", 0),
+                  intent_revision=vm.revisions.get("intent", 0))  # fmt: skip
 
 
 def _keep(

@@ -267,6 +267,10 @@ def _judge(vm: VmRecord, view: HaView, now: float) -> VmAction | _Move | None:
                         reason=f"{vm.name} stopped on {vm.owner}; starting again")  # fmt: skip
     if vm.phase is VmPhase.STOPPING and instance is not None:
         return None  # a stop under way (a move stops the guest first): wait for it
+    if instance is not None and instance.status is InstanceStatus.STOPPED:
+        # The guest powered off, and an admin started the VM again before it was seen stopped.
+        return SetPhase(vm=vm.name, phase=VmPhase.STOPPED,
+                        reason=f"{vm.name} stopped on {vm.owner}; starting again")  # fmt: skip
     if instance is not None and instance.status is InstanceStatus.CRASHED:
         if not view.armed:
             return None
