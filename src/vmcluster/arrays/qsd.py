@@ -6,14 +6,28 @@ after the daemon restarts, as an array's firmware restores its configuration at 
 data lives in raw files and survives restarts.
 
 QMP used: ``blockdev-add`` (a raw node over a file), ``block-export-add`` (type nbd),
-``block-export-del`` (mode hard cuts connected clients), ``query-block-exports``.
+``block-export-del`` (mode hard cuts connected clients), ``query-block-exports``,
+``query-named-block-nodes``.
 
 The storage fence: a LUN is exported under a name that carries the placement generation of its
-VM, ``<lun>.g<N>``. :meth:`QsdArray.fence` retires every other generation's export with a *hard*
+VM, ``<lun>.g<N>``. :meth:`QsdArray.fence` retires every other export of the LUN with a *hard*
 delete (connected clients are cut at once: an old owner that is still alive can no longer read
-or write, and its QEMU pauses on the I/O error) and only then exports generation N. A generation
-older than the newest one the array has seen is refused, so a stale controller cannot re-open
-an old owner's door.
+or write, and its QEMU pauses on the I/O error) and only then exports generation N.
+
+The daemon's truth, not the file's: which exports a LUN has is what the daemon reports, never what
+``array.json`` lists (another driver, with another copy of that file, may have added some). An
+export belongs to a LUN when it serves the LUN's block node, any other node over the LUN's file,
+or when its id is a generation name of the LUN (``<lun>.g<N>``, whatever node it serves). The
+fence checks again after exporting N, so that fences through two drivers that interleave leave
+the newer generation alone (the daemon's QMP monitor serves one connection at a time, so two
+sessions on one monitor never interleave; drivers on two monitors, or a future driver that
+reconnects between steps, can). ``array.json`` is rewritten afterwards to follow the daemon.
+
+Generations only grow: each LUN has a high-water mark, the highest generation fenced or seen at
+the daemon. It is the maximum of ``array.json``'s mark and every generation the daemon reports for
+the LUN: a daemon that reports a higher generation raises it, one that reports less (or nothing,
+after a restart) never lowers it. A fence below the mark is refused, so a stale controller cannot
+re-open an old owner's door, and :meth:`restore` does not re-export a generation below it.
 """
 
 import asyncio
@@ -21,16 +35,21 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
-from vmcluster.core.model import check_name
-from vmcluster.errors import AlreadyExists, HypervisorError, InvalidState, NotFound
+from vmcluster.core.model import NAME_RE, check_name
+from vmcluster.errors import AlreadyExists, HypervisorError, InvalidInput, InvalidState, NotFound
 from vmcluster.hypervisor.qmp import QmpSession
 from vmcluster.logs import event, get_logger
 
 log = get_logger(__name__)
+
+FENCE_ROUNDS = 10  # retire-export-check rounds before a fence gives up on exports that keep moving
+GENERATION_NAME_RE = re.compile(rf"(?P<lun>{NAME_RE.pattern})\.g(?P<generation>[0-9]{{1,18}})")
 
 
 @dataclass(slots=True, kw_only=True)
@@ -38,11 +57,39 @@ class Lun:
     name: str
     size_bytes: int
     exports: list[str] = field(default_factory=list)
-    generation: int = 0  # the newest generation fenced in (0: never)
+    generation: int = 0  # high-water mark: the highest generation fenced or seen (0: never)
 
 
 def export_name(lun: str, generation: int) -> str:
     return f"{lun}.g{generation}"
+
+
+def parse_export_name(name: str) -> tuple[str, int] | None:
+    """``(lun, generation)`` for a generation's export name ``<lun>.g<N>``, else None."""
+    match = GENERATION_NAME_RE.fullmatch(name)
+    if match is None:
+        return None
+    return match["lun"], int(match["generation"])
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LiveExport:
+    """One export as the daemon reports it (``query-block-exports``)."""
+
+    id: str
+    node: str
+    shutting_down: bool  # hard-deleted, its clients being cut: gone soon, never live again
+
+    def generation(self, lun: str) -> int | None:
+        """The generation of ``lun`` this export carries in its id, if any."""
+        parsed = parse_export_name(self.id)
+        return parsed[1] if parsed is not None and parsed[0] == lun else None
+
+
+def high_water_mark(record: Lun, live: list[LiveExport]) -> int:
+    """The mark of ``record``: never below the stored one, raised by what the daemon reports."""
+    seen = (e.generation(record.name) for e in live)
+    return max([record.generation, *(g for g in seen if g is not None)])
 
 
 @dataclass(slots=True, kw_only=True)
@@ -122,11 +169,8 @@ class QsdArray:
             if record is None:
                 raise NotFound(f"array {self.name}: no LUN {lun!r}")
             async with self._session() as session:
-                live = {str(e["id"]) for e in await session.execute("query-block-exports")}
-                for name in record.exports:
-                    if name in live:
-                        await session.execute("block-export-del", {"id": name, "mode": "hard"})
-                        await self._wait_gone(session, name)
+                for export in await self._lun_exports(session, lun):
+                    await self._retire(session, lun, export)
                 named = await session.execute("query-named-block-nodes", {"flat": True})
                 nodes = {str(n.get("node-name")) for n in named}
                 if f"lun-{lun}" in nodes:
@@ -140,11 +184,15 @@ class QsdArray:
         return ArrayConfig.load(self.config_path).luns
 
     async def export(self, lun: str, export_name: str) -> None:
-        """Export ``lun`` over NBD as ``export_name`` (writable)."""
+        """Export ``lun`` over NBD as ``export_name`` (writable), a name that is not a
+        generation's (``<lun>.g<N>``: those are :meth:`fence`'s)."""
         async with self._locked():
             await self._export(lun, export_name)
 
     async def _export(self, lun: str, export_name: str) -> None:
+        if parse_export_name(export_name) is not None:
+            raise InvalidInput(f"array {self.name}: export name {export_name!r} is a generation's; "
+                               f"only fence exports a generation")  # fmt: skip
         config = ArrayConfig.load(self.config_path)
         if lun not in config.luns:
             raise NotFound(f"array {self.name}: no LUN {lun!r}")
@@ -157,37 +205,107 @@ class QsdArray:
     async def fence(self, lun: str, generation: int) -> str:
         """Cut every client of ``lun`` except generation ``generation``'s, which is exported.
 
-        Returns the export name. Idempotent for the current generation; InvalidState for an
-        older one.
+        Every export of the LUN the daemon reports, other than ``<lun>.g<generation>``, is
+        retired. Returns the export name. Idempotent for the LUN's high-water mark; InvalidState
+        below it (the mark raised by what the daemon reports is stored all the same).
         """
         async with self._locked():
             return await self._fence(lun, generation)
 
     async def _fence(self, lun: str, generation: int) -> str:
         config = ArrayConfig.load(self.config_path)
-        if lun not in config.luns:
+        record = config.luns.get(lun)
+        if record is None:
             raise NotFound(f"array {self.name}: no LUN {lun!r}")
-        record = config.luns[lun]
-        if generation < record.generation:
-            raise InvalidState(
-                f"array {self.name}: LUN {lun} is fenced at generation {record.generation}; "
-                f"generation {generation} is stale"
-            )
         wanted = export_name(lun, generation)
         async with self._session() as session:
-            live = {str(e["id"]) for e in await session.execute("query-block-exports")}
-            for old in [e for e in record.exports if e != wanted]:
-                if old in live:
-                    await session.execute("block-export-del", {"id": old, "mode": "hard"})
-                    await self._wait_gone(session, old)
-                log.info(event("array.export.retired", array=self.name, lun=lun, export=old))
-            if wanted not in live:
-                await self._add_export(session, lun, wanted)
+            for _ in range(FENCE_ROUNDS):
+                live = await self._lun_exports(session, lun)
+                mark = high_water_mark(record, live)
+                if generation < mark:
+                    await self._refuse(session, config, record, live, mark, generation)
+                mine = next((e for e in live if e.id == wanted), None)
+                others = [e for e in live if e.id != wanted]
+                if not others and mine is not None and not mine.shutting_down:
+                    break  # checked after the last change: generation N alone is exported
+                for other in others:
+                    await self._retire(session, lun, other)
+                if mine is not None and mine.shutting_down:
+                    await self._wait_gone(session, wanted)
+                    mine = None
+                if mine is None:
+                    await self._add_export_once(session, lun, wanted)
+            else:
+                raise HypervisorError(
+                    f"array {self.name}: the exports of LUN {lun} kept changing during the fence "
+                    f"of generation {generation}; retry it"
+                )
         record.exports = [wanted]
         record.generation = generation
         config.save(self.config_path)
         log.info(event("array.fenced", array=self.name, lun=lun, generation=generation))
         return wanted
+
+    async def _refuse(self, session: QmpSession, config: ArrayConfig, record: Lun,
+                      live: list[LiveExport], mark: int, generation: int) -> NoReturn:  # fmt: skip
+        """Refuse a fence of ``generation`` below ``mark``: retire only that generation's export
+        (stale: a fence through another driver that lost a race leaves it behind), store the
+        mark as the daemon raised it, and raise InvalidState."""
+        wanted = export_name(record.name, generation)
+        for export in live:
+            if export.id == wanted:
+                await self._retire(session, record.name, export)
+        record.exports = sorted(e.id for e in live if e.id != wanted)
+        if mark > record.generation:
+            log.info(event("array.mark.raised", array=self.name, lun=record.name,
+                           stored=record.generation, seen=mark))  # fmt: skip
+        record.generation = mark
+        config.save(self.config_path)
+        raise InvalidState(
+            f"array {self.name}: LUN {record.name} is fenced at generation {mark}; "
+            f"generation {generation} is stale"
+        )
+
+    async def _live_exports(self, session: QmpSession) -> list[LiveExport]:
+        reply = await session.execute("query-block-exports")
+        return [LiveExport(id=str(e["id"]), node=str(e.get("node-name", "")),
+                           shutting_down=bool(e.get("shutting-down", False)))
+                for e in reply]  # fmt: skip
+
+    async def _lun_exports(self, session: QmpSession, lun: str) -> list[LiveExport]:
+        """Every export of ``lun`` the daemon has: on its node, on any other node over its
+        file, or named as one of its generations."""
+        nodes = {f"lun-{lun}"}
+        path = self.lun_path(lun)
+        for node in await session.execute("query-named-block-nodes", {"flat": True}):
+            if _same_file(str(node.get("file", "")), path):
+                nodes.add(str(node.get("node-name")))
+        return [e for e in await self._live_exports(session)
+                if e.node in nodes or e.generation(lun) is not None]  # fmt: skip
+
+    async def _retire(self, session: QmpSession, lun: str, export: LiveExport) -> None:
+        """Delete ``export`` with mode hard (its clients are cut) and wait until it is gone."""
+        if not export.shutting_down:
+            try:
+                await session.execute("block-export-del", {"id": export.id, "mode": "hard"})
+            except HypervisorError:
+                # Another driver may have retired it in between: that is no failure.
+                now = {e.id: e for e in await self._live_exports(session)}
+                if export.id in now and not now[export.id].shutting_down:
+                    raise
+        await self._wait_gone(session, export.id)
+        log.info(event("array.export.retired", array=self.name, lun=lun, export=export.id))
+
+    async def _add_export_once(self, session: QmpSession, lun: str, name: str) -> None:
+        """Export ``name``, unless a fence of the same generation through another driver just
+        did (the export is then there, on the LUN's node)."""
+        try:
+            await self._add_export(session, lun, name)
+        except HypervisorError:
+            now = {e.id: e for e in await self._live_exports(session)}
+            there = now.get(name)
+            if there is None or there.shutting_down or there.node != f"lun-{lun}":
+                raise
 
     async def _wait_gone(self, session: QmpSession, export_id: str) -> None:
         """A hard delete returns at once; the export is gone when it leaves the list."""
@@ -209,12 +327,29 @@ class QsdArray:
             await self._restore()
 
     async def _restore(self) -> None:
+        """Adds what the daemon lacks, never a generation below the LUN's mark: a copy of
+        array.json older than the daemon's exports must not re-open an old owner's door."""
         config = ArrayConfig.load(self.config_path)
         async with self._session() as session:
+            named = await session.execute("query-named-block-nodes", {"flat": True})
+            nodes = {str(n.get("node-name")) for n in named}
             for lun in config.luns.values():
-                await self._add_node(session, lun.name)
-                for export_name in lun.exports:
-                    await self._add_export(session, lun.name, export_name)
+                if f"lun-{lun.name}" not in nodes:
+                    await self._add_node(session, lun.name)
+                live = await self._lun_exports(session, lun.name)
+                lun.generation = high_water_mark(lun, live)
+                present = {e.id for e in live}
+                for name in lun.exports:
+                    parsed = parse_export_name(name)
+                    if name in present:
+                        continue
+                    if parsed is not None and parsed[1] < lun.generation:
+                        log.info(event("array.export.stale", array=self.name, lun=lun.name,
+                                       export=name, mark=lun.generation))  # fmt: skip
+                        continue
+                    await self._add_export(session, lun.name, name)
+                lun.exports = sorted(e.id for e in await self._lun_exports(session, lun.name))
+        config.save(self.config_path)
         log.info(event("array.restored", array=self.name, luns=len(config.luns)))
 
     async def _add_node(self, session: QmpSession, lun: str) -> None:
@@ -234,3 +369,15 @@ class QsdArray:
             {"type": "nbd", "id": export_name, "node-name": f"lun-{lun}", "name": export_name,
              "writable": True},
         )  # fmt: skip
+
+
+def _same_file(filename: str, path: Path) -> bool:
+    """Whether a block node's ``file`` (as the daemon reports it) is the LUN file ``path``."""
+    if filename == str(path):
+        return True
+    if not filename.startswith("/"):
+        return False  # json:{...} and protocol URLs name no plain file
+    try:
+        return os.path.samefile(filename, path)
+    except OSError:
+        return False
