@@ -19,8 +19,16 @@ heartbeat_interval_s = 0.2
 heartbeat_threshold = 5
 cross_site_threshold = 20
 lease_ttl_s = 5
+keepalive_interval_s = 1.25                # lease renewal; 0 (default): lease_ttl_s / 4, as here
+store_timeout_s = 0.5                      # one request to one etcd endpoint
 self_fence_margin_s = 0.5                  # VMs are killed this long before the lease may expire
+self_fence_check_s = 0.05                  # how often the agent looks at its lease
+watchdog_check_s = 0.05                    # how often the watchdog looks at its deadline
+kill_allowance_s = 0.1                     # time allowed for SIGKILL (or SIGSTOP) to take effect
 resiliency_period_s = 0                    # > 0: freeze them instead, and kill them this much later
+
+Timings are validated against the timing invariant (``timing_bounds``, docs/operations.md): a
+setting that would let a VM outlive its node's lease is refused with the relation it breaks.
 
 [vms]                                      # running VMs on this node
 memory_mib = 16384                         # memory this node gives to VMs
@@ -43,34 +51,152 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from vmcluster.core.model import check_name
 from vmcluster.errors import InvalidInput, NotFound
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TimingBound:
+    """One relation of the timing invariant: ``left_s`` must be below ``right_s``.
+
+    ``left`` and ``right`` spell the two sides in settings (as the error names them);
+    ``otherwise`` says what may happen when the relation does not hold.
+    """
+
+    left: str
+    left_s: float
+    right: str
+    right_s: float
+    otherwise: str
+
+    @property
+    def holds(self) -> bool:
+        return self.left_s < self.right_s
+
+    def message(self) -> str:
+        return (f"timings: {self.left} ({self.left_s:g} s) must be below {self.right} "
+                f"({self.right_s:g} s), or {self.otherwise}")  # fmt: skip
+
+
+def timing_bounds(
+    *,
+    lease_ttl_s: float,
+    keepalive_interval_s: float,
+    store_timeout_s: float,
+    self_fence_margin_s: float,
+    self_fence_check_s: float,
+    watchdog_check_s: float,
+    kill_allowance_s: float,
+) -> tuple[TimingBound, ...]:
+    """The timing invariant (docs/operations.md) as four relations that must all hold. Pure.
+
+    Times count from ``t``, when the agent sent the request that last renewed its lease: it sets
+    ``valid_until = t + lease_ttl_s``, and etcd counts the TTL from when it received the request
+    (at or after ``t``), so the lease cannot expire, and the leader cannot start the node's VMs
+    elsewhere on Down, before ``valid_until``. How long that request was in flight does not
+    matter for safety; it matters for how soon the next renewal is known.
+
+    Killed in time, by the agent (1) and, should the agent hang, by the watchdog (2):
+
+    1. the agent looks every ``self_fence_check_s``, so it sees ``valid_until - margin`` pass at
+       most that much later, and its SIGKILLs take effect within ``kill_allowance_s``;
+    2. the watchdog's deadline is ``valid_until - margin / 2`` (an older one if the agent has
+       not told it the newest: earlier, so only safer); it looks every ``watchdog_check_s``.
+
+    Renewed in time (a node whose store answers every request within ``store_timeout_s`` never
+    fences itself): the request that set ``valid_until`` returned by ``t + store_timeout_s``
+    (a grant: the grant and the commit of the alive key, ``t + 2 * store_timeout_s``); the next
+    keepalive is sent ``keepalive_interval_s`` after that and returns within
+    ``store_timeout_s``, so it is known by ``t + keepalive_interval_s + 3 * store_timeout_s``:
+
+    3. before the agent's self-fence point ``t + lease_ttl_s - margin``;
+    4. and, the agent telling the watchdog at its next ``self_fence_check_s`` look, before the
+       watchdog's deadline ``t + lease_ttl_s - margin / 2``.
+    """
+    margin, kill = self_fence_margin_s, kill_allowance_s
+    renewed_s = keepalive_interval_s + 3 * store_timeout_s
+    return (
+        TimingBound(left="self_fence_check_s + kill_allowance_s", left_s=self_fence_check_s + kill,
+                    right="self_fence_margin_s", right_s=margin,
+                    otherwise="the agent may kill the VMs after the lease can expire"),
+        TimingBound(left="watchdog_check_s + kill_allowance_s", left_s=watchdog_check_s + kill,
+                    right="self_fence_margin_s / 2", right_s=margin / 2,
+                    otherwise="the watchdog may kill the VMs after the lease can expire"),
+        TimingBound(left="keepalive_interval_s + 3 * store_timeout_s", left_s=renewed_s,
+                    right="lease_ttl_s - self_fence_margin_s", right_s=lease_ttl_s - margin,
+                    otherwise="a node whose store answers in time may fence itself"),
+        TimingBound(left="keepalive_interval_s + 3 * store_timeout_s + self_fence_check_s",
+                    left_s=renewed_s + self_fence_check_s,
+                    right="lease_ttl_s - self_fence_margin_s / 2",
+                    right_s=lease_ttl_s - margin / 2,
+                    otherwise="the watchdog may kill the VMs of a node that renews in time"),
+    )  # fmt: skip
+
+
+def _is_number(value: object) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _seconds(name: str, value: object, low: float, high: float, extra: str = "") -> None:
+    """Refuse ``value`` unless it is a number of seconds from ``low`` to ``high``."""
+    if not (_is_number(value) and low <= value <= high):
+        raise InvalidInput(f"timings.{name} must be {low:g} to {high:g} seconds{extra}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Timings:
+    """Failure detection, lease and self-fence timings; see docs/operations.md for why each value
+    is safe. Every range is checked, then the timing invariant (``timing_bounds``)."""
+
     heartbeat_interval_s: float = 0.2
     heartbeat_threshold: int = 5
     cross_site_threshold: int = 20
     lease_ttl_s: int = 5
+    keepalive_interval_s: float = 0.0  # 0: lease_ttl_s / 4 (set so in __post_init__)
+    store_timeout_s: float = 0.5  # one request to one etcd endpoint
     self_fence_margin_s: float = 0.5
+    self_fence_check_s: float = 0.05  # the agent's look at its lease
+    watchdog_check_s: float = 0.05  # the watchdog's look at its deadline
+    kill_allowance_s: float = 0.1  # for SIGKILL (or SIGSTOP) of every instance to take effect
     resiliency_period_s: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0.01 <= self.heartbeat_interval_s <= 10:
-            raise InvalidInput("timings.heartbeat_interval_s must be 0.01 to 10")
+        _seconds("heartbeat_interval_s", self.heartbeat_interval_s, 0.01, 10)
         if not 1 <= self.heartbeat_threshold <= self.cross_site_threshold <= 1000:
             raise InvalidInput("timings: need 1 <= heartbeat_threshold <= cross_site_threshold")
         if not isinstance(self.lease_ttl_s, int) or isinstance(self.lease_ttl_s, bool):
             raise InvalidInput("timings.lease_ttl_s must be a whole number of seconds")
         if not 1 <= self.lease_ttl_s <= 60:
             raise InvalidInput("timings.lease_ttl_s must be 1 to 60 (whole seconds, as etcd has)")
-        if not 0.05 <= self.self_fence_margin_s < self.lease_ttl_s * 0.75:
+        if self.keepalive_interval_s == 0 and not isinstance(self.keepalive_interval_s, bool):
+            object.__setattr__(self, "keepalive_interval_s", self.lease_ttl_s / 4)
+        _seconds("keepalive_interval_s", self.keepalive_interval_s, 0.01, 60,
+                 " (or 0: lease_ttl_s / 4)")  # fmt: skip
+        _seconds("store_timeout_s", self.store_timeout_s, 0.01, 60)
+        margin = self.self_fence_margin_s
+        if not _is_number(margin) or not 0.05 <= margin < self.lease_ttl_s * 0.75:
             raise InvalidInput("timings.self_fence_margin_s must be 0.05 s to 3/4 of the lease TTL")
-        if isinstance(self.resiliency_period_s, bool) or not 0 <= self.resiliency_period_s <= 3600:
-            raise InvalidInput("timings.resiliency_period_s must be 0 to 3600 seconds")
+        _seconds("self_fence_check_s", self.self_fence_check_s, 0.005, 1)
+        _seconds("watchdog_check_s", self.watchdog_check_s, 0.005, 1)
+        _seconds("kill_allowance_s", self.kill_allowance_s, 0.01, 10)
+        _seconds("resiliency_period_s", self.resiliency_period_s, 0, 3600)
+        for bound in self.bounds():
+            if not bound.holds:
+                raise InvalidInput(bound.message())
+
+    def bounds(self) -> tuple[TimingBound, ...]:
+        """The relations of the timing invariant for these timings (all hold once constructed)."""
+        return timing_bounds(
+            lease_ttl_s=self.lease_ttl_s,
+            keepalive_interval_s=self.keepalive_interval_s,
+            store_timeout_s=self.store_timeout_s,
+            self_fence_margin_s=self.self_fence_margin_s,
+            self_fence_check_s=self.self_fence_check_s,
+            watchdog_check_s=self.watchdog_check_s,
+            kill_allowance_s=self.kill_allowance_s,
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -173,7 +299,12 @@ class AgentConfig:
                   f"heartbeat_threshold = {t.heartbeat_threshold}",
                   f"cross_site_threshold = {t.cross_site_threshold}",
                   f"lease_ttl_s = {t.lease_ttl_s}",
+                  f"keepalive_interval_s = {t.keepalive_interval_s}",
+                  f"store_timeout_s = {t.store_timeout_s}",
                   f"self_fence_margin_s = {t.self_fence_margin_s}",
+                  f"self_fence_check_s = {t.self_fence_check_s}",
+                  f"watchdog_check_s = {t.watchdog_check_s}",
+                  f"kill_allowance_s = {t.kill_allowance_s}",
                   f"resiliency_period_s = {t.resiliency_period_s}"]  # fmt: skip
         v = self.vms
         lines += ["", "[vms]", f"memory_mib = {v.memory_mib}",
