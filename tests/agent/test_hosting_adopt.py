@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from tests.support import kill_by_pid
 
-from vmcluster.agent import hosting
 from vmcluster.agent.config import VmSettings
 from vmcluster.agent.hosting import VmHost
 from vmcluster.hypervisor import process
@@ -41,12 +40,12 @@ def test_a_pid_file_counts_only_for_the_same_vm_and_generation(
 ) -> None:
     pidfile = tmp_path / "g3.pid"
     pidfile.write_text(f"{fake.pid}\n")
-    found = hosting._live_qemu(pidfile, "web", 3)
+    found = process.qemu_from_pidfile(pidfile, "web", 3)
     assert found == process.identify(fake.pid)
-    assert hosting._live_qemu(pidfile, "web", 4) is None
-    assert hosting._live_qemu(pidfile, "db", 3) is None
+    assert process.qemu_from_pidfile(pidfile, "web", 4) is None
+    assert process.qemu_from_pidfile(pidfile, "db", 3) is None
     pidfile.write_text("not a pid\n")
-    assert hosting._live_qemu(pidfile, "web", 3) is None
+    assert process.qemu_from_pidfile(pidfile, "web", 3) is None
 
 
 def test_an_instance_found_by_its_pid_file_that_does_not_answer_is_killed(

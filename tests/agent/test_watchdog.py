@@ -113,3 +113,27 @@ def test_a_process_with_another_start_time_is_never_touched(
     time.sleep(0.5)
     assert victim.poll() is None
     assert _state(victim.pid) in ("S", "R")
+
+
+def test_a_qemu_being_launched_is_found_by_its_pid_file_and_killed(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    """The agent has told the watchdog of a launch (pid file, VM, generation) but hung before
+    it learnt the pid: past the deadline the watchdog kills the QEMU the pid file names, and
+    only if its command line is that VM's at that generation."""
+    from tests.agent.test_hosting_adopt import _fake_qemu
+
+    launched, other = _fake_qemu("web", 3), _fake_qemu("web", 2)
+    try:
+        pidfile, stale = tmp_path / "g3.pid", tmp_path / "g2.pid"
+        pidfile.write_text(f"{launched.pid}\n")
+        stale.write_text(f"{other.pid}\n")
+        launching = [(str(pidfile), "web", 3), (str(stale), "web", 3)]  # g2 is not g3's
+        watchdog.write_state(run_dir, watchdog.boottime() - 0.01, [], launching=launching)
+        _until(lambda: _reaped_or_dead(launched))
+        assert launched.returncode == -9
+        assert other.poll() is None
+    finally:
+        for proc in (launched, other):
+            kill_by_pid(proc.pid)
+            proc.wait(timeout=10)

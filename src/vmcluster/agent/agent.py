@@ -257,7 +257,7 @@ class Agent:
 
     async def _keep_lease(self, lease: int, ttl: int) -> None:
         while True:
-            await asyncio.sleep(ttl / 4)
+            await asyncio.sleep(self.config.timings.keepalive_interval_s)
             sent = self.clock()
             try:
                 await self.store.keepalive(lease)

@@ -20,7 +20,7 @@ import hashlib
 import json
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +80,7 @@ class VmHost:
         self.arrays = arrays
         self.on_exit = on_exit
         self.instances: dict[tuple[str, int], LocalInstance] = {}
+        self.launching: dict[tuple[str, int], Path] = {}  # (vm, generation) -> QEMU's pid file
         self._accel: Accel | None = None
 
     # ----- files -----
@@ -112,9 +113,13 @@ class VmHost:
                 self._accel = Accel(self.settings.accel)
         return self._accel
 
-    async def start(self, vm: ClusteredVm, generation: int) -> LocalInstance:
+    async def start(
+        self, vm: ClusteredVm, generation: int, may_launch: Callable[[], bool] = lambda: True
+    ) -> LocalInstance | None:
         """Launch generation ``generation`` of ``vm`` on its arrays' exports of that generation;
-        returns once QEMU runs the guest (HypervisorError otherwise, with nothing left behind)."""
+        returns once QEMU runs the guest (HypervisorError otherwise, with nothing left behind).
+        ``may_launch`` is asked just before QEMU is launched (the lease must still be known
+        valid then, not only when the start was decided): None if it says no."""
         spec = vm.spec
         image = get_image(Path(self.settings.images_dir), spec.image)
         disks = []
@@ -129,7 +134,7 @@ class VmHost:
         vm_dir = self.vm_dir(spec.name)
         vm_dir.mkdir(parents=True, exist_ok=True)
         pidfile = vm_dir / f"g{generation}.pid"
-        running = _live_qemu(pidfile, spec.name, generation)
+        running = process.qemu_from_pidfile(pidfile, spec.name, generation)
         if running is not None:
             # A QEMU of this very generation already runs (an agent died while starting it):
             # take it over rather than start a second writer on the same export.
@@ -145,19 +150,26 @@ class VmHost:
             pidfile=pidfile, accel=await asyncio.to_thread(self.accel), generation=generation,
         )  # fmt: skip
         argv = build_argv(launch, qemu_binary())
-        # QEMU's own start (it connects to the arrays) must not stall the agent's heartbeats;
-        # once launched it must be recorded even if this task is cancelled meanwhile.
-        launching = asyncio.ensure_future(
-            asyncio.to_thread(process.launch_daemon, argv, pidfile, what=f"VM {spec.name}")
-        )
-        started_at = time.time()
+        key = (spec.name, generation)
+        self.launching[key] = pidfile
         try:
-            proc = await asyncio.shield(launching)
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                self._save(spec.name, generation, await launching, started_at)
-            raise
-        instance = await self._register(spec.name, generation, proc, started_at)
+            if not may_launch():
+                return None
+            # QEMU's own start (it connects to the arrays) must not stall the agent's
+            # heartbeats; once launched it must be recorded even if this task is cancelled.
+            launching = asyncio.ensure_future(
+                asyncio.to_thread(process.launch_daemon, argv, pidfile, what=f"VM {spec.name}")
+            )
+            started_at = time.time()
+            try:
+                proc = await asyncio.shield(launching)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    self._save(spec.name, generation, await launching, started_at)
+                raise
+            instance = await self._register(spec.name, generation, proc, started_at)
+        finally:
+            self.launching.pop(key, None)  # from here on the watchdog knows it by its pid
         log.info(event("vm.instance.started", vm=spec.name, generation=generation, pid=proc.pid,
                        accel=launch.accel))  # fmt: skip
         return instance
@@ -200,14 +212,18 @@ class VmHost:
                                    "started_at": started_at}))  # fmt: skip
         tmp.replace(path)
 
-    async def adopt(self) -> list[LocalInstance]:
+    async def adopt(
+        self, owned: Callable[[tuple[str, int]], bool] = lambda key: False
+    ) -> list[LocalInstance]:
         """Instances left running by an earlier agent on this node: those it recorded
         (``g<N>.json``) and those it launched but died before recording (QEMU's pid file, with
-        the VM's name and generation checked in the process's command line)."""
+        the VM's name and generation checked in the process's command line). Those found frozen
+        (by the watchdog) are resumed first if ``owned`` says they are still this node's to
+        run; the others do not answer QMP and are killed."""
         found: dict[tuple[str, int], tuple[process.ProcessId, float]] = {}
         for path in sorted(self.data_dir.glob("vms/*/g*.pid")):
             vm, generation = path.parent.name, _generation_of(path)
-            proc = None if generation is None else _live_qemu(path, vm, generation)
+            proc = None if generation is None else process.qemu_from_pidfile(path, vm, generation)
             if proc is not None and generation is not None:
                 found[(vm, generation)] = (proc, 0.0)
         for path in sorted(self.data_dir.glob("vms/*/g*.json")):
@@ -223,6 +239,9 @@ class VmHost:
             found[(path.parent.name, generation)] = (proc, float(data.get("started_at", 0.0)))
         adopted = []
         for (vm, generation), (proc, started_at) in sorted(found.items()):
+            if owned((vm, generation)) and process.is_stopped(proc):
+                process.send_signal(proc, signal.SIGCONT)
+                log.warning(event("vm.instance.resumed", vm=vm, generation=generation))
             try:
                 instance = await self._register(vm, generation, proc, started_at)
             except HypervisorError as exc:  # it did not answer: killed by _register
@@ -301,12 +320,13 @@ class VmHost:
     def signal(self, instance: LocalInstance, sig: signal.Signals) -> bool:
         return process.send_signal(instance.proc, sig)
 
-    def kill_now(self) -> int:
-        """SIGKILL every instance at once, without waiting (the self-fence). Returns how many."""
-        for instance in self.instances.values():
+    def kill_now(self, instances: Iterable[LocalInstance]) -> int:
+        """SIGKILL these instances at once, without waiting (the self-fence). Returns how many."""
+        count = 0
+        for instance in instances:
             instance.fenced = True
-            process.send_signal(instance.proc, signal.SIGKILL)
-        return len(self.instances)
+            count += process.send_signal(instance.proc, signal.SIGKILL)
+        return count
 
     async def stop(self, instance: LocalInstance, timeout_s: float) -> str:
         """Press the power button until the guest powers off; kill it after ``timeout_s``.
@@ -352,17 +372,3 @@ def _generation_of(path: Path) -> int | None:
         return int(path.name[1:].split(".")[0])
     except ValueError:
         return None
-
-
-def _live_qemu(pidfile: Path, vm: str, generation: int) -> process.ProcessId | None:
-    """The live QEMU named by ``pidfile`` if it runs generation ``generation`` of ``vm``."""
-    try:
-        pid = int(pidfile.read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except (OSError, ValueError):
-        return None
-    if f"guest={vm},debug-threads=on".encode() not in cmdline:
-        return None
-    if not any(f"vmcluster.gen={generation} ".encode() in arg for arg in cmdline):
-        return None
-    return process.identify(pid)

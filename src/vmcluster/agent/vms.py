@@ -62,6 +62,7 @@ from vmcluster.core.ha import (
     stop_before_moving,
 )
 from vmcluster.core.reconcile import (
+    RUNS,
     ForgetEnded,
     KillInstance,
     Local,
@@ -72,7 +73,9 @@ from vmcluster.core.reconcile import (
     StopInstance,
     reconcile,
 )
+from vmcluster.core.selffence import FenceAction, FreezeAll, KillAll, SelfFence, Thaw
 from vmcluster.errors import VmclusterError
+from vmcluster.hypervisor import process
 from vmcluster.logs import event, get_logger
 
 if TYPE_CHECKING:
@@ -83,9 +86,7 @@ log = get_logger(__name__)
 STOP_TIMEOUT_S = 30.0
 FENCE_TIMEOUT_S = 5.0  # one array that does not answer must not hold up every failover
 RECONCILE_PERIOD_S = 0.5
-SELF_FENCE_CHECK_S = 0.05
-KILLED_WAIT_S = 10.0
-RUNS = (VmPhase.STARTING, VmPhase.RUNNING)
+Key = tuple[str, int]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -115,6 +116,8 @@ class VmService:
         self._busy: dict[tuple[str, int], asyncio.Task[None]] = {}  # starts and stops under way
         self._wake = asyncio.Event()
         self._last_reason = ""
+        self._told: tuple[float, frozenset[Any], frozenset[Any]] | None = None
+        self._watchdog_child: subprocess.Popen[bytes] | None = None
 
     # ----- reading -----
 
@@ -263,8 +266,10 @@ class VmService:
         await self.cache.loaded.wait()
         while not self.agent.has_quorum():  # noqa: ASYNC110 - quorum is a deadline
             await asyncio.sleep(0.05)
-        await self.host.adopt()
-        self._thaw_current()  # a watchdog may have frozen them while no agent ran
+        # A watchdog may have frozen them while no agent ran: those still ours are resumed
+        # before they are asked over QMP (a frozen QEMU does not answer and would be killed).
+        owned = self._owned()
+        await self.host.adopt(owned=lambda key: key in owned)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._self_fence_loop(), name="self-fence")
             tg.create_task(self._watchdog_loop(), name="watchdog")
@@ -336,7 +341,17 @@ class VmService:
                            reason="no quorum"))  # fmt: skip
             return  # the next reconcile with quorum starts it
         log.info(event("vm.instance.starting", vm=vm.name, generation=generation))
-        await self.host.start(vm.spec, generation)
+        if await self.host.start(vm.spec, generation, may_launch=self._may_launch) is None:
+            log.info(event("vm.instance.deferred", vm=vm.name, generation=generation,
+                           reason="no quorum at launch"))  # fmt: skip
+
+    def _may_launch(self) -> bool:
+        """Just before QEMU launches: the lease is still known valid, and the watchdog knows
+        of the launch (so that a hang of this agent from now on cannot leave it running)."""
+        if not self._lease_ok():
+            return False
+        self._tell_watchdog()
+        return True
 
     async def _stop(self, instance: LocalInstance) -> None:
         how = await self.host.stop(instance, STOP_TIMEOUT_S)
@@ -382,87 +397,91 @@ class VmService:
         return self.agent.clock() < self.agent.quorum.valid_until - margin
 
     async def _self_fence_loop(self) -> None:
-        """Past the deadline: kill every instance, or with a resiliency period R, freeze them
-        (SIGSTOP: no CPU, disk or network) and kill them R seconds later unless the lease comes
-        back first and the placement still names this node at their generation."""
-        resiliency = self.agent.config.timings.resiliency_period_s
-        frozen_at: float | None = None
-        was_ok = True
+        """Carry out the self-fence (core/selffence.py): past the lease deadline kill every
+        instance, or freeze them for the resiliency period; resume frozen instances that are
+        still ours whenever the lease is known valid (also those the watchdog froze)."""
+        t = self.agent.config.timings
+        fence = SelfFence(margin_s=t.self_fence_margin_s, resiliency_s=t.resiliency_period_s)
         while True:
-            await asyncio.sleep(SELF_FENCE_CHECK_S)
-            ok = self._lease_ok()
-            if ok and not was_ok and resiliency > 0:
-                self._thaw_current()  # frozen by us or by the watchdog
-            was_ok = ok
-            if frozen_at is not None and ok:
-                frozen_at = None
-                continue
-            if not self.host.instances or ok:
-                continue
-            if resiliency > 0 and frozen_at is None:
-                frozen_at = self.agent.clock()
-                count = self.host.signal_all(signal.SIGSTOP)
-                log.warning(event("vm.self-fence", node=self.me, frozen=count,
-                                  resiliency_s=resiliency,
-                                  reason="lease not renewed in time"))  # fmt: skip
-                continue
-            if frozen_at is not None and self.agent.clock() < frozen_at + resiliency:
-                continue
-            for instance in self.host.instances.values():
+            await asyncio.sleep(t.self_fence_check_s)
+            instances = dict(self.host.instances)
+            frozen = {k for k, i in instances.items() if process.is_stopped(i.proc)}
+            actions = fence.update(
+                now=self.agent.clock(), valid_until=self.agent.quorum.valid_until,
+                instances=frozenset(instances), frozen=frozen,
+                owned=self._owned() if frozen else frozenset(),
+            )  # fmt: skip
+            for action in actions:
+                self._carry_out(action, instances)
+
+    def _carry_out(self, action: FenceAction, instances: Mapping[Key, LocalInstance]) -> None:
+        targets = [instances[key] for key in action.keys if key in instances]
+        if isinstance(action, Thaw):
+            for instance in targets:
+                self.host.signal(instance, signal.SIGCONT)
+                log.warning(event("vm.self-fence.resumed", vm=instance.vm,
+                                  generation=instance.generation))  # fmt: skip
+        elif isinstance(action, FreezeAll):
+            count = sum(1 for i in targets if self.host.signal(i, signal.SIGSTOP))
+            log.warning(event("vm.self-fence", node=self.me, frozen=count,
+                              resiliency_s=action.resiliency_s,
+                              reason="lease not renewed in time"))  # fmt: skip
+        elif isinstance(action, KillAll):
+            for instance in targets:
                 self._ended[instance.key] = InstanceStatus.CRASHED
-            killed = self.host.kill_now()
-            frozen_at = None
+            killed = self.host.kill_now(targets)
             log.warning(event("vm.self-fence", node=self.me, killed=killed,
                               reason="lease not renewed in time"))  # fmt: skip
             why = f"killed {killed} VM instances: lease not renewed in time"
             self.agent.emit_later("node.self-fenced", self.me, why)
-            with contextlib.suppress(TimeoutError):  # the pidfd watchers see them go
-                async with asyncio.timeout(KILLED_WAIT_S):
-                    while self.host.instances:  # noqa: ASYNC110
-                        await asyncio.sleep(SELF_FENCE_CHECK_S)
+        else:
+            assert_never(action)
 
-    def _thaw_current(self) -> None:
-        """The lease is back: resume the frozen instances whose placement is still ours at
-        their generation; the others stay frozen until the reconciler kills them."""
-        stored = self.stored()
-        for key, instance in self.host.instances.items():
-            vm = stored.get(key[0])
-            current = vm is not None and vm.record.owner == self.me \
-                and vm.record.generation == key[1] and vm.record.phase in RUNS  # fmt: skip
-            if current:
-                self.host.signal(instance, signal.SIGCONT)
-                log.warning(event("vm.self-fence.resumed", vm=key[0], generation=key[1]))
+    def _owned(self) -> frozenset[Key]:
+        """The instances whose placement names this node at their generation, to run."""
+        return frozenset(
+            (name, vm.record.generation) for name, vm in self.stored().items()
+            if vm.record.owner == self.me and vm.record.phase in RUNS
+        )  # fmt: skip
 
     # ----- every node: the watchdog's deadline -----
 
     async def _watchdog_loop(self) -> None:
         """Keep the watchdog process told of the deadline and the instances (once VMs run)."""
-        run_dir = Path(self.agent.config.vms.run_dir)
-        margin = self.agent.config.timings.self_fence_margin_s
-        resiliency = self.agent.config.timings.resiliency_period_s
-        told: tuple[float, frozenset[Any]] | None = None
-        child: subprocess.Popen[bytes] | None = None
         while True:
-            await asyncio.sleep(SELF_FENCE_CHECK_S)
-            instances = frozenset(i.proc for i in self.host.instances.values())
-            if child is not None:
-                child.poll()  # reap it if it died
-            if not instances and told is None:
-                continue
-            # The watchdog is the backstop: its deadline is half a margin after the agent's own,
-            # still before the lease can expire.
-            state = (self.agent.quorum.valid_until - margin / 2, instances)
-            if state == told:
-                continue
-            try:
-                watchdog.write_state(run_dir, state[0], sorted(instances, key=lambda p: p.pid),
-                                     resiliency_s=resiliency)  # fmt: skip
-                told = state
-                starting = child is not None and child.poll() is None
-                if instances and not starting and watchdog.running(run_dir) is None:
-                    child = self._start_watchdog(run_dir)
-            except OSError as exc:
-                log.warning(event("watchdog.update.failed", reason=str(exc)))
+            await asyncio.sleep(self.agent.config.timings.self_fence_check_s)
+            if self._watchdog_child is not None:
+                self._watchdog_child.poll()  # reap it if it died
+            self._tell_watchdog()
+
+    def _tell_watchdog(self) -> None:
+        """Write the watchdog's state if it changed: the deadline, the instances, and the QEMU
+        processes being launched (by pid file: a launch covered before its pid is known).
+        Called by the loop, and by a start just before it launches QEMU."""
+        run_dir = Path(self.agent.config.vms.run_dir)
+        t = self.agent.config.timings
+        instances = frozenset(i.proc for i in self.host.instances.values())
+        launching = frozenset(self.host.launching.items())
+        if not instances and not launching and self._told is None:
+            return
+        # The watchdog is the backstop: its deadline is half a margin after the agent's own,
+        # still before the lease can expire.
+        state = (self.agent.quorum.valid_until - t.self_fence_margin_s / 2, instances, launching)
+        if state == self._told:
+            return
+        try:
+            watchdog.write_state(
+                run_dir, state[0], sorted(instances, key=lambda p: p.pid),
+                resiliency_s=t.resiliency_period_s, check_s=t.watchdog_check_s,
+                launching=[(str(path), vm, gen) for (vm, gen), path in sorted(launching)],
+            )  # fmt: skip
+            self._told = state
+            child = self._watchdog_child
+            starting = child is not None and child.poll() is None
+            if (instances or launching) and not starting and watchdog.running(run_dir) is None:
+                self._watchdog_child = self._start_watchdog(run_dir)
+        except OSError as exc:
+            log.warning(event("watchdog.update.failed", reason=str(exc)))
 
     def _start_watchdog(self, run_dir: Path) -> "subprocess.Popen[bytes]":
         log_path = Path(self.agent.config.data_dir) / "watchdog.log"

@@ -18,17 +18,19 @@ simply takes over by writing it, and a second watchdog is never started while th
 (pidfile).
 """
 
+import contextlib
 import json
 import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from vmcluster.hypervisor import process
 
-CHECK_S = 0.05
+CHECK_S = 0.05  # until the agent's state says otherwise (timings.watchdog_check_s)
 
 
 def boottime() -> float:
@@ -44,13 +46,23 @@ def pid_path(run_dir: Path) -> Path:
 
 
 def write_state(
-    run_dir: Path, deadline: float, instances: list[process.ProcessId], *, resiliency_s: float = 0
+    run_dir: Path,
+    deadline: float,
+    instances: list[process.ProcessId],
+    *,
+    resiliency_s: float = 0,
+    check_s: float = CHECK_S,
+    launching: Sequence[tuple[str, str, int]] = (),
 ) -> None:
+    """``launching``: (pid file, vm, generation) of QEMU processes being launched, whose pid
+    the agent does not know yet; the watchdog finds them by their pid file."""
     path = state_path(run_dir)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({
         "deadline": deadline, "agent_pid": os.getpid(), "resiliency_s": resiliency_s,
+        "check_s": check_s,
         "instances": [{"pid": p.pid, "start_ticks": p.start_ticks} for p in instances],
+        "launching": [{"pidfile": f, "vm": vm, "generation": g} for f, vm, g in launching],
     }))  # fmt: skip
     os.replace(tmp, path)
 
@@ -85,11 +97,14 @@ def watch(run_dir: Path) -> None:
     _log(f"watchdog.started run_dir={run_dir}")
     done: set[process.ProcessId] = set()
     frozen: set[process.ProcessId] = set()
+    check_s = CHECK_S
     while True:
-        time.sleep(CHECK_S)
+        time.sleep(check_s)
         data = _read(state_path(run_dir))
         if data is None:
             continue
+        with contextlib.suppress(TypeError, ValueError):
+            check_s = min(1.0, max(0.005, float(data.get("check_s", CHECK_S))))
         deadline = float(data.get("deadline", 0.0))
         if boottime() < deadline:
             frozen.clear()  # renewed: the agent resumes what it still owns
@@ -112,6 +127,7 @@ def watch(run_dir: Path) -> None:
 
 
 def _instances(data: dict[str, Any]) -> list[process.ProcessId]:
+    """The listed instances, and the QEMU processes being launched that already run."""
     found = []
     for entry in data.get("instances", []):
         try:
@@ -119,6 +135,15 @@ def _instances(data: dict[str, Any]) -> list[process.ProcessId]:
                                            start_ticks=int(entry["start_ticks"])))  # fmt: skip
         except (KeyError, TypeError, ValueError):
             continue
+    for entry in data.get("launching", []):
+        try:
+            proc = process.qemu_from_pidfile(
+                Path(entry["pidfile"]), str(entry["vm"]), int(entry["generation"])
+            )
+        except (KeyError, TypeError, ValueError):
+            continue
+        if proc is not None:
+            found.append(proc)
     return found
 
 

@@ -12,8 +12,6 @@ from vmcluster.agent.config import Secrets, load_config
 from vmcluster.clusterstate.etcd import EtcdStore
 from vmcluster.logs import configure_agent_logging
 
-STORE_TIMEOUT_S = 0.5  # a quarter of the lease TTL: a dead endpoint costs at most one keepalive
-
 
 @click.command()
 @click.option("--config", "config_path", required=True, type=click.Path(path_type=Path),
@@ -25,7 +23,8 @@ def agent(config_path: Path) -> None:
     configure_agent_logging()
 
     async def main() -> None:
-        the_agent = Agent(config, secrets, EtcdStore(list(config.etcd), timeout_s=STORE_TIMEOUT_S))
+        store = EtcdStore(list(config.etcd), timeout_s=config.timings.store_timeout_s)
+        the_agent = Agent(config, secrets, store)
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()

@@ -55,6 +55,12 @@ def is_alive(proc: ProcessId) -> bool:
     return identify(proc.pid) == proc
 
 
+def is_stopped(proc: ProcessId) -> bool:
+    """Whether ``proc`` is alive and stopped by a signal (SIGSTOP: state T)."""
+    fields = _stat_fields(proc.pid)
+    return fields is not None and fields[0] == "T" and int(fields[19]) == proc.start_ticks
+
+
 @contextlib.contextmanager
 def _pidfd(proc: ProcessId) -> Iterator[int | None]:
     """A pidfd pinning ``proc``, or None if ``proc`` has exited (or its pid was reused).
@@ -161,3 +167,17 @@ def _strip_qemu_prefix(line: str) -> str:
         if marker in line:
             return line.split(marker, 1)[1]
     return line
+
+
+def qemu_from_pidfile(pidfile: Path, vm: str, generation: int) -> ProcessId | None:
+    """The live QEMU named by ``pidfile`` if it runs generation ``generation`` of ``vm``."""
+    try:
+        pid = int(pidfile.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    if f"guest={vm},debug-threads=on".encode() not in cmdline:
+        return None
+    if not any(f"vmcluster.gen={generation} ".encode() in arg for arg in cmdline):
+        return None
+    return identify(pid)
