@@ -3,13 +3,18 @@
 They write the admin's side of the records only (spec, intent); the leader decides placements.
 Each raises a :class:`VmclusterError` with a one-line message; nothing is left half-made (a
 create whose spec cannot be written removes the LUNs it made).
+
+Input is checked before it is used: names against the object-name rule (so a name never walks
+out of a directory), and every field of a request body for its JSON type, by name, before any
+LUN is made or record written (``"start": "false"`` is refused, not taken as true).
 """
 
 import asyncio
 import contextlib
+import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +23,7 @@ from vmcluster.clusterstate.keys import dumps
 from vmcluster.clusterstate.store import Commit, Put
 from vmcluster.clusterstate.vmrecords import (
     HA_SETTINGS,
+    PRIORITY_NAMES,
     ClusteredVm,
     DiskPlacement,
     ha_settings_from_json,
@@ -28,19 +34,27 @@ from vmcluster.clusterstate.vmrecords import (
     policy_to_json,
 )
 from vmcluster.core.ha import VmPhase
-from vmcluster.core.model import DiskSpec, VmSpec
+from vmcluster.core.model import MAX_DISKS, NAME_RE, NAME_RULE, DiskSpec, VmSpec
+from vmcluster.core.placement import FailbackMode
 from vmcluster.errors import AlreadyExists, InvalidInput, InvalidState, NotFound, VmclusterError
 from vmcluster.logs import event, get_logger
 
 if TYPE_CHECKING:
     from vmcluster.agent.agent import Agent
-    from vmcluster.agent.vms import StoredVm
+    from vmcluster.agent.records import StoredVm
 
 log = get_logger(__name__)
 
 CREATE_FIELDS = {"name", "memory_mib", "vcpus", "disks", "array", "policy", "probe_interval_ms",
                  "image", "start"}  # fmt: skip
+POLICY_FIELDS = {"priority": "string", "preferred": "list", "possible": "list",
+                 "anti_affinity": "string or null", "anti_affinity_hard": "boolean",
+                 "failback": "object or null"}  # fmt: skip
+FAILBACK_FIELDS = {"mode": "string", "start_hour": "integer", "end_hour": "integer"}
 HOLDS_NODE = (VmPhase.STARTING, VmPhase.RUNNING, VmPhase.STOPPING)
+DEFAULT_DISK_BYTES = 256 * 1024 * 1024
+DEFAULT_CONSOLE_BYTES = 64 * 1024
+MAX_CONSOLE_BYTES = 1024 * 1024  # the most of a console one request returns (its newest bytes)
 
 
 class NoQuorum(VmclusterError):
@@ -52,7 +66,54 @@ def _require_quorum(agent: "Agent") -> None:
         raise NoQuorum(f"node {agent.config.node} has no quorum: try another node")
 
 
+def shown(value: object) -> str:
+    """``value`` (from a request) as JSON, cut short, for a one-line error."""
+    text = json.dumps(value, default=repr)
+    return text if len(text) <= 40 else f"{text[:36]}..."
+
+
+def check_name(value: object, *, what: str) -> str:
+    """``value`` if it is a valid name of a ``what`` (a VM, a node, ...), else InvalidInput.
+
+    Like :func:`vmcluster.core.model.check_name`, but a long or odd value is shown cut short."""
+    if not isinstance(value, str) or NAME_RE.fullmatch(value) is None:
+        raise InvalidInput(f"invalid {what} name {shown(value)}: {NAME_RULE}")
+    return value
+
+
+_KINDS: dict[str, Callable[[object], bool]] = {
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "list": lambda v: isinstance(v, list),
+    "object": lambda v: isinstance(v, dict),
+}
+_WANTED = {"string": "a string", "integer": "a whole number", "boolean": "true or false",
+           "list": "a list", "object": "a JSON object"}  # fmt: skip
+MAX_INTEGER = 2**63 - 1  # beyond any bound in a spec: refused before a message would print it
+
+
+def field_of(data: Mapping[str, Any], key: str, kind: str, default: Any, *, where: str,
+             prefix: str = "") -> Any:  # fmt: skip
+    """``data[key]`` (``default`` when absent) if it has the JSON type ``kind`` ("string",
+    "integer", "boolean", "list", "object", each optionally "... or null"), else InvalidInput
+    naming the field: ``VM web: start must be true or false, not "false"``."""
+    if key not in data:
+        return default
+    value = data[key]
+    base, _, nullable = kind.partition(" or ")
+    if value is None and nullable == "null":
+        return value
+    if not _KINDS[base](value):
+        wanted = _WANTED[base] + (" or null" if nullable else "")
+        raise InvalidInput(f"{where}: {prefix}{key} must be {wanted}, not {shown(value)}")
+    if base == "integer" and not -MAX_INTEGER <= value <= MAX_INTEGER:
+        raise InvalidInput(f"{where}: {prefix}{key} {shown(value)} is out of range")
+    return value
+
+
 def find(agent: "Agent", name: str) -> "StoredVm":
+    check_name(name, what="VM")
     vm = agent.vms.stored().get(name)
     if vm is None:
         raise NotFound(f"VM {name!r} does not exist in cluster {agent.config.cluster}")
@@ -83,39 +144,59 @@ def vm_json(vm: "StoredVm", *, now: float | None = None) -> dict[str, Any]:
     }
 
 
-async def create(agent: "Agent", body: Mapping[str, Any]) -> dict[str, Any]:
+def parse_create(agent: "Agent", body: Mapping[str, Any]) -> tuple[ClusteredVm, bool]:
+    """The VM a create request describes (its disks on the named or first array) and whether to
+    start it. Raises InvalidInput naming the field for anything of the wrong type or value."""
     unknown = sorted(set(body) - CREATE_FIELDS)
     if unknown:
-        raise InvalidInput(f"unknown field {unknown[0]!r} in a VM create request")
-    name = str(body.get("name", ""))
-    sizes = body.get("disks", [256 * 1024 * 1024])
-    if not isinstance(sizes, list) or not sizes:
-        raise InvalidInput(f"VM {name}: disks must be a list of sizes in bytes (at least one)")
+        raise InvalidInput(f"unknown field {shown(unknown[0])} in a VM create request")
+    if "name" not in body:
+        raise InvalidInput("a VM create request needs a name")
+    name = check_name(field_of(body, "name", "string", "", where="a VM create request"),
+                      what="VM")  # fmt: skip
+    where = f"VM {name}"
+    sizes = field_of(body, "disks", "list", [DEFAULT_DISK_BYTES], where=where)
+    if not 1 <= len(sizes) <= MAX_DISKS:
+        raise InvalidInput(f"{where}: disks must be a list of 1 to {MAX_DISKS} sizes in bytes")
+    for i, size in enumerate(sizes):
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= MAX_INTEGER:
+            raise InvalidInput(f"{where}: disks[{i}] must be a size in bytes, "
+                               f"not {shown(size)}")  # fmt: skip
+    start: bool = field_of(body, "start", "boolean", False, where=where)
     spec = VmSpec(
-        name=name, vcpus=body.get("vcpus", 1), memory_mib=body.get("memory_mib", 128),
+        name=name, vcpus=field_of(body, "vcpus", "integer", 1, where=where),
+        memory_mib=field_of(body, "memory_mib", "integer", 128, where=where),
         disks=tuple(DiskSpec(name=f"disk{i}", size_bytes=size) for i, size in enumerate(sizes)),
-        image=body.get("image", "probe"), probe_interval_ms=body.get("probe_interval_ms", 100),
+        image=check_name(field_of(body, "image", "string", "probe", where=where), what="image"),
+        probe_interval_ms=field_of(body, "probe_interval_ms", "integer", 100, where=where),
     )  # fmt: skip
+    policy_body = field_of(body, "policy", "object or null", None, where=where) or {}
+    _check_policy(policy_body, where)
     try:
-        policy = policy_from_json(body.get("policy") or {})
-    except ValueError as exc:
-        raise InvalidInput(f"VM {name}: {exc}") from None
+        policy = policy_from_json(policy_body)
+    except (ValueError, InvalidInput) as exc:
+        raise InvalidInput(f"{where}: {exc}") from None
     members = set(agent.cache.nodes())
     for node in (*policy.preferred, *policy.possible):
         if node not in members:
-            raise InvalidInput(f"VM {name}: {node!r} is not a node of cluster "
+            raise InvalidInput(f"{where}: {shown(node)} is not a node of cluster "
                                f"{agent.config.cluster}")  # fmt: skip
     arrays = agent.config.arrays
-    array = body.get("array") or (min(arrays) if arrays else None)
-    if array is None:
-        raise InvalidState(f"VM {name}: node {agent.config.node} knows no array to put disks on")
+    array = field_of(body, "array", "string or null", None, where=where)
+    if array is None and not arrays:
+        raise InvalidState(f"{where}: node {agent.config.node} knows no array to put disks on")
+    array = min(arrays) if array is None else array
     if array not in arrays:
-        raise InvalidInput(
-            f"VM {name}: unknown array {array!r} (known: {', '.join(sorted(arrays))})"
-        )
+        raise InvalidInput(f"{where}: unknown array {shown(array)} "
+                           f"(known: {', '.join(sorted(arrays))})")  # fmt: skip
     storage = tuple(DiskPlacement(disk=d.name, array=array, lun=lun_name(name, d.name))
                     for d in spec.disks)  # fmt: skip
-    vm = ClusteredVm(spec=spec, policy=policy, storage=storage)
+    return ClusteredVm(spec=spec, policy=policy, storage=storage), start
+
+
+async def create(agent: "Agent", body: Mapping[str, Any]) -> dict[str, Any]:
+    vm, start = parse_create(agent, body)
+    name, spec, array = vm.name, vm.spec, vm.storage[0].array
     _require_quorum(agent)
     if name in agent.vms.stored():
         raise AlreadyExists(f"VM {name!r} already exists in cluster {agent.config.cluster}")
@@ -129,7 +210,6 @@ async def create(agent: "Agent", body: Mapping[str, Any]) -> dict[str, Any]:
         for placement, disk in zip(vm.storage, spec.disks, strict=True):
             await qsd.create_lun(placement.lun, disk.size_bytes)
             made.append(placement.lun)
-        start = bool(body.get("start", False))
         key, value = agent.event_record("vm.created", name, f"on array {array}, "
                                          f"{'starting' if start else 'stopped'}")  # fmt: skip
         applied = await agent.store.commit(Commit(
@@ -149,6 +229,40 @@ async def create(agent: "Agent", body: Mapping[str, Any]) -> dict[str, Any]:
     log.info(event("vm.created", vm=name, array=array))
     return {"name": name, "state": "stopped", "owner": None, "generation": 0,
             "intent": "running" if start else "stopped", "memory_mib": spec.memory_mib}  # fmt: skip
+
+
+def _check_policy(data: Mapping[str, Any], where: str) -> None:
+    """The JSON types of a create request's ``policy`` (its values: policy_from_json)."""
+    unknown = sorted(set(data) - set(POLICY_FIELDS))
+    if unknown:
+        raise InvalidInput(f"{where}: unknown field {shown('policy.' + unknown[0])} (known: "
+                           f"{', '.join(POLICY_FIELDS)})")  # fmt: skip
+    for key, kind in POLICY_FIELDS.items():
+        value = field_of(data, key, kind, None, where=where, prefix="policy.")
+        if kind == "list":
+            for i, node in enumerate(value or ()):
+                if not isinstance(node, str):
+                    raise InvalidInput(f"{where}: policy.{key}[{i}] must be a node name, "
+                                       f"not {shown(node)}")  # fmt: skip
+    priority = data.get("priority", "medium")
+    if priority not in PRIORITY_NAMES:
+        raise InvalidInput(f"{where}: policy.priority {shown(priority)} is not one of "
+                           f"{', '.join(PRIORITY_NAMES)}")  # fmt: skip
+    klass = data.get("anti_affinity")
+    if klass is not None and NAME_RE.fullmatch(klass) is None:
+        raise InvalidInput(f"{where}: policy.anti_affinity {shown(klass)} is not a valid "
+                           f"anti-affinity class name: {NAME_RULE}")  # fmt: skip
+    failback = data.get("failback") or {}
+    unknown = sorted(set(failback) - set(FAILBACK_FIELDS))
+    if unknown:
+        raise InvalidInput(f"{where}: unknown field {shown('policy.failback.' + unknown[0])} "
+                           f"(known: {', '.join(FAILBACK_FIELDS)})")  # fmt: skip
+    for key, kind in FAILBACK_FIELDS.items():
+        field_of(failback, key, kind, None, where=where, prefix="policy.failback.")
+    mode = failback.get("mode", "never")
+    if mode not in set(FailbackMode):
+        raise InvalidInput(f"{where}: policy.failback.mode {shown(mode)} is not one of "
+                           f"{', '.join(FailbackMode)}")  # fmt: skip
 
 
 async def set_intent(agent: "Agent", name: str, running: bool) -> dict[str, Any]:
@@ -231,7 +345,8 @@ async def set_armed(agent: "Agent", armed: bool) -> dict[str, Any]:
 async def set_ha_settings(agent: "Agent", body: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(body) - set(HA_SETTINGS))
     if unknown:
-        raise InvalidInput(f"unknown HA setting {unknown[0]!r} (known: {', '.join(HA_SETTINGS)})")
+        raise InvalidInput(f"unknown HA setting {shown(unknown[0])} "
+                           f"(known: {', '.join(HA_SETTINGS)})")  # fmt: skip
     current = ha_settings_to_json(agent.vms.ha_settings())
     try:
         settings = ha_settings_from_json({**current, **body})
@@ -244,7 +359,11 @@ async def set_ha_settings(agent: "Agent", body: Mapping[str, Any]) -> dict[str, 
 
 
 async def console(agent: "Agent", name: str, generation: int | None, limit: int) -> dict[str, Any]:
-    """The console of ``name``'s instance of ``generation`` on this node (default: the newest)."""
+    """The newest ``limit`` bytes (1 to MAX_CONSOLE_BYTES) of the console of ``name``'s
+    instance of ``generation`` on this node (default: the newest instance)."""
+    check_name(name, what="VM")  # before it becomes part of a path
+    if not 1 <= limit <= MAX_CONSOLE_BYTES:
+        raise InvalidInput(f"console limit {limit} is out of range (1 to {MAX_CONSOLE_BYTES})")
     consoles = agent.vms.host.consoles(name)
     if not consoles:
         raise NotFound(f"VM {name!r} has no console on node {agent.config.node}")

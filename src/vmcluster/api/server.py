@@ -13,14 +13,26 @@
     DELETE /v1/vms/{vm}              delete a stopped VM and its LUNs
     POST /v1/vms/{vm}/start|stop     set the VM's intent; the leader acts on it
     GET  /v1/vms/{vm}/console?generation=N&limit=BYTES   the console kept on this node
+                                     (the newest BYTES: 1 to 1 MiB, default 64 KiB)
     GET  /v1/ha, POST /v1/ha/arm|disarm   automatic HA actions on or frozen, and the settings
     POST /v1/ha/settings             failover_on_isolation, restart_limit, failover_threshold, ...
-    GET  /v1/events?limit=N          the newest events
+    GET  /v1/events?limit=N          the newest N events (0 to 1000, default 100)
     GET  /v1/events?follow=true      newline-delimited JSON: the newest, then each new event
     GET  /openapi.json               this API's OpenAPI document (no token needed)
 
 Reads are served from the agent's cache, so they work (with ``quorum: false``) on a node that
 has lost quorum; writes need quorum and answer 503 without it.
+
+Input is checked before it is used, and refused with a 4xx and a one-line JSON error naming the
+field (a 500 is a bug):
+
+- names in paths ({vm}, {node}) follow the object-name rule, so a name never walks out of a
+  directory (``..%2F..%2Fx``): 400;
+- query parameters: only the documented ones, each at most once; booleans are ``true`` or
+  ``false``, numbers are plain decimal digits within the documented range: else 400;
+- a request body is a JSON object of at most 64 KiB (MAX_BODY_BYTES), nested at most 16 deep
+  (MAX_JSON_DEPTH, checked before decoding), with no key twice and no NaN or Infinity; each
+  field has its JSON type (``"start": "false"`` is refused, not taken as true): else 400.
 """
 
 import asyncio
@@ -28,7 +40,8 @@ import contextlib
 import hmac
 import json
 import os
-from collections.abc import Awaitable, Callable
+import re
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +67,11 @@ log = get_logger(__name__)
 
 AGENT_KEY: "web.AppKey[Agent]" = web.AppKey("agent")
 KEEPALIVE_S = 10.0  # a blank line on an idle event stream
+MAX_BODY_BYTES = 64 * 1024  # a create request is a few hundred bytes
+MAX_JSON_DEPTH = 16  # a create request nests 3 deep (policy.failback.mode)
+MAX_EVENTS_LIMIT = 1000  # the cluster keeps no more (vmcluster.agent.agent.MAX_EVENTS)
+DEFAULT_EVENTS_LIMIT = 100
+MAX_GENERATION = 2**63 - 1
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -89,18 +107,146 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _error(500, str(exc), "error")
     except StoreError as exc:
         return _error(503, f"cluster database unavailable: {exc}", "no_quorum")
+    except web.HTTPException as exc:  # aiohttp's own answers: no such route, wrong method
+        if exc.status < 400:
+            raise
+        kind = "not_found" if exc.status == 404 else "invalid_input"
+        target = vmadmin.shown(f"{request.method} {request.path}")
+        response = _error(exc.status, f"{target}: {exc.reason.lower()}", kind)
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
 
 
 @web.middleware
 async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path.startswith("/v1/"):
-        token = request.app[AGENT_KEY].secrets.token
-        given = request.headers.get("Authorization", "")
-        if not given.startswith("Bearer ") or not hmac.compare_digest(
-            given.removeprefix("Bearer ").encode(), token.encode()
-        ):
+        expected = f"Bearer {request.app[AGENT_KEY].secrets.token}".encode()
+        try:  # the header as the bytes sent (aiohttp keeps undecodable ones as surrogates)
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            given = b""
+        if not hmac.compare_digest(given, expected):
             return _error(401, "missing or invalid bearer token")
     return await handler(request)
+
+
+# ----- input: names in paths, query parameters, bodies -----
+
+PATH_NAMES = {"vm": "VM", "node": "node"}  # every {param} of a route: what it names
+
+
+@web.middleware
+async def _inputs(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Before any handler runs: every name in the path is valid (names end up in keys and file
+    paths), and the query holds only parameters the route takes (QUERY_PARAMS), each once."""
+    match = request.match_info
+    if match.http_exception is None:  # a route matched
+        for param, value in match.items():
+            vmadmin.check_name(value, what=PATH_NAMES[param])
+        known = QUERY_PARAMS.get(match.handler, ())
+        seen: set[str] = set()
+        for key, _ in request.query.items():  # items() keeps repeated keys, iter() not
+            if key not in known:
+                takes = f"only {', '.join(known)}" if known else "no query parameters"
+                raise InvalidInput(f"unknown query parameter {vmadmin.shown(key)}: this "
+                                   f"request takes {takes}")  # fmt: skip
+            if key in seen:
+                raise InvalidInput(f"query parameter {vmadmin.shown(key)} is given twice")
+            seen.add(key)
+    return await handler(request)
+
+
+def _bool_param(params: Mapping[str, str], name: str) -> bool:
+    raw = params.get(name, "false")
+    if raw not in ("true", "false"):
+        raise InvalidInput(f"query parameter {name} must be true or false, not "
+                           f"{vmadmin.shown(raw)}")  # fmt: skip
+    return raw == "true"
+
+
+_DIGITS = re.compile(r"[0-9]{1,19}")  # ASCII only: int() also takes ' 5', '1_0', other digits
+
+
+def _int_param(params: Mapping[str, str], name: str, low: int, high: int, default: int) -> int:
+    raw = params.get(name)
+    if raw is None:
+        return default
+    if _DIGITS.fullmatch(raw) is None or not low <= int(raw) <= high:
+        raise InvalidInput(f"query parameter {name} must be a whole number from {low} to "
+                           f"{high}, not {vmadmin.shown(raw)}")  # fmt: skip
+    return int(raw)
+
+
+_JSON_MARKS = re.compile(r'["\\\[\]{}]')
+
+
+def _nesting_exceeds(text: str, limit: int) -> bool:
+    """Whether JSON ``text`` nests arrays and objects deeper than ``limit`` (strings skipped).
+    One pass over the marks, no recursion: safe on any input, valid or not."""
+    depth = 0
+    in_string = False
+    escaped_at = -1  # the position a backslash in a string escapes
+    for mark in _JSON_MARKS.finditer(text):
+        at, char = mark.start(), mark.group()
+        if in_string:
+            if at == escaped_at:
+                continue
+            if char == "\\":
+                escaped_at = at + 1
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
+
+
+def _no_constant(name: str) -> Any:
+    raise InvalidInput(f"the request body is not JSON: {name} is not a JSON number")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise InvalidInput(f"the request body gives field {vmadmin.shown(key)} twice")
+        result[key] = value
+    return result
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    """The request body: a JSON object, bounded in size and nesting (else InvalidInput)."""
+    too_large = f"the request body is too large (at most {MAX_BODY_BYTES // 1024} KiB)"
+    if (request.content_length or 0) > MAX_BODY_BYTES:
+        raise InvalidInput(too_large)
+    try:
+        raw = await request.read()  # the app's client_max_size bounds a body of unknown length
+    except web.HTTPRequestEntityTooLarge:
+        raise InvalidInput(too_large) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput("the request body is not UTF-8 text") from None
+    if not text.strip():
+        raise InvalidInput("the request body is empty: send a JSON object")
+    if _nesting_exceeds(text, MAX_JSON_DEPTH):
+        raise InvalidInput(f"the request body is nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        body = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"the request body is not JSON: {exc.msg} (line {exc.lineno}, "
+                           f"column {exc.colno})") from None  # fmt: skip
+    except ValueError:  # the one other failure: an integer of thousands of digits
+        raise InvalidInput("the request body has a number with too many digits") from None
+    if not isinstance(body, dict):
+        raise InvalidInput(f"the request body must be a JSON object, not {vmadmin.shown(body)}")
+    return body
 
 
 def _node_json(agent: "Agent", name: str) -> dict[str, Any]:
@@ -173,18 +319,8 @@ async def _drain(request: web.Request) -> web.Response:
 
 
 async def _resume(request: web.Request) -> web.Response:
-    failback = request.query.get("failback", "false").lower() in ("1", "true", "yes")
+    failback = _bool_param(request.query, "failback")
     return await _set_paused(request, False, failback=failback)
-
-
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise InvalidInput("the request body is not JSON") from None
-    if not isinstance(body, dict):
-        raise InvalidInput("the request body must be a JSON object")
-    return body
 
 
 async def _vms(request: web.Request) -> web.Response:
@@ -220,14 +356,14 @@ async def _vm_stop(request: web.Request) -> web.Response:
 
 async def _vm_console(request: web.Request) -> web.Response:
     agent = request.app[AGENT_KEY]
-    try:
-        raw = request.query.get("generation")
-        generation = None if raw is None else int(raw)
-        limit = int(request.query.get("limit", str(64 * 1024)))
-    except ValueError:
-        raise InvalidInput("generation and limit must be whole numbers") from None
+    query = request.query
+    generation = None
+    if "generation" in query:
+        generation = _int_param(query, "generation", 0, MAX_GENERATION, 0)
+    limit = _int_param(query, "limit", 1, vmadmin.MAX_CONSOLE_BYTES,
+                       vmadmin.DEFAULT_CONSOLE_BYTES)  # fmt: skip
     return web.json_response(
-        await vmadmin.console(agent, request.match_info["vm"], generation, max(1, limit))
+        await vmadmin.console(agent, request.match_info["vm"], generation, limit)
     )
 
 
@@ -250,11 +386,8 @@ async def _ha_disarm(request: web.Request) -> web.Response:
 
 async def _events(request: web.Request) -> web.StreamResponse:
     agent = request.app[AGENT_KEY]
-    try:
-        limit = int(request.query.get("limit", "100"))
-    except ValueError:
-        return _error(400, "limit must be a whole number")
-    follow = request.query.get("follow", "false").lower() in ("1", "true", "yes")
+    limit = _int_param(request.query, "limit", 0, MAX_EVENTS_LIMIT, DEFAULT_EVENTS_LIMIT)
+    follow = _bool_param(request.query, "follow")
     if not follow:
         return web.json_response([value for _, value in agent.cache.events(limit)])
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
@@ -281,8 +414,15 @@ async def _openapi(request: web.Request) -> web.Response:
     return web.json_response(OPENAPI)
 
 
+QUERY_PARAMS: dict[Callable[..., Any], tuple[str, ...]] = {  # other routes take none
+    _resume: ("failback",),
+    _vm_console: ("generation", "limit"),
+    _events: ("limit", "follow"),
+}
+
+
 def make_app(agent: "Agent") -> web.Application:
-    app = web.Application(middlewares=[_auth, _errors])
+    app = web.Application(middlewares=[_auth, _errors, _inputs], client_max_size=MAX_BODY_BYTES)
     app[AGENT_KEY] = agent
     app.router.add_get("/openapi.json", _openapi)
     app.router.add_get("/v1/cluster", _cluster)
