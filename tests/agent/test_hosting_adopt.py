@@ -22,7 +22,13 @@ def _fake_qemu(vm: str, generation: int) -> subprocess.Popen[bytes]:
     append = f"console=ttyS0 vmcluster.name={vm} vmcluster.gen={generation} x"
     argv = [sys.executable, "-c", "import time; time.sleep(60)",
             "-name", f"guest={vm},debug-threads=on", "-append", append]  # fmt: skip
-    return subprocess.Popen(argv)
+    proc = subprocess.Popen(argv)
+    # Until the child has exec'd, /proc shows the parent's command line: wait for its own.
+    cmdline = Path(f"/proc/{proc.pid}/cmdline")
+    deadline = time.monotonic() + 10
+    while f"guest={vm}".encode() not in cmdline.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return proc
 
 
 @pytest.fixture

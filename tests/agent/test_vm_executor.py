@@ -1,6 +1,6 @@
-"""The leader's VM executor (VmService.control) on an in-memory store, without QEMU or arrays:
-it fences the new generation at every array before it commits the placement, and commits only
-while it holds the leader key."""
+"""The leader's VM executor (agent/executor.py) driven by the controller's decision, on an
+in-memory store, without QEMU or arrays: it fences the new generation at every array before it
+commits the placement, and commits only while it holds the leader key."""
 
 import asyncio
 import time
@@ -18,6 +18,7 @@ from vmcluster.clusterstate.fake import FakeStore
 from vmcluster.clusterstate.keys import Keys, dumps, loads
 from vmcluster.clusterstate.vmrecords import ClusteredVm, DiskPlacement
 from vmcluster.core.cluster import ClusterView, NodeState, NodeView
+from vmcluster.core.controller import decide
 from vmcluster.core.model import DiskSpec, VmSpec
 from vmcluster.core.placement import PlacementPolicy
 from vmcluster.core.units import MIB
@@ -27,6 +28,7 @@ TIMEOUT_S = 10.0  # only so that nothing hangs
 NODES = ("n1", "n2", "n3")
 VM = "web"
 DAY_S = 24 * 3600.0
+HANG = TimeoutError("hangs")  # as a failure: the array's fence never returns
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class FakeArray:
         entry = await self.store.get(self.keys.vm(VM, "placement"))
         placement = None if entry is None else loads(entry.value)
         self.calls.append(FenceCall(self.name, lun, generation, placement))
+        if self.failure is HANG:
+            await asyncio.Event().wait()  # an array that never answers
         await asyncio.sleep(0.01)  # a real fence takes a while: a commit must still wait for it
         if self.failure is not None:
             raise self.failure
@@ -77,8 +81,14 @@ class Bench:
                 await cache.wait_changed(1.0, after=cache.version)
 
     async def control(self, states: dict[str, NodeState], leader_revision: int) -> None:
+        """One controller cycle on this view, and its VM jobs run to the end."""
         await self.synced()
-        await self.agent.vms.control(view(states), leader_revision)
+        agent = self.agent
+        stored = agent.records.stored()
+        snapshot = agent.records.snapshot(view(states), stored, agent.executor.pending())
+        decision = decide(snapshot, time.time())
+        agent.executor.submit(decision.vm_actions, stored, leader_revision, snapshot.settings)
+        await agent.executor.wait_idle()
 
     async def placement(self) -> dict[str, Any] | None:
         entry = await self.store.get(self.keys.vm(VM, "placement"))
@@ -133,7 +143,7 @@ async def bench(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterato
     def array(name: str) -> FakeArray:
         return FakeArray(name, store, b.keys, b.calls, b.failures.get(name))
 
-    monkeypatch.setattr(agent.vms, "array", array)
+    monkeypatch.setattr(agent.executor, "driver", array)
     for node in NODES:
         await b.put(b.keys.node(node, "spec"), {"name": node, "vm_memory_mib": 4096})
     await b.put(b.keys.vm(VM, "spec"), clustered_vm().to_dict())
@@ -360,5 +370,45 @@ def test_disarmed_ha_neither_fences_nor_fails_over(
         await b.control(lost, revision)
         assert {c.generation for c in b.calls} == {4}
         assert (await b.placement() or {}).get("generation") == 4
+
+    run(tmp_path, monkeypatch, scenario)
+
+
+# ----- (e) jobs off the decision loop -----
+
+
+def test_a_hung_array_holds_up_only_the_vms_on_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """web has a disk on a1, which hangs; db only on a2. db is placed at once, web waits for
+    its fence, and the next cycle neither waits for it nor decides web again."""
+
+    async def scenario(b: Bench) -> None:
+        db = ClusteredVm(
+            spec=VmSpec(name="db", memory_mib=256,
+                        disks=(DiskSpec(name="disk0", size_bytes=8 * MIB),)),
+            storage=(DiskPlacement(disk="disk0", array="a2", lun="db-disk0"),),
+            policy=PlacementPolicy(),
+        )  # fmt: skip
+        await b.put(b.keys.vm("db", "spec"), db.to_dict())
+        await b.put(b.keys.vm("db", "intent"), {"running": True, "at": time.time()})
+        b.failures["a1"] = HANG
+        revision = await lead(b)
+        agent = b.agent
+        for _ in range(2):  # two cycles: the second sees web's job still in flight
+            await b.synced()
+            stored = agent.records.stored()
+            snapshot = agent.records.snapshot(view(ALL_UP), stored, agent.executor.pending())
+            assert (snapshot.vms["web"].owner is None) == (_ == 0)
+            decision = decide(snapshot, time.time())
+            agent.executor.submit(decision.vm_actions, stored, revision, snapshot.settings)
+            while (await b.store.get(b.keys.vm("db", "placement"))) is None:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert await b.placement() is None  # web: its fence at a1 has not returned
+        assert set(agent.executor.pending()) == {"web"}
+        assert [c.lun for c in b.calls].count("web-disk0") == 1  # not fenced twice
+        await agent.executor.cancel_all()
+        assert agent.executor.pending() == {}
+        assert await b.placement() is None
 
     run(tmp_path, monkeypatch, scenario)

@@ -1,21 +1,19 @@
-"""Unit tests for vmcluster.core.decide: the controller turns view changes into events."""
+"""Unit tests for vmcluster.core.changes: the controller turns view changes into events."""
 
+from vmcluster.core.changes import (
+    Decision,
+    EmitEvent,
+    RecordedView,
+    RecordView,
+    recorded_of,
+    view_changes,
+)
 from vmcluster.core.cluster import (
     ClusterView,
     NetworkState,
     NodeState,
     NodeView,
 )
-from vmcluster.core.decide import (
-    Decision,
-    EmitEvent,
-    RecordedView,
-    RecordView,
-    decide,
-    recorded_of,
-)
-
-NOW = 100.0
 
 
 def view(
@@ -53,7 +51,7 @@ def recorded_after(decision: Decision) -> RecordedView:
 
 
 def test_first_decision_reports_everything_and_records_the_view() -> None:
-    decision = decide(HEALTHY, RecordedView(), NOW)
+    decision = view_changes(HEALTHY, RecordedView())
     assert decision.actions == (
         EmitEvent(kind="node.up", subject="n1", reason="unknown -> up"),
         EmitEvent(kind="node.up", subject="n2", reason="unknown -> up"),
@@ -80,14 +78,14 @@ def test_first_decision_reports_everything_and_records_the_view() -> None:
 
 
 def test_the_recorded_view_holds_plain_strings() -> None:
-    recorded = recorded_after(decide(HEALTHY, RecordedView(), NOW))
+    recorded = recorded_after(view_changes(HEALTHY, RecordedView()))
     assert recorded == recorded_of(HEALTHY)
     assert all(type(s) is str for s in [*recorded.nodes.values(), *recorded.networks.values()])
 
 
 def test_deciding_again_on_the_recorded_view_changes_nothing() -> None:
-    recorded = recorded_after(decide(HEALTHY, RecordedView(), NOW))
-    decision = decide(HEALTHY, recorded, NOW + 1)
+    recorded = recorded_after(view_changes(HEALTHY, RecordedView()))
+    decision = view_changes(HEALTHY, recorded)
     assert decision.actions == ()
     assert decision.reason.startswith("no change:")
     assert "3/3 nodes up" in decision.reason
@@ -96,7 +94,7 @@ def test_deciding_again_on_the_recorded_view_changes_nothing() -> None:
 
 def test_no_change_counts_nodes_that_are_not_up() -> None:
     current = view({"n1": NodeState.UP, "n2": NodeState.DOWN, "n3": NodeState.PAUSED})
-    decision = decide(current, recorded_of(current), NOW)
+    decision = view_changes(current, recorded_of(current))
     assert decision.actions == ()
     assert decision.reason.startswith("no change: 1/3 nodes up")
 
@@ -104,7 +102,7 @@ def test_no_change_counts_nodes_that_are_not_up() -> None:
 def test_a_node_going_down_emits_one_node_down_event() -> None:
     recorded = recorded_of(HEALTHY)
     current = view({"n1": NodeState.UP, "n2": NodeState.DOWN, "n3": NodeState.UP})
-    decision = decide(current, recorded, NOW)
+    decision = view_changes(current, recorded)
     assert events(decision) == [EmitEvent(kind="node.down", subject="n2", reason="up -> down")]
     assert recorded_after(decision).nodes == {"n1": "up", "n2": "down", "n3": "up"}
     assert len(decision.actions) == 2
@@ -117,7 +115,7 @@ def test_every_node_state_gets_its_own_event_kind() -> None:
         if state is NodeState.UP:
             continue
         current = view({"n1": NodeState.UP, "n2": state, "n3": NodeState.UP})
-        assert events(decide(current, recorded, NOW)) == [
+        assert events(view_changes(current, recorded)) == [
             EmitEvent(kind=f"node.{state}", subject="n2", reason=f"up -> {state}")
         ]
 
@@ -127,7 +125,7 @@ def test_a_network_change_emits_a_network_event() -> None:
     current = view(
         dict.fromkeys(("n1", "n2", "n3"), NodeState.UP), {"cluster1": NetworkState.PARTITIONED}
     )
-    decision = decide(current, recorded, NOW)
+    decision = view_changes(current, recorded)
     assert events(decision) == [
         EmitEvent(kind="network.partitioned", subject="cluster1", reason="up -> partitioned")
     ]
@@ -137,7 +135,7 @@ def test_a_network_change_emits_a_network_event() -> None:
 def test_a_leader_change_emits_leader_changed() -> None:
     recorded = recorded_of(HEALTHY)
     current = view(dict.fromkeys(("n1", "n2", "n3"), NodeState.UP), leader="n2")
-    decision = decide(current, recorded, NOW)
+    decision = view_changes(current, recorded)
     assert events(decision) == [EmitEvent(kind="leader.changed", subject="n2", reason="n1 -> n2")]
     assert recorded_after(decision).leader == "n2"
     assert decision.reason == "leader n1 -> n2"
@@ -146,7 +144,7 @@ def test_a_leader_change_emits_leader_changed() -> None:
 def test_losing_the_leader_emits_leader_changed() -> None:
     recorded = recorded_of(HEALTHY)
     current = view(dict.fromkeys(("n1", "n2", "n3"), NodeState.UP), leader=None)
-    decision = decide(current, recorded, NOW)
+    decision = view_changes(current, recorded)
     assert events(decision) == [EmitEvent(kind="leader.changed", subject="-", reason="n1 -> none")]
     assert recorded_after(decision).leader is None
 
@@ -154,7 +152,7 @@ def test_losing_the_leader_emits_leader_changed() -> None:
 def test_a_removed_member_emits_node_removed() -> None:
     recorded = recorded_of(HEALTHY)
     current = view(dict.fromkeys(("n1", "n2"), NodeState.UP))
-    decision = decide(current, recorded, NOW)
+    decision = view_changes(current, recorded)
     assert events(decision) == [
         EmitEvent(kind="node.removed", subject="n3", reason="no longer a member")
     ]
@@ -169,7 +167,7 @@ def test_record_view_comes_last_after_all_events() -> None:
         {"cluster1": NetworkState.DOWN},
         leader="n2",
     )
-    decision = decide(current, recorded, NOW)
+    decision = view_changes(current, recorded)
     kinds = [a.kind if isinstance(a, EmitEvent) else "record" for a in decision.actions]
     assert kinds == [
         "node.isolated",
@@ -188,14 +186,14 @@ def test_record_view_comes_last_after_all_events() -> None:
 
 def test_a_new_leader_continues_from_the_recorded_view() -> None:
     # The recorded view outlives the leader: deciding from it repeats no event.
-    first = decide(HEALTHY, RecordedView(), NOW)
+    first = view_changes(HEALTHY, RecordedView())
     down = view({"n1": NodeState.DOWN, "n2": NodeState.UP, "n3": NodeState.UP}, leader="n2")
-    second = decide(down, recorded_after(first), NOW + 5)
+    second = view_changes(down, recorded_after(first))
     assert [(e.kind, e.subject) for e in events(second)] == [
         ("node.down", "n1"),
         ("leader.changed", "n2"),
     ]
-    third = decide(down, recorded_after(second), NOW + 6)
+    third = view_changes(down, recorded_after(second))
     assert third.actions == ()
 
 
@@ -209,6 +207,6 @@ def test_a_removed_network_is_recorded() -> None:
         )
     )
     current = view(dict.fromkeys(("n1",), NodeState.UP), {"cluster1": NetworkState.UP})
-    decision = decide(current, recorded, NOW)
+    decision = view_changes(current, recorded)
     assert decision.actions != ()
     assert recorded_after(decision) == recorded_of(current)

@@ -21,11 +21,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
 from vmcluster.agent.cache import ClusterCache
 from vmcluster.agent.config import AgentConfig, Secrets
+from vmcluster.agent.executor import VmExecutor
 from vmcluster.agent.heartbeats import HeartbeatIO
+from vmcluster.agent.records import ClusterRecords
 from vmcluster.clusterstate.keys import Keys, dumps, loads
 from vmcluster.clusterstate.store import (
     Commit,
@@ -36,15 +38,10 @@ from vmcluster.clusterstate.store import (
     StoreError,
     StoreUnavailable,
 )
+from vmcluster.core.changes import EmitEvent, RecordView
 from vmcluster.core.cluster import ClusterView, NodeState, evaluate
-from vmcluster.core.decide import EmitEvent, RecordedView, RecordView, decide
+from vmcluster.core.controller import RecordExits, decide, effective_view
 from vmcluster.core.membership import DetectorSettings, FailureDetector
-from vmcluster.core.quarantine import (
-    QuarantineSettings,
-    effective_state,
-    quarantined,
-    record_exit,
-)
 from vmcluster.errors import AlreadyExists
 from vmcluster.logs import event, get_logger
 from vmcluster.protocols.heartbeat import Heartbeat
@@ -125,6 +122,7 @@ class Agent:
         self.previous_incarnation = previous_incarnation(Path(config.data_dir))
         self.incarnation = next_incarnation(Path(config.data_dir))
         self.cache = ClusterCache(store, self.keys)
+        self.records = ClusterRecords(self.cache, self.keys)
         t = config.timings
         settings = DetectorSettings(
             heartbeat_interval_s=t.heartbeat_interval_s,
@@ -133,7 +131,6 @@ class Agent:
         )
         self.detector = FailureDetector(me=config.node, networks=self.networks, settings=settings)
         self.quorum = QuorumState()
-        self.quarantine_settings = QuarantineSettings()
         self.is_leader = False
         self.started_at = time.time()
         self._wake_detector = asyncio.Event()
@@ -145,6 +142,10 @@ class Agent:
         from vmcluster.agent.vms import VmService  # VMs use the agent's lease, cache and store
 
         self.vms = VmService(self)
+        self.executor = VmExecutor(
+            node=config.node, store=store, keys=self.keys, arrays=config.arrays,
+            event_record=self.event_record,
+        )  # fmt: skip
         self.ready = asyncio.Event()
         self._outbox: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue(maxsize=1000)
 
@@ -430,97 +431,81 @@ class Agent:
         return leader
 
     async def _controller_loop(self) -> None:
+        """On the leader: one pure decision per change of the database (or every second) over
+        one snapshot (core/controller.py); its records are committed only while this node
+        holds the leader key, its VM actions run as jobs (agent/executor.py)."""
         last_reason = ""
         seen = -1
-        while True:
-            await self.cache.wait_changed(CONTROLLER_PERIOD_S, after=seen)
-            seen = self.cache.version
-            if not self.has_quorum():  # leadership: the leader key in the cache, below
-                continue
-            leader_entry = self.cache.entries.get(self.keys.leader)
-            if leader_entry is None or self.cache.leader() != self.config.node:
-                continue  # not (or no longer) the leader as far as the database says
-            view = self.view()
-            recorded_raw = self.cache.json(self.keys.view) or {}
-            recorded = RecordedView(nodes=recorded_raw.get("nodes", {}),
-                                    networks=recorded_raw.get("networks", {}),
-                                    leader=recorded_raw.get("leader"))  # fmt: skip
-            decision = decide(view, recorded, self.clock())
-            if decision.reason != last_reason:
-                log.info(event("controller.cycle", reason=decision.reason))
-                last_reason = decision.reason
-            try:
-                await self.vms.control(view, leader_entry.mod_revision)
-            except StoreError as exc:
-                log.info(event("controller.vms.failed", reason=str(exc)))
-            except Exception as exc:  # a bug or a record nobody foresaw: log it, keep leading
-                log.exception(event("controller.vms.error", reason=repr(exc)))
-            if not decision.actions:
-                continue
-            puts: dict[str, Put] = {}
-            exits = self._unclean_exits(view, recorded)
-            if exits is not None:
+        me = self.config.node
+        try:
+            while True:
+                await self.cache.wait_changed(CONTROLLER_PERIOD_S, after=seen)
+                seen = self.cache.version
+                leader_entry = self.cache.entries.get(self.keys.leader)
+                if not self.has_quorum() or leader_entry is None or self.cache.leader() != me:
+                    await self.executor.cancel_all()  # not (or no longer) the leader
+                    continue
+                stored = self.records.stored()
+                snapshot = self.records.snapshot(self.membership_view(), stored,
+                                                 self.executor.pending())  # fmt: skip
+                decision = decide(snapshot, time.time())
+                if decision.reason != last_reason:
+                    log.info(event("controller.cycle", reason=decision.reason))
+                    last_reason = decision.reason
+                self.executor.submit(decision.vm_actions, stored, leader_entry.mod_revision,
+                                     snapshot.settings)  # fmt: skip
+                if decision.records:
+                    await self._commit_records(decision.records, leader_entry.mod_revision)
+        finally:
+            await self.executor.cancel_all()
+
+    async def _commit_records(
+        self, records: tuple[EmitEvent | RecordView | RecordExits, ...], leader_revision: int
+    ) -> None:
+        puts: dict[str, Put] = {}
+        for action in records:
+            if isinstance(action, EmitEvent):
+                key, value = self.event_record(action.kind, action.subject, action.reason)
+                puts[key] = Put(value=value)
+            elif isinstance(action, RecordView):
+                puts[self.keys.view] = Put(value=dumps({
+                    "nodes": dict(action.view.nodes), "networks": dict(action.view.networks),
+                    "leader": action.view.leader, "drained": sorted(action.view.drained),
+                }))  # fmt: skip
+            elif isinstance(action, RecordExits):
+                for name, times in action.exits.items():
+                    if len(times) > len(self.records.exits().get(name, ())):
+                        log.warning(event("node.unclean-exit", node=name, recent=len(times)))
+                exits = {name: list(times) for name, times in action.exits.items()}
                 puts[self.keys.quarantine] = Put(value=dumps({"exits": exits}))
-            for action in decision.actions:
-                if isinstance(action, EmitEvent):
-                    key, value = self.event_record(action.kind, action.subject, action.reason)
-                    puts[key] = Put(value=value)
-                elif isinstance(action, RecordView):
-                    puts[self.keys.view] = Put(value=dumps({
-                        "nodes": dict(action.view.nodes), "networks": dict(action.view.networks),
-                        "leader": action.view.leader,
-                    }))  # fmt: skip
-            try:
-                # Only while this node holds the leader key, and on the recorded view it read
-                # (a cycle that has not yet seen its previous commit cannot repeat its events).
-                view_entry = self.cache.entries.get(self.keys.view)
-                expect = {self.keys.leader: leader_entry.mod_revision,
-                          self.keys.view: view_entry.mod_revision if view_entry else 0}  # fmt: skip
-                applied = await self.store.commit(Commit(expect=expect, puts=puts))
-                if not applied:
-                    log.info(event("controller.deposed", node=self.config.node))
-                await self._trim_events()
-            except StoreError as exc:
-                log.info(event("controller.commit.failed", reason=str(exc)))
+            else:
+                assert_never(action)
+        try:
+            # Only while this node holds the leader key, and on the recorded view it read
+            # (a cycle that has not yet seen its previous commit cannot repeat its events).
+            view_entry = self.cache.entries.get(self.keys.view)
+            expect = {self.keys.leader: leader_revision,
+                      self.keys.view: view_entry.mod_revision if view_entry else 0}  # fmt: skip
+            if not await self.store.commit(Commit(expect=expect, puts=puts)):
+                log.info(event("controller.deposed", node=self.config.node))
+            await self._trim_events()
+        except StoreError as exc:
+            log.info(event("controller.commit.failed", reason=str(exc)))
 
-    def quarantined(self) -> dict[str, float]:
-        """node -> end of its quarantine, from the unclean exits the leader recorded."""
-        exits = (self.cache.json(self.keys.quarantine) or {}).get("exits", {})
-        members = sorted(self.cache.nodes())
-        return quarantined(exits, time.time(), members, self.quarantine_settings)
-
-    def _unclean_exits(
-        self, view: ClusterView, recorded: RecordedView
-    ) -> dict[str, list[float]] | None:
-        """The unclean exits with the nodes that just went Down without being paused first
-        (None: no change). Written with the view that records the change, so counted once."""
-        gone = [name for name, node in view.nodes.items()
-                if node.state is NodeState.DOWN
-                and recorded.nodes.get(name) not in (None, "down", "paused")]  # fmt: skip
-        if not gone:
-            return None
-        exits = dict((self.cache.json(self.keys.quarantine) or {}).get("exits", {}))
-        keep = self.quarantine_settings.window_s + self.quarantine_settings.duration_s
-        for name in gone:
-            exits[name] = list(record_exit(exits.get(name, []), time.time(), keep))
-            log.warning(event("node.unclean-exit", node=name, recent=len(exits[name])))
-        return exits
-
-    def view(self) -> ClusterView:
-        """The cluster as this node sees it now (its own state is NoQuorum without quorum;
-        quarantined nodes that are alive are Quarantined)."""
+    def membership_view(self) -> ClusterView:
+        """Node and network states from the database, this node's own links taken live."""
         facts = self.cache.facts(self.networks)
         me = self.config.node
         if me in facts.reports:  # once published: this node's live links stand for its report
             facts = replace(facts, viewer=me, reports={**facts.reports, me: self.detector.links()})
-        view = evaluate(facts)
-        held = self.quarantined()
-        if held:
-            view = ClusterView(
-                nodes={name: replace(node, state=effective_state(node.state, name in held))
-                       for name, node in view.nodes.items()},
-                networks=view.networks, leader=view.leader,
-            )  # fmt: skip
+        return evaluate(facts)
+
+    def view(self) -> ClusterView:
+        """The cluster as this node sees it now (its own state is NoQuorum without quorum;
+        quarantined nodes that are alive are Quarantined)."""
+        view = effective_view(self.membership_view(), self.records.exits(), time.time(),
+                              self.records.quarantine)  # fmt: skip
+        me = self.config.node
         if not self.has_quorum() and me in view.nodes:
             nodes = dict(view.nodes)
             mine = nodes[me]

@@ -1,11 +1,6 @@
-"""Clustered VMs in the agent: the leader's executor, every node's reconciler and self-fence.
+"""Clustered VMs on every node: the reconciler, the self-fence and the watchdog's deadline.
 
-Executor (leader only). ``decide_vms`` (pure) says what should happen; for every action that
-gives a VM a new owner or takes it from an owner that may be alive, the executor first fences the
-new generation at every array that holds the VM's disks (older exports are hard-deleted: an old
-owner that still runs loses its disks at once), and only then commits the placement with a
-compare-and-swap on the placement's revision *and* on the leader key. A deposed leader's commit
-fails; a fence it already made is harmless (the generation it fenced is owned by nobody).
+(The leader's executor is agent/executor.py.)
 
 Reconciler (every node). Runs QEMU for each placement this node owns at the placement's
 generation, on the arrays' exports of that generation; kills instances of any other generation;
@@ -26,40 +21,23 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, assert_never
 
 from vmcluster.agent import watchdog
+from vmcluster.agent.executor import array_driver
 from vmcluster.agent.hosting import LocalInstance, VmHost
+from vmcluster.agent.records import StoredVm
 from vmcluster.arrays.qsd import QsdArray
 from vmcluster.clusterstate.keys import dumps
 from vmcluster.clusterstate.store import Commit, Put, StoreError
 from vmcluster.clusterstate.vmrecords import (
-    ClusteredVm,
-    ha_settings_from_json,
     instance_to_json,
-    placement_to_json,
-    vm_record,
 )
-from vmcluster.core.cluster import ClusterView
 from vmcluster.core.ha import (
     HaSettings,
-    HaView,
     Instance,
     InstanceStatus,
-    NodeInfo,
-    SetPending,
-    SetPhase,
-    StartKind,
-    StartVm,
-    StopVm,
-    VmAction,
-    VmPhase,
-    VmRecord,
-    decide_vms,
-    describe,
-    stop_before_moving,
 )
 from vmcluster.core.reconcile import (
     RUNS,
@@ -89,17 +67,6 @@ RECONCILE_PERIOD_S = 0.5
 Key = tuple[str, int]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StoredVm:
-    """One clustered VM as read from the cache: its parts and the revision of each."""
-
-    name: str
-    spec: ClusteredVm
-    record: VmRecord
-    revisions: Mapping[str, int]  # part -> mod_revision (0: absent)
-    parts: Mapping[str, dict[str, Any]]
-
-
 class VmService:
     def __init__(self, agent: "Agent") -> None:
         self.agent = agent
@@ -119,146 +86,17 @@ class VmService:
         self._told: tuple[float, frozenset[Any], frozenset[Any]] | None = None
         self._watchdog_child: subprocess.Popen[bytes] | None = None
 
-    # ----- reading -----
+    # ----- reading (for the admin operations) -----
 
     def stored(self) -> dict[str, StoredVm]:
-        """Every clustered VM with a readable spec (a malformed one is logged and skipped)."""
-        parts: dict[str, dict[str, dict[str, Any]]] = {}
-        revisions: dict[str, dict[str, int]] = {}
-        for key, entry in self.cache.entries.items():
-            split = self.keys.split_vm_key(key)
-            if split is None:
-                continue
-            value = self.cache.json(key)
-            if value is not None:
-                parts.setdefault(split[0], {})[split[1]] = value
-                revisions.setdefault(split[0], {})[split[1]] = entry.mod_revision
-        found = {}
-        for name, vm_parts in parts.items():
-            if "spec" not in vm_parts:
-                continue
-            try:
-                spec = ClusteredVm.from_dict(vm_parts["spec"])
-                record = vm_record(name, vm_parts["spec"], vm_parts.get("intent"),
-                                   vm_parts.get("placement"), vm_parts.get("instance"))  # fmt: skip
-            except (VmclusterError, ValueError) as exc:
-                log.warning(event("vm.record.invalid", vm=name, reason=str(exc)))
-                continue
-            found[name] = StoredVm(name=name, spec=spec, record=record,
-                                   revisions=revisions[name], parts=vm_parts)  # fmt: skip
-        return found
-
-    def armed(self) -> bool:
-        return bool((self.cache.json(self.keys.ha) or {}).get("armed", True))
+        return self.agent.records.stored()
 
     def ha_settings(self) -> HaSettings:
-        """The cluster's HA settings (``ha`` record); the defaults if it is unreadable."""
-        try:
-            return ha_settings_from_json(self.cache.json(self.keys.ha) or {})
-        except ValueError as exc:
-            log.warning(event("ha.settings.invalid", reason=str(exc)))
-            return HaSettings()
-
-    def ha_view(self, view: ClusterView, stored: Mapping[str, StoredVm]) -> HaView:
-        nodes = {}
-        specs = self.cache.nodes()
-        for name, node in view.nodes.items():
-            parts = specs.get(name, {})
-            admin = parts.get("admin", {})
-            nodes[name] = NodeInfo(
-                name=name, state=node.state,
-                memory_mib=int(parts.get("spec", {}).get("vm_memory_mib", 0)),
-                draining=bool(admin.get("draining")),
-                failback_until=admin.get("failback_until"),
-            )  # fmt: skip
-        return HaView(nodes=nodes, vms={n: s.record for n, s in stored.items()},
-                      armed=self.armed(), settings=self.ha_settings())  # fmt: skip
-
-    # ----- the leader's executor -----
-
-    async def control(self, view: ClusterView, leader_revision: int) -> None:
-        stored = self.stored()
-        if not stored:
-            return
-        ha_view = self.ha_view(view, stored)
-        decision = stop_before_moving(decide_vms(ha_view, time.time()), ha_view)
-        if decision.reason != self._last_reason:
-            log.info(event("ha.cycle", reason=decision.reason))
-            self._last_reason = decision.reason
-        if decision.actions:
-            await asyncio.gather(
-                *(self._execute(a, stored[a.vm], leader_revision) for a in decision.actions)
-            )
-
-    async def _fence(self, vm: ClusteredVm, generation: int) -> None:
-        """Retire every other generation of the VM's disks at their arrays; export this one."""
-        started = time.monotonic()
-        fences = asyncio.gather(*(self.array(p.array).fence(p.lun, generation)
-                                  for p in vm.storage))  # fmt: skip
-        try:
-            async with asyncio.timeout(FENCE_TIMEOUT_S):
-                await fences
-        except TimeoutError:
-            raise VmclusterError(f"VM {vm.name}: the fence of generation {generation} did not "
-                                 f"finish in {FENCE_TIMEOUT_S:g} s") from None  # fmt: skip
-        log.info(event("vm.fenced", vm=vm.name, generation=generation,
-                       ms=round((time.monotonic() - started) * 1000)))  # fmt: skip
+        return self.agent.records.ha_settings()
 
     def array(self, name: str) -> QsdArray:
         """The driver of array ``name`` as this node reaches it."""
-        access = self.agent.config.arrays.get(name)
-        if access is None:
-            raise VmclusterError(f"node {self.me} has no access to array {name}")
-        return QsdArray(name=name, qmp_socket=Path(access.qmp_socket),
-                        directory=Path(access.directory))  # fmt: skip
-
-    async def _execute(self, action: VmAction, vm: StoredVm, leader_revision: int) -> None:
-        now = time.time()
-        record = vm.record
-        kind = "vm.phase"
-        try:
-            if isinstance(action, StartVm):
-                await self._fence(vm.spec, action.generation)
-                failovers, restarts = record.failovers, record.restarts
-                if action.kind is StartKind.FAILOVER:
-                    failovers = (*failovers, now)
-                elif action.kind is StartKind.RESTART:
-                    restarts = (*restarts, now)
-                record = replace(record, owner=action.node, generation=action.generation,
-                                 phase=VmPhase.STARTING, reason=action.reason,
-                                 failovers=_keep(failovers, now),
-                                 restarts=_keep(restarts, now))  # fmt: skip
-                kind = f"vm.{action.kind}"
-            elif isinstance(action, SetPending):
-                generation = record.generation
-                if action.fence_generation is not None:
-                    await self._fence(vm.spec, action.fence_generation)
-                    generation = action.fence_generation
-                record = replace(record, owner=None, generation=generation,
-                                 phase=VmPhase.PENDING, reason=action.reason)  # fmt: skip
-                kind = "vm.pending"
-            elif isinstance(action, StopVm):
-                record = replace(record, phase=VmPhase.STOPPING, reason=action.reason)
-                kind = "vm.stopping"
-            elif isinstance(action, SetPhase):
-                owner = None if action.phase is VmPhase.STOPPED else record.owner
-                record = replace(record, phase=action.phase, reason=action.reason, owner=owner)
-                kind = f"vm.{action.phase}"
-        except (VmclusterError, OSError) as exc:
-            log.warning(event("vm.fence.failed", vm=vm.name, reason=str(exc)))
-            return
-        key = self.keys.vm(vm.name, "placement")
-        event_key, event_value = self.agent.event_record(kind, vm.name, describe(action))
-        commit = Commit(
-            expect={self.keys.leader: leader_revision, key: vm.revisions.get("placement", 0)},
-            puts={key: Put(value=dumps(placement_to_json(record, at=now))),
-                  event_key: Put(value=event_value)},
-        )  # fmt: skip
-        try:
-            if not await self.agent.store.commit(commit):
-                log.info(event("vm.placement.conflict", vm=vm.name))
-        except StoreError as exc:
-            log.info(event("vm.placement.failed", vm=vm.name, reason=str(exc)))
+        return array_driver(self.agent.config.arrays, self.me, name)
 
     # ----- every node: the reconciler -----
 
@@ -510,9 +348,3 @@ def placed_of(vm: StoredVm) -> Placed:
                   phase=record.phase, want_running=record.want_running, instance=record.instance,
                   placement_revision=vm.revisions.get("placement", 0),
                   intent_revision=vm.revisions.get("intent", 0))  # fmt: skip
-
-
-def _keep(
-    times: tuple[float, ...], now: float, horizon_s: float = 24 * 3600.0
-) -> tuple[float, ...]:
-    return tuple(t for t in times if now - t < horizon_s)

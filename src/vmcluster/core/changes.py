@@ -1,9 +1,9 @@
-"""The controller's decisions. Pure: ``decide(view, recorded, now)`` returns actions and a reason.
+"""Membership changes as events. Pure: ``view_changes(view, recorded)`` -> actions, reason.
 
-The controller (the agent holding the leader key) compares the cluster view computed from the
+The controller (:mod:`vmcluster.core.controller`) compares the cluster view computed from the
 database with the view it last recorded there, and turns every difference into an event; then it
 records the new view. A new leader therefore continues where the old one stopped, without
-repeating events. (Failover, placement and the rest join this function in later work.)
+repeating events.
 """
 
 from collections.abc import Mapping
@@ -19,6 +19,7 @@ class RecordedView:
     nodes: Mapping[str, str] = field(default_factory=dict)
     networks: Mapping[str, str] = field(default_factory=dict)
     leader: str | None = None
+    drained: frozenset[str] = frozenset()  # draining nodes already reported drained
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -42,17 +43,17 @@ class Decision:
     reason: str
 
 
-def recorded_of(view: ClusterView) -> RecordedView:
+def recorded_of(view: ClusterView, drained: frozenset[str] = frozenset()) -> RecordedView:
     return RecordedView(
         nodes={name: str(node.state) for name, node in view.nodes.items()},
         networks={name: str(state) for name, state in view.networks.items()},
         leader=view.leader,
+        drained=drained,
     )
 
 
-def decide(view: ClusterView, recorded: RecordedView, now: float) -> Decision:
-    del now  # no timed decisions yet
-    current = recorded_of(view)
+def view_changes(view: ClusterView, recorded: RecordedView) -> Decision:
+    current = recorded_of(view, recorded.drained)
     events: list[Action] = []
     changes: list[str] = []
     for noun, now_states, before_states, gone in (

@@ -107,6 +107,12 @@ class HaSettings:
     failover_threshold: int | None = None  # None: WSFC's default, (number of nodes - 1)
     failover_period_s: float = 6 * 3600.0
 
+    @property
+    def history_s(self) -> float:
+        """How long failover and restart times are kept: as long as the longest period that
+        counts them."""
+        return max(self.failover_period_s, self.restart_period_s)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HaView:
@@ -467,3 +473,50 @@ def describe(action: VmAction) -> str:
     if isinstance(action, SetPending) and action.fence_generation is not None:
         return f"{action.reason} [fenced at generation {action.fence_generation}]"
     return action.reason
+
+
+def fence_of(action: VmAction) -> int | None:
+    """The generation the executor must fence at the arrays before it records ``action``."""
+    if isinstance(action, StartVm):
+        return action.generation
+    if isinstance(action, SetPending):
+        return action.fence_generation
+    return None
+
+
+def event_kind(action: VmAction) -> str:
+    """The event recorded with ``action`` (vm.failover, vm.pending, vm.stopping, ...)."""
+    if isinstance(action, StartVm):
+        return f"vm.{action.kind}"
+    if isinstance(action, SetPending):
+        return "vm.pending"
+    if isinstance(action, StopVm):
+        return "vm.stopping"
+    return f"vm.{action.phase}"
+
+
+def applied(record: VmRecord, action: VmAction, now: float, settings: HaSettings) -> VmRecord:
+    """``record`` once ``action`` is carried out at ``now`` (wall clock): the placement to
+    commit. Failover and restart times are kept for ``settings.history_s``."""
+
+    def keep(times: tuple[float, ...]) -> tuple[float, ...]:
+        return tuple(t for t in times if now - t < settings.history_s)
+
+    if isinstance(action, StartVm):
+        failovers, restarts = record.failovers, record.restarts
+        if action.kind is StartKind.FAILOVER:
+            failovers = (*failovers, now)
+        elif action.kind is StartKind.RESTART:
+            restarts = (*restarts, now)
+        return replace(record, owner=action.node, generation=action.generation,
+                       phase=VmPhase.STARTING, reason=action.reason,
+                       failovers=keep(failovers), restarts=keep(restarts))  # fmt: skip
+    if isinstance(action, SetPending):
+        generation = record.generation if action.fence_generation is None \
+            else action.fence_generation  # fmt: skip
+        return replace(record, owner=None, generation=generation, phase=VmPhase.PENDING,
+                       reason=action.reason)  # fmt: skip
+    if isinstance(action, StopVm):
+        return replace(record, phase=VmPhase.STOPPING, reason=action.reason)
+    owner = None if action.phase is VmPhase.STOPPED else record.owner
+    return replace(record, phase=action.phase, reason=action.reason, owner=owner)

@@ -1,0 +1,126 @@
+"""The cluster's records as the agent reads them from its copy of the database.
+
+One place turns the cached keys into typed values: the clustered VMs (:class:`StoredVm`, with
+the revision of each part for compare-and-swap writes), the HA record, each node's facts, the
+unclean exits and the controller's recorded view; and :meth:`ClusterRecords.snapshot` makes the
+controller's immutable :class:`~vmcluster.core.controller.Snapshot` of them. A record that does
+not parse is logged and skipped (or read as the defaults), never fatal.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from vmcluster.agent.cache import ClusterCache
+from vmcluster.clusterstate.keys import Keys
+from vmcluster.clusterstate.vmrecords import ClusteredVm, ha_settings_from_json, vm_record
+from vmcluster.core.changes import RecordedView
+from vmcluster.core.cluster import ClusterView
+from vmcluster.core.controller import NodeFacts, Snapshot
+from vmcluster.core.ha import HaSettings, VmRecord
+from vmcluster.core.quarantine import QuarantineSettings
+from vmcluster.errors import VmclusterError
+from vmcluster.logs import event, get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoredVm:
+    """One clustered VM as read from the cache: its parts and the revision of each."""
+
+    name: str
+    spec: ClusteredVm
+    record: VmRecord
+    revisions: Mapping[str, int]  # part -> mod_revision (0: absent)
+    parts: Mapping[str, dict[str, Any]]
+
+
+class ClusterRecords:
+    def __init__(self, cache: ClusterCache, keys: Keys) -> None:
+        self.cache = cache
+        self.keys = keys
+        self.quarantine = QuarantineSettings()
+
+    def stored(self) -> dict[str, StoredVm]:
+        """Every clustered VM with a readable spec (a malformed one is logged and skipped)."""
+        parts: dict[str, dict[str, dict[str, Any]]] = {}
+        revisions: dict[str, dict[str, int]] = {}
+        for key, entry in self.cache.entries.items():
+            split = self.keys.split_vm_key(key)
+            if split is None:
+                continue
+            value = self.cache.json(key)
+            if value is not None:
+                parts.setdefault(split[0], {})[split[1]] = value
+                revisions.setdefault(split[0], {})[split[1]] = entry.mod_revision
+        found = {}
+        for name, vm_parts in parts.items():
+            if "spec" not in vm_parts:
+                continue
+            try:
+                spec = ClusteredVm.from_dict(vm_parts["spec"])
+                record = vm_record(name, vm_parts["spec"], vm_parts.get("intent"),
+                                   vm_parts.get("placement"), vm_parts.get("instance"))  # fmt: skip
+            except (VmclusterError, ValueError) as exc:
+                log.warning(event("vm.record.invalid", vm=name, reason=str(exc)))
+                continue
+            found[name] = StoredVm(name=name, spec=spec, record=record,
+                                   revisions=revisions[name], parts=vm_parts)  # fmt: skip
+        return found
+
+    def armed(self) -> bool:
+        return bool((self.cache.json(self.keys.ha) or {}).get("armed", True))
+
+    def ha_settings(self) -> HaSettings:
+        """The cluster's HA settings (``ha`` record); the defaults if it is unreadable."""
+        try:
+            return ha_settings_from_json(self.cache.json(self.keys.ha) or {})
+        except ValueError as exc:
+            log.warning(event("ha.settings.invalid", reason=str(exc)))
+            return HaSettings()
+
+    def node_facts(self) -> dict[str, NodeFacts]:
+        facts = {}
+        for name, parts in self.cache.nodes().items():
+            admin = parts.get("admin", {})
+            until = admin.get("failback_until")
+            try:
+                facts[name] = NodeFacts(
+                    memory_mib=int(parts.get("spec", {}).get("vm_memory_mib", 0)),
+                    draining=bool(admin.get("draining")),
+                    failback_until=None if until is None else float(until),
+                )
+            except (TypeError, ValueError) as exc:
+                log.warning(event("node.record.invalid", node=name, reason=repr(exc)))
+        return facts
+
+    def exits(self) -> dict[str, tuple[float, ...]]:
+        """node -> its recorded unclean exits (wall clock)."""
+        raw = (self.cache.json(self.keys.quarantine) or {}).get("exits", {})
+        found = {}
+        for name, times in raw.items() if isinstance(raw, dict) else ():
+            try:
+                found[str(name)] = tuple(float(t) for t in times)
+            except (TypeError, ValueError):
+                log.warning(event("quarantine.record.invalid", node=name))
+        return found
+
+    def recorded(self) -> RecordedView:
+        raw = self.cache.json(self.keys.view) or {}
+        return RecordedView(nodes=raw.get("nodes", {}), networks=raw.get("networks", {}),
+                            leader=raw.get("leader"),
+                            drained=frozenset(raw.get("drained", ())))  # fmt: skip
+
+    def snapshot(
+        self,
+        view: ClusterView,
+        stored: Mapping[str, StoredVm],
+        pending: Mapping[str, VmRecord],
+    ) -> Snapshot:
+        """The controller's snapshot; ``pending``: the records VMs will have once the jobs in
+        flight for them are done (decided on as if done, so nothing is decided twice)."""
+        vms = {name: pending.get(name, vm.record) for name, vm in stored.items()}
+        return Snapshot(view=view, recorded=self.recorded(), nodes=self.node_facts(),
+                        exits=self.exits(), vms=vms, armed=self.armed(),
+                        settings=self.ha_settings(), quarantine=self.quarantine)  # fmt: skip
