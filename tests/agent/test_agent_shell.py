@@ -24,6 +24,7 @@ from vmcluster.clusterstate.store import (
 )
 from vmcluster.core.cluster import NodeState
 from vmcluster.errors import AlreadyExists
+from vmcluster.service.nodes import set_paused
 
 TIMEOUT_S = 30.0  # only so that nothing hangs
 
@@ -241,7 +242,7 @@ def test_an_agent_cut_off_from_the_database_loses_quorum_and_changes_nothing(
         assert c.states("n3")["n3"] is NodeState.NO_QUORUM
         assert not c.agents["n3"].is_leader
         with pytest.raises(StoreError):
-            await c.agents["n3"].set_paused("n1", True)
+            await set_paused(c.agents["n3"].context, "n1", True)
         # The others see n3's lease expire.
         await c.until(lambda: c.states("n1")["n3"] is NodeState.DOWN)
         assert c.agents["n1"].has_quorum()
@@ -260,16 +261,16 @@ def test_pause_is_seen_by_every_agent(tmp_path: Path) -> None:
     async def scenario(c: Cluster) -> None:
         await c.until(lambda: set(c.states("n2").values()) == {NodeState.UP}
                       and len(c.states("n2")) == 3)  # fmt: skip
-        await c.agents["n2"].set_paused("n1", True)
+        await set_paused(c.agents["n2"].context, "n1", True)
         await c.until(lambda: all(c.states(v)["n1"] is NodeState.PAUSED for v in c.agents))
-        await c.agents["n3"].set_paused("n1", False)
+        await set_paused(c.agents["n3"].context, "n1", False)
         await c.until(lambda: all(c.states(v)["n1"] is NodeState.UP for v in c.agents))
 
     run(scenario, tmp_path)
 
 
 def test_a_deposed_leader_writes_nothing(tmp_path: Path) -> None:
-    """Node a still believes it leads (a leftover flag, a valid lease of its own), but the
+    """Node a has quorum (a valid lease of its own) and its controller runs, but the
     database names b as the leader: its controller must not commit anything."""
 
     async def scenario() -> None:
@@ -284,9 +285,8 @@ def test_a_deposed_leader_writes_nothing(tmp_path: Path) -> None:
         agent.quorum.lease_id = await store.grant_lease(5)
         agent.quorum.has_quorum = True
         agent.quorum.valid_until = agent.clock() + 5
-        agent.is_leader = True
         tasks = [asyncio.create_task(agent.cache.run()),
-                 asyncio.create_task(agent._controller_loop())]  # fmt: skip
+                 asyncio.create_task(agent.controller.run())]  # fmt: skip
         try:
             await asyncio.sleep(1.5)
             assert await store.get(agent.keys.view) is None
@@ -301,7 +301,7 @@ def test_a_deposed_leader_writes_nothing(tmp_path: Path) -> None:
 
 
 def test_incarnations_grow_even_when_the_clock_goes_back(tmp_path: Path) -> None:
-    from vmcluster.agent.agent import next_incarnation
+    from vmcluster.agent.lease import next_incarnation
 
     (tmp_path / "incarnation").write_text(f"{10**19}\n")  # as if written by a clock far ahead
     first = next_incarnation(tmp_path)

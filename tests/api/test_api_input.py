@@ -10,20 +10,21 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 
-from vmcluster.agent.agent import MAX_EVENTS, Agent
+from vmcluster.agent.agent import Agent
 from vmcluster.agent.config import AgentConfig, ArrayAccess, Secrets
-from vmcluster.agent.vmadmin import DEFAULT_CONSOLE_BYTES, MAX_CONSOLE_BYTES
+from vmcluster.agent.events import MAX_EVENTS
 from vmcluster.api.openapi import OPENAPI
 from vmcluster.api.server import MAX_BODY_BYTES, MAX_EVENTS_LIMIT, MAX_JSON_DEPTH, make_app
 from vmcluster.clusterstate.fake import FakeStore
 from vmcluster.clusterstate.keys import dumps, loads
+from vmcluster.service.vms import DEFAULT_CONSOLE_BYTES, MAX_CONSOLE_BYTES
 
 TIMEOUT_S = 20.0  # only so that nothing hangs
 MIB = 1024 * 1024
@@ -131,7 +132,6 @@ async def api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
                                   directory="/unused/a1", nbd=("127.0.0.1:10809",))},
     )  # fmt: skip
     agent = Agent(config, Secrets.generate(), store)
-    monkeypatch.setattr(agent.vms, "array", lambda name: array)
     lease = await store.grant_lease(3600)
     await store.put(agent.keys.node("n1", "spec"), dumps({"name": "n1", "vm_memory_mib": 4096}))
     await store.put(agent.keys.node("n1", "alive"), dumps({"incarnation": 1}), lease=lease)
@@ -139,7 +139,8 @@ async def api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
     agent.quorum.has_quorum = True
     agent.quorum.valid_until = agent.clock() + 3600
     cache = asyncio.create_task(agent.cache.run(), name="cache")
-    runner = web.AppRunner(make_app(agent), access_log=None, handle_signals=False)
+    context = replace(agent.context, array=lambda name: array)
+    runner = web.AppRunner(make_app(context), access_log=None, handle_signals=False)
     try:
         await agent.cache.loaded.wait()
         await runner.setup()
@@ -497,7 +498,7 @@ def test_the_events_limit_counts_from_0_to_the_bound(
 ) -> None:
     async def scenario(a: Api) -> None:
         for i in range(3):
-            key, value = a.agent.event_record("test.event", f"s{i}", "for the limit")
+            key, value = a.agent.events.record("test.event", f"s{i}", "for the limit")
             await a.store.put(key, value)
         await a.synced()
         for limit, subjects in ((0, []), (2, ["s1", "s2"]), (MAX_EVENTS_LIMIT, ["s0", "s1", "s2"])):

@@ -20,22 +20,22 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, assert_never
+from typing import Any, assert_never
 
 from vmcluster.agent import watchdog
-from vmcluster.agent.executor import array_driver
+from vmcluster.agent.cache import ClusterCache
+from vmcluster.agent.config import AgentConfig
 from vmcluster.agent.hosting import LocalInstance, VmHost
-from vmcluster.agent.records import StoredVm
-from vmcluster.arrays.qsd import QsdArray
-from vmcluster.clusterstate.keys import dumps
-from vmcluster.clusterstate.store import Commit, Put, StoreError
+from vmcluster.agent.lease import QuorumState
+from vmcluster.agent.records import ClusterRecords, StoredVm
+from vmcluster.clusterstate.keys import Keys, dumps
+from vmcluster.clusterstate.store import Commit, Put, Store, StoreError
 from vmcluster.clusterstate.vmrecords import (
     instance_to_json,
 )
 from vmcluster.core.ha import (
-    HaSettings,
     Instance,
     InstanceStatus,
 )
@@ -56,9 +56,6 @@ from vmcluster.errors import VmclusterError
 from vmcluster.hypervisor import process
 from vmcluster.logs import event, get_logger
 
-if TYPE_CHECKING:
-    from vmcluster.agent.agent import Agent
-
 log = get_logger(__name__)
 
 STOP_TIMEOUT_S = 30.0
@@ -68,14 +65,32 @@ Key = tuple[str, int]
 
 
 class VmService:
-    def __init__(self, agent: "Agent") -> None:
-        self.agent = agent
-        self.keys = agent.keys
-        self.cache = agent.cache
-        self.me = agent.config.node
+    def __init__(
+        self,
+        *,
+        config: AgentConfig,
+        keys: Keys,
+        store: Store,
+        cache: ClusterCache,
+        records: ClusterRecords,
+        quorum: QuorumState,
+        clock: Callable[[], float],
+        has_quorum: Callable[[], bool],
+        emit_later: Callable[[str, str, str], None],
+    ) -> None:
+        self.config = config
+        self.keys = keys
+        self.store = store
+        self.cache = cache
+        self.records = records
+        self.quorum = quorum
+        self.clock = clock
+        self.has_quorum = has_quorum
+        self.emit_later = emit_later
+        self.me = config.node
         self.host = VmHost(
-            node=self.me, data_dir=Path(agent.config.data_dir), settings=agent.config.vms,
-            arrays=dict(agent.config.arrays), on_exit=self._exited,
+            node=self.me, data_dir=Path(config.data_dir), settings=config.vms,
+            arrays=dict(config.arrays), on_exit=self._exited,
         )  # fmt: skip
         self._ended: dict[tuple[str, int], InstanceStatus] = {}  # instances that ended here
         # ... because the guest powered off, with the intent's revision at that moment
@@ -86,23 +101,11 @@ class VmService:
         self._told: tuple[float, frozenset[Any], frozenset[Any]] | None = None
         self._watchdog_child: subprocess.Popen[bytes] | None = None
 
-    # ----- reading (for the admin operations) -----
-
-    def stored(self) -> dict[str, StoredVm]:
-        return self.agent.records.stored()
-
-    def ha_settings(self) -> HaSettings:
-        return self.agent.records.ha_settings()
-
-    def array(self, name: str) -> QsdArray:
-        """The driver of array ``name`` as this node reaches it."""
-        return array_driver(self.agent.config.arrays, self.me, name)
-
     # ----- every node: the reconciler -----
 
     async def run(self) -> None:
         await self.cache.loaded.wait()
-        while not self.agent.has_quorum():  # noqa: ASYNC110 - quorum is a deadline
+        while not self.has_quorum():  # noqa: ASYNC110 - quorum is a deadline
             await asyncio.sleep(0.05)
         # A watchdog may have frozen them while no agent ran: those still ours are resumed
         # before they are asked over QMP (a frozen QEMU does not answer and would be killed).
@@ -135,7 +138,7 @@ class VmService:
                 log.warning(event("vm.reconcile.failed", reason=str(exc)))
 
     async def _reconcile(self) -> None:
-        stored = self.stored()
+        stored = self.records.stored()
         placed = {name: placed_of(vm) for name, vm in stored.items()}
         local = Local(running=frozenset(self.host.instances), busy=frozenset(self._busy),
                       ended=dict(self._ended), guest_off=dict(self._guest_off))  # fmt: skip
@@ -216,14 +219,14 @@ class VmService:
         wanted = Instance(node=self.me, generation=generation, status=report.status)
         puts = {self.keys.vm(vm, "instance"): Put(
             value=dumps(instance_to_json(wanted, at=time.time())),
-            lease=self.agent.quorum.lease_id)}  # fmt: skip
+            lease=self.quorum.lease_id)}  # fmt: skip
         expect = {self.keys.vm(vm, "placement"): report.placement_revision}
         if report.stop_intent_revision is not None:
             # The guest powered itself off: the VM is stopped, as if an admin stopped it.
             intent = self.keys.vm(vm, "intent")
             puts[intent] = Put(value=dumps({"running": False, "at": time.time(), "by": "guest"}))
             expect[intent] = report.stop_intent_revision
-        if await self.agent.store.commit(Commit(expect=expect, puts=puts)):
+        if await self.store.commit(Commit(expect=expect, puts=puts)):
             log.info(event("vm.instance.reported", vm=vm, generation=generation,
                            status=report.status))  # fmt: skip
 
@@ -231,21 +234,21 @@ class VmService:
 
     def _lease_ok(self) -> bool:
         """The lease is known valid for at least the self-fence margin."""
-        margin = self.agent.config.timings.self_fence_margin_s
-        return self.agent.clock() < self.agent.quorum.valid_until - margin
+        margin = self.config.timings.self_fence_margin_s
+        return self.clock() < self.quorum.valid_until - margin
 
     async def _self_fence_loop(self) -> None:
         """Carry out the self-fence (core/selffence.py): past the lease deadline kill every
         instance, or freeze them for the resiliency period; resume frozen instances that are
         still ours whenever the lease is known valid (also those the watchdog froze)."""
-        t = self.agent.config.timings
+        t = self.config.timings
         fence = SelfFence(margin_s=t.self_fence_margin_s, resiliency_s=t.resiliency_period_s)
         while True:
             await asyncio.sleep(t.self_fence_check_s)
             instances = dict(self.host.instances)
             frozen = {k for k, i in instances.items() if process.is_stopped(i.proc)}
             actions = fence.update(
-                now=self.agent.clock(), valid_until=self.agent.quorum.valid_until,
+                now=self.clock(), valid_until=self.quorum.valid_until,
                 instances=frozenset(instances), frozen=frozen,
                 owned=self._owned() if frozen else frozenset(),
             )  # fmt: skip
@@ -271,14 +274,14 @@ class VmService:
             log.warning(event("vm.self-fence", node=self.me, killed=killed,
                               reason="lease not renewed in time"))  # fmt: skip
             why = f"killed {killed} VM instances: lease not renewed in time"
-            self.agent.emit_later("node.self-fenced", self.me, why)
+            self.emit_later("node.self-fenced", self.me, why)
         else:
             assert_never(action)
 
     def _owned(self) -> frozenset[Key]:
         """The instances whose placement names this node at their generation, to run."""
         return frozenset(
-            (name, vm.record.generation) for name, vm in self.stored().items()
+            (name, vm.record.generation) for name, vm in self.records.stored().items()
             if vm.record.owner == self.me and vm.record.phase in RUNS
         )  # fmt: skip
 
@@ -287,7 +290,7 @@ class VmService:
     async def _watchdog_loop(self) -> None:
         """Keep the watchdog process told of the deadline and the instances (once VMs run)."""
         while True:
-            await asyncio.sleep(self.agent.config.timings.self_fence_check_s)
+            await asyncio.sleep(self.config.timings.self_fence_check_s)
             if self._watchdog_child is not None:
                 self._watchdog_child.poll()  # reap it if it died
             self._tell_watchdog()
@@ -296,15 +299,15 @@ class VmService:
         """Write the watchdog's state if it changed: the deadline, the instances, and the QEMU
         processes being launched (by pid file: a launch covered before its pid is known).
         Called by the loop, and by a start just before it launches QEMU."""
-        run_dir = Path(self.agent.config.vms.run_dir)
-        t = self.agent.config.timings
+        run_dir = Path(self.config.vms.run_dir)
+        t = self.config.timings
         instances = frozenset(i.proc for i in self.host.instances.values())
         launching = frozenset(self.host.launching.items())
         if not instances and not launching and self._told is None:
             return
         # The watchdog is the backstop: its deadline is half a margin after the agent's own,
         # still before the lease can expire.
-        state = (self.agent.quorum.valid_until - t.self_fence_margin_s / 2, instances, launching)
+        state = (self.quorum.valid_until - t.self_fence_margin_s / 2, instances, launching)
         if state == self._told:
             return
         try:
@@ -322,7 +325,7 @@ class VmService:
             log.warning(event("watchdog.update.failed", reason=str(exc)))
 
     def _start_watchdog(self, run_dir: Path) -> "subprocess.Popen[bytes]":
-        log_path = Path(self.agent.config.data_dir) / "watchdog.log"
+        log_path = Path(self.config.data_dir) / "watchdog.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as out:
             child = subprocess.Popen(

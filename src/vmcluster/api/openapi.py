@@ -11,7 +11,7 @@ from vmcluster.core.model import MAX_DISKS, NAME_RE
 # The server's bounds (tests/api check that they agree): kept here as numbers so that the
 # document depends on no agent module.
 MAX_EVENTS = 1000  # vmcluster.agent.agent.MAX_EVENTS: the events the cluster keeps
-DEFAULT_CONSOLE_BYTES = 64 * 1024  # vmcluster.agent.vmadmin
+DEFAULT_CONSOLE_BYTES = 64 * 1024  # vmcluster.service.vms
 MAX_CONSOLE_BYTES = 1024 * 1024
 _NAME = {"type": "string", "pattern": f"^{NAME_RE.pattern}$", "maxLength": 63}
 

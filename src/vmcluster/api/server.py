@@ -43,11 +43,10 @@ import os
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
-from vmcluster.agent import vmadmin
 from vmcluster.api.openapi import OPENAPI
 from vmcluster.clusterstate.keys import loads
 from vmcluster.clusterstate.store import StoreError
@@ -59,17 +58,18 @@ from vmcluster.errors import (
     VmclusterError,
 )
 from vmcluster.logs import event, get_logger
-
-if TYPE_CHECKING:
-    from vmcluster.agent.agent import Agent
+from vmcluster.service import ha as haadmin
+from vmcluster.service import nodes as nodeadmin
+from vmcluster.service import vms as vmservice
+from vmcluster.service.context import NodeContext, NoQuorum
 
 log = get_logger(__name__)
 
-AGENT_KEY: "web.AppKey[Agent]" = web.AppKey("agent")
+CONTEXT_KEY: "web.AppKey[NodeContext]" = web.AppKey("context")
 KEEPALIVE_S = 10.0  # a blank line on an idle event stream
 MAX_BODY_BYTES = 64 * 1024  # a create request is a few hundred bytes
 MAX_JSON_DEPTH = 16  # a create request nests 3 deep (policy.failback.mode)
-MAX_EVENTS_LIMIT = 1000  # the cluster keeps no more (vmcluster.agent.agent.MAX_EVENTS)
+MAX_EVENTS_LIMIT = 1000  # the cluster keeps no more (vmcluster.agent.events.MAX_EVENTS)
 DEFAULT_EVENTS_LIMIT = 100
 MAX_GENERATION = 2**63 - 1
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -81,7 +81,7 @@ def _error(status: int, message: str, kind: str = "") -> web.Response:
 
 
 ERROR_STATUS: tuple[tuple[type[VmclusterError], int, str], ...] = (
-    (vmadmin.NoQuorum, 503, "no_quorum"),
+    (NoQuorum, 503, "no_quorum"),
     (InvalidInput, 400, "invalid_input"),
     (NotFound, 404, "not_found"),
     (AlreadyExists, 409, "already_exists"),
@@ -92,11 +92,11 @@ ERROR_STATUS: tuple[tuple[type[VmclusterError], int, str], ...] = (
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Errors become JSON with the HTTP status and a kind the CLI maps back to exit codes.
-    Every answer says whether this agent has quorum (without it, reads may be stale)."""
+    Every answer says whether this ctx has quorum (without it, reads may be stale)."""
     try:
         response = await handler(request)
         if not response.prepared:
-            quorate = request.app[AGENT_KEY].has_quorum()
+            quorate = request.app[CONTEXT_KEY].has_quorum()
             response.headers["X-Vmcluster-Quorum"] = "yes" if quorate else "no"
         return response
     except VmclusterError as exc:
@@ -111,7 +111,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status < 400:
             raise
         kind = "not_found" if exc.status == 404 else "invalid_input"
-        target = vmadmin.shown(f"{request.method} {request.path}")
+        target = vmservice.shown(f"{request.method} {request.path}")
         response = _error(exc.status, f"{target}: {exc.reason.lower()}", kind)
         if "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
@@ -121,7 +121,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 @web.middleware
 async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path.startswith("/v1/"):
-        expected = f"Bearer {request.app[AGENT_KEY].secrets.token}".encode()
+        expected = f"Bearer {request.app[CONTEXT_KEY].secrets.token}".encode()
         try:  # the header as the bytes sent (aiohttp keeps undecodable ones as surrogates)
             given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
         except UnicodeEncodeError:
@@ -143,16 +143,16 @@ async def _inputs(request: web.Request, handler: Handler) -> web.StreamResponse:
     match = request.match_info
     if match.http_exception is None:  # a route matched
         for param, value in match.items():
-            vmadmin.check_name(value, what=PATH_NAMES[param])
+            vmservice.check_name(value, what=PATH_NAMES[param])
         known = QUERY_PARAMS.get(match.handler, ())
         seen: set[str] = set()
         for key, _ in request.query.items():  # items() keeps repeated keys, iter() not
             if key not in known:
                 takes = f"only {', '.join(known)}" if known else "no query parameters"
-                raise InvalidInput(f"unknown query parameter {vmadmin.shown(key)}: this "
+                raise InvalidInput(f"unknown query parameter {vmservice.shown(key)}: this "
                                    f"request takes {takes}")  # fmt: skip
             if key in seen:
-                raise InvalidInput(f"query parameter {vmadmin.shown(key)} is given twice")
+                raise InvalidInput(f"query parameter {vmservice.shown(key)} is given twice")
             seen.add(key)
     return await handler(request)
 
@@ -161,7 +161,7 @@ def _bool_param(params: Mapping[str, str], name: str) -> bool:
     raw = params.get(name, "false")
     if raw not in ("true", "false"):
         raise InvalidInput(f"query parameter {name} must be true or false, not "
-                           f"{vmadmin.shown(raw)}")  # fmt: skip
+                           f"{vmservice.shown(raw)}")  # fmt: skip
     return raw == "true"
 
 
@@ -174,7 +174,7 @@ def _int_param(params: Mapping[str, str], name: str, low: int, high: int, defaul
         return default
     if _DIGITS.fullmatch(raw) is None or not low <= int(raw) <= high:
         raise InvalidInput(f"query parameter {name} must be a whole number from {low} to "
-                           f"{high}, not {vmadmin.shown(raw)}")  # fmt: skip
+                           f"{high}, not {vmservice.shown(raw)}")  # fmt: skip
     return int(raw)
 
 
@@ -215,7 +215,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise InvalidInput(f"the request body gives field {vmadmin.shown(key)} twice")
+            raise InvalidInput(f"the request body gives field {vmservice.shown(key)} twice")
         result[key] = value
     return result
 
@@ -245,14 +245,14 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     except ValueError:  # the one other failure: an integer of thousands of digits
         raise InvalidInput("the request body has a number with too many digits") from None
     if not isinstance(body, dict):
-        raise InvalidInput(f"the request body must be a JSON object, not {vmadmin.shown(body)}")
+        raise InvalidInput(f"the request body must be a JSON object, not {vmservice.shown(body)}")
     return body
 
 
-def _node_json(agent: "Agent", name: str) -> dict[str, Any]:
-    view = agent.view()
+def _node_json(ctx: NodeContext, name: str) -> dict[str, Any]:
+    view = ctx.view()
     node = view.nodes[name]
-    parts = agent.cache.nodes().get(name, {})
+    parts = ctx.cache.nodes().get(name, {})
     spec = parts.get("spec", {})
     return {
         "name": name,
@@ -267,47 +267,47 @@ def _node_json(agent: "Agent", name: str) -> dict[str, Any]:
 
 
 async def _cluster(request: web.Request) -> web.Response:
-    agent = request.app[AGENT_KEY]
-    view = agent.view()
+    ctx = request.app[CONTEXT_KEY]
+    view = ctx.view()
     states = [str(n.state) for n in view.nodes.values()]
     return web.json_response({
-        "name": agent.config.cluster,
-        "served_by": agent.config.node,
-        "quorum": agent.has_quorum(),
+        "name": ctx.config.cluster,
+        "served_by": ctx.config.node,
+        "quorum": ctx.has_quorum(),
         "leader": view.leader,
         "networks": {net: str(state) for net, state in view.networks.items()},
         "nodes": {state: states.count(state) for state in sorted(set(states))},
-        "revision": agent.cache.revision,
+        "revision": ctx.cache.revision,
     })  # fmt: skip
 
 
 async def _nodes(request: web.Request) -> web.Response:
-    agent = request.app[AGENT_KEY]
-    return web.json_response([_node_json(agent, name) for name in sorted(agent.view().nodes)])
+    ctx = request.app[CONTEXT_KEY]
+    return web.json_response([_node_json(ctx, name) for name in sorted(ctx.view().nodes)])
 
 
 async def _node(request: web.Request) -> web.Response:
-    agent = request.app[AGENT_KEY]
+    ctx = request.app[CONTEXT_KEY]
     name = request.match_info["node"]
-    if name not in agent.view().nodes:
-        return _error(404, f"node {name!r} is not a member of cluster {agent.config.cluster}")
-    return web.json_response(_node_json(agent, name))
+    if name not in ctx.view().nodes:
+        return _error(404, f"node {name!r} is not a member of cluster {ctx.config.cluster}")
+    return web.json_response(_node_json(ctx, name))
 
 
 async def _set_paused(
     request: web.Request, paused: bool, *, drain: bool = False, failback: bool = False
 ) -> web.Response:
-    agent = request.app[AGENT_KEY]
+    ctx = request.app[CONTEXT_KEY]
     name = request.match_info["node"]
-    if name not in agent.view().nodes:
-        return _error(404, f"node {name!r} is not a member of cluster {agent.config.cluster}")
-    if not agent.has_quorum():
-        return _error(503, f"node {agent.config.node} has no quorum: try another node")
+    if name not in ctx.view().nodes:
+        return _error(404, f"node {name!r} is not a member of cluster {ctx.config.cluster}")
+    if not ctx.has_quorum():
+        return _error(503, f"node {ctx.config.node} has no quorum: try another node")
     try:
-        await agent.set_paused(name, paused, drain=drain, failback=failback)
+        await nodeadmin.set_paused(ctx, name, paused, drain=drain, failback=failback)
     except StoreError as exc:
         return _error(503, f"cluster database unavailable: {exc}")
-    return web.json_response(_node_json(agent, name) | {"paused": paused})
+    return web.json_response(_node_json(ctx, name) | {"paused": paused})
 
 
 async def _pause(request: web.Request) -> web.Response:
@@ -324,84 +324,84 @@ async def _resume(request: web.Request) -> web.Response:
 
 
 async def _vms(request: web.Request) -> web.Response:
-    agent = request.app[AGENT_KEY]
-    stored = agent.vms.stored()
-    return web.json_response([vmadmin.vm_json(stored[n]) for n in sorted(stored)])
+    ctx = request.app[CONTEXT_KEY]
+    stored = ctx.records.stored()
+    return web.json_response([vmservice.vm_json(stored[n]) for n in sorted(stored)])
 
 
 async def _vm(request: web.Request) -> web.Response:
-    agent = request.app[AGENT_KEY]
-    return web.json_response(vmadmin.vm_json(vmadmin.find(agent, request.match_info["vm"])))
+    ctx = request.app[CONTEXT_KEY]
+    return web.json_response(vmservice.vm_json(vmservice.find(ctx, request.match_info["vm"])))
 
 
 async def _vm_create(request: web.Request) -> web.Response:
-    agent = request.app[AGENT_KEY]
-    return web.json_response(await vmadmin.create(agent, await _json_body(request)), status=201)
+    ctx = request.app[CONTEXT_KEY]
+    return web.json_response(await vmservice.create(ctx, await _json_body(request)), status=201)
 
 
 async def _vm_delete(request: web.Request) -> web.Response:
-    agent = request.app[AGENT_KEY]
-    return web.json_response(await vmadmin.delete(agent, request.match_info["vm"]))
+    ctx = request.app[CONTEXT_KEY]
+    return web.json_response(await vmservice.delete(ctx, request.match_info["vm"]))
 
 
 async def _vm_start(request: web.Request) -> web.Response:
-    agent = request.app[AGENT_KEY]
-    return web.json_response(await vmadmin.set_intent(agent, request.match_info["vm"], True))
+    ctx = request.app[CONTEXT_KEY]
+    return web.json_response(await vmservice.set_intent(ctx, request.match_info["vm"], True))
 
 
 async def _vm_stop(request: web.Request) -> web.Response:
-    agent = request.app[AGENT_KEY]
-    return web.json_response(await vmadmin.set_intent(agent, request.match_info["vm"], False))
+    ctx = request.app[CONTEXT_KEY]
+    return web.json_response(await vmservice.set_intent(ctx, request.match_info["vm"], False))
 
 
 async def _vm_console(request: web.Request) -> web.Response:
-    agent = request.app[AGENT_KEY]
+    ctx = request.app[CONTEXT_KEY]
     query = request.query
     generation = None
     if "generation" in query:
         generation = _int_param(query, "generation", 0, MAX_GENERATION, 0)
-    limit = _int_param(query, "limit", 1, vmadmin.MAX_CONSOLE_BYTES,
-                       vmadmin.DEFAULT_CONSOLE_BYTES)  # fmt: skip
+    limit = _int_param(query, "limit", 1, vmservice.MAX_CONSOLE_BYTES,
+                       vmservice.DEFAULT_CONSOLE_BYTES)  # fmt: skip
     return web.json_response(
-        await vmadmin.console(agent, request.match_info["vm"], generation, limit)
+        await vmservice.console(ctx, request.match_info["vm"], generation, limit)
     )
 
 
 async def _ha(request: web.Request) -> web.Response:
-    return web.json_response(vmadmin.ha_json(request.app[AGENT_KEY]))
+    return web.json_response(haadmin.ha_json(request.app[CONTEXT_KEY]))
 
 
 async def _ha_settings(request: web.Request) -> web.Response:
-    agent = request.app[AGENT_KEY]
-    return web.json_response(await vmadmin.set_ha_settings(agent, await _json_body(request)))
+    ctx = request.app[CONTEXT_KEY]
+    return web.json_response(await haadmin.set_ha_settings(ctx, await _json_body(request)))
 
 
 async def _ha_arm(request: web.Request) -> web.Response:
-    return web.json_response(await vmadmin.set_armed(request.app[AGENT_KEY], True))
+    return web.json_response(await haadmin.set_armed(request.app[CONTEXT_KEY], True))
 
 
 async def _ha_disarm(request: web.Request) -> web.Response:
-    return web.json_response(await vmadmin.set_armed(request.app[AGENT_KEY], False))
+    return web.json_response(await haadmin.set_armed(request.app[CONTEXT_KEY], False))
 
 
 async def _events(request: web.Request) -> web.StreamResponse:
-    agent = request.app[AGENT_KEY]
+    ctx = request.app[CONTEXT_KEY]
     limit = _int_param(request.query, "limit", 0, MAX_EVENTS_LIMIT, DEFAULT_EVENTS_LIMIT)
     follow = _bool_param(request.query, "follow")
     if not follow:
-        return web.json_response([value for _, value in agent.cache.events(limit)])
+        return web.json_response([value for _, value in ctx.cache.events(limit)])
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
     loop = asyncio.get_running_loop()
-    with agent.cache.listen() as changes, contextlib.suppress(ConnectionError):
-        for _, value in agent.cache.events(limit):
+    with ctx.cache.listen() as changes, contextlib.suppress(ConnectionError):
+        for _, value in ctx.cache.events(limit):
             await response.write(json.dumps(value).encode() + b"\n")
         last_write = loop.time()
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, last_write + KEEPALIVE_S - loop.time())):
                     change = await changes.get()
-                    if change.key.startswith(agent.keys.events_prefix) and change.value:
+                    if change.key.startswith(ctx.keys.events_prefix) and change.value:
                         await response.write(json.dumps(loads(change.value)).encode() + b"\n")
                         last_write = loop.time()
                     continue
@@ -421,9 +421,9 @@ QUERY_PARAMS: dict[Callable[..., Any], tuple[str, ...]] = {  # other routes take
 }
 
 
-def make_app(agent: "Agent") -> web.Application:
+def make_app(ctx: NodeContext) -> web.Application:
     app = web.Application(middlewares=[_auth, _errors, _inputs], client_max_size=MAX_BODY_BYTES)
-    app[AGENT_KEY] = agent
+    app[CONTEXT_KEY] = ctx
     app.router.add_get("/openapi.json", _openapi)
     app.router.add_get("/v1/cluster", _cluster)
     app.router.add_get("/v1/nodes", _nodes)
@@ -451,18 +451,18 @@ def _prepare_socket_path(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
-async def serve(agent: "Agent") -> None:
+async def serve(ctx: NodeContext) -> None:
     """Serve the API until cancelled."""
-    runner = web.AppRunner(make_app(agent), access_log=None, handle_signals=False,
+    runner = web.AppRunner(make_app(ctx), access_log=None, handle_signals=False,
                            shutdown_timeout=1.0)  # fmt: skip
     await runner.setup()
     try:
-        if agent.config.api_listen:
-            host, _, port = agent.config.api_listen.rpartition(":")
+        if ctx.config.api_listen:
+            host, _, port = ctx.config.api_listen.rpartition(":")
             await web.TCPSite(runner, host.strip("[]"), int(port)).start()
-            log.info(event("api.listening", address=agent.config.api_listen))
-        if agent.config.api_socket:
-            path = Path(agent.config.api_socket)
+            log.info(event("api.listening", address=ctx.config.api_listen))
+        if ctx.config.api_socket:
+            path = Path(ctx.config.api_socket)
             _prepare_socket_path(path)
             await web.UnixSite(runner, str(path)).start()
             os.chmod(path, 0o600)

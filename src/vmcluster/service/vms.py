@@ -22,12 +22,9 @@ from typing import TYPE_CHECKING, Any
 from vmcluster.clusterstate.keys import dumps
 from vmcluster.clusterstate.store import Commit, Put
 from vmcluster.clusterstate.vmrecords import (
-    HA_SETTINGS,
     PRIORITY_NAMES,
     ClusteredVm,
     DiskPlacement,
-    ha_settings_from_json,
-    ha_settings_to_json,
     lun_name,
     placement_to_json,
     policy_from_json,
@@ -38,9 +35,9 @@ from vmcluster.core.model import MAX_DISKS, NAME_RE, NAME_RULE, DiskSpec, VmSpec
 from vmcluster.core.placement import FailbackMode
 from vmcluster.errors import AlreadyExists, InvalidInput, InvalidState, NotFound, VmclusterError
 from vmcluster.logs import event, get_logger
+from vmcluster.service.context import NodeContext
 
 if TYPE_CHECKING:
-    from vmcluster.agent.agent import Agent
     from vmcluster.agent.records import StoredVm
 
 log = get_logger(__name__)
@@ -55,15 +52,6 @@ HOLDS_NODE = (VmPhase.STARTING, VmPhase.RUNNING, VmPhase.STOPPING)
 DEFAULT_DISK_BYTES = 256 * 1024 * 1024
 DEFAULT_CONSOLE_BYTES = 64 * 1024
 MAX_CONSOLE_BYTES = 1024 * 1024  # the most of a console one request returns (its newest bytes)
-
-
-class NoQuorum(VmclusterError):
-    """This agent cannot write now (the API answers 503; another node may)."""
-
-
-def _require_quorum(agent: "Agent") -> None:
-    if not agent.has_quorum():
-        raise NoQuorum(f"node {agent.config.node} has no quorum: try another node")
 
 
 def shown(value: object) -> str:
@@ -112,11 +100,11 @@ def field_of(data: Mapping[str, Any], key: str, kind: str, default: Any, *, wher
     return value
 
 
-def find(agent: "Agent", name: str) -> "StoredVm":
+def find(ctx: NodeContext, name: str) -> "StoredVm":
     check_name(name, what="VM")
-    vm = agent.vms.stored().get(name)
+    vm = ctx.records.stored().get(name)
     if vm is None:
-        raise NotFound(f"VM {name!r} does not exist in cluster {agent.config.cluster}")
+        raise NotFound(f"VM {name!r} does not exist in cluster {ctx.config.cluster}")
     return vm
 
 
@@ -144,7 +132,7 @@ def vm_json(vm: "StoredVm", *, now: float | None = None) -> dict[str, Any]:
     }
 
 
-def parse_create(agent: "Agent", body: Mapping[str, Any]) -> tuple[ClusteredVm, bool]:
+def parse_create(ctx: NodeContext, body: Mapping[str, Any]) -> tuple[ClusteredVm, bool]:
     """The VM a create request describes (its disks on the named or first array) and whether to
     start it. Raises InvalidInput naming the field for anything of the wrong type or value."""
     unknown = sorted(set(body) - CREATE_FIELDS)
@@ -176,15 +164,15 @@ def parse_create(agent: "Agent", body: Mapping[str, Any]) -> tuple[ClusteredVm, 
         policy = policy_from_json(policy_body)
     except (ValueError, InvalidInput) as exc:
         raise InvalidInput(f"{where}: {exc}") from None
-    members = set(agent.cache.nodes())
+    members = set(ctx.cache.nodes())
     for node in (*policy.preferred, *policy.possible):
         if node not in members:
             raise InvalidInput(f"{where}: {shown(node)} is not a node of cluster "
-                               f"{agent.config.cluster}")  # fmt: skip
-    arrays = agent.config.arrays
+                               f"{ctx.config.cluster}")  # fmt: skip
+    arrays = ctx.config.arrays
     array = field_of(body, "array", "string or null", None, where=where)
     if array is None and not arrays:
-        raise InvalidState(f"{where}: node {agent.config.node} knows no array to put disks on")
+        raise InvalidState(f"{where}: node {ctx.config.node} knows no array to put disks on")
     array = min(arrays) if array is None else array
     if array not in arrays:
         raise InvalidInput(f"{where}: unknown array {shown(array)} "
@@ -194,13 +182,13 @@ def parse_create(agent: "Agent", body: Mapping[str, Any]) -> tuple[ClusteredVm, 
     return ClusteredVm(spec=spec, policy=policy, storage=storage), start
 
 
-async def create(agent: "Agent", body: Mapping[str, Any]) -> dict[str, Any]:
-    vm, start = parse_create(agent, body)
+async def create(ctx: NodeContext, body: Mapping[str, Any]) -> dict[str, Any]:
+    vm, start = parse_create(ctx, body)
     name, spec, array = vm.name, vm.spec, vm.storage[0].array
-    _require_quorum(agent)
-    if name in agent.vms.stored():
-        raise AlreadyExists(f"VM {name!r} already exists in cluster {agent.config.cluster}")
-    qsd = agent.vms.array(array)
+    ctx.require_quorum()
+    if name in ctx.records.stored():
+        raise AlreadyExists(f"VM {name!r} already exists in cluster {ctx.config.cluster}")
+    qsd = ctx.array(array)
     existing = qsd.luns()
     for placement in vm.storage:
         if placement.lun in existing:
@@ -210,17 +198,17 @@ async def create(agent: "Agent", body: Mapping[str, Any]) -> dict[str, Any]:
         for placement, disk in zip(vm.storage, spec.disks, strict=True):
             await qsd.create_lun(placement.lun, disk.size_bytes)
             made.append(placement.lun)
-        key, value = agent.event_record("vm.created", name, f"on array {array}, "
+        key, value = ctx.event_record("vm.created", name, f"on array {array}, "
                                          f"{'starting' if start else 'stopped'}")  # fmt: skip
-        applied = await agent.store.commit(Commit(
-            expect={agent.keys.vm(name, "spec"): 0},
-            puts={agent.keys.vm(name, "spec"): Put(value=dumps(vm.to_dict())),
-                  agent.keys.vm(name, "intent"): Put(value=dumps({"running": start,
+        applied = await ctx.store.commit(Commit(
+            expect={ctx.keys.vm(name, "spec"): 0},
+            puts={ctx.keys.vm(name, "spec"): Put(value=dumps(vm.to_dict())),
+                  ctx.keys.vm(name, "intent"): Put(value=dumps({"running": start,
                                                                  "at": time.time()})),
                   key: Put(value=value)},
         ))  # fmt: skip
         if not applied:
-            raise AlreadyExists(f"VM {name!r} already exists in cluster {agent.config.cluster}")
+            raise AlreadyExists(f"VM {name!r} already exists in cluster {ctx.config.cluster}")
     except BaseException:
         for lun in made:
             with contextlib.suppress(Exception):
@@ -265,12 +253,12 @@ def _check_policy(data: Mapping[str, Any], where: str) -> None:
                            f"{', '.join(FailbackMode)}")  # fmt: skip
 
 
-async def set_intent(agent: "Agent", name: str, running: bool) -> dict[str, Any]:
-    vm = find(agent, name)
-    _require_quorum(agent)
-    puts = {agent.keys.vm(name, "intent"): Put(value=dumps({"running": running,
+async def set_intent(ctx: NodeContext, name: str, running: bool) -> dict[str, Any]:
+    vm = find(ctx, name)
+    ctx.require_quorum()
+    puts = {ctx.keys.vm(name, "intent"): Put(value=dumps({"running": running,
                                                             "at": time.time()}))}  # fmt: skip
-    expect = {agent.keys.vm(name, "placement"): vm.revisions.get("placement", 0)}
+    expect = {ctx.keys.vm(name, "placement"): vm.revisions.get("placement", 0)}
     if running and vm.record.phase is VmPhase.FAILED:
         # An admin start clears a failed VM: it is placed afresh (fenced like any start).
         cleared = replace(
@@ -281,100 +269,60 @@ async def set_intent(agent: "Agent", name: str, running: bool) -> dict[str, Any]
             owner=None,
             reason="started by an admin after a failure",
         )
-        puts[agent.keys.vm(name, "placement")] = Put(
+        puts[ctx.keys.vm(name, "placement")] = Put(
             value=dumps(placement_to_json(cleared, at=time.time()))
         )
     kind = "vm.start-requested" if running else "vm.stop-requested"
-    key, value = agent.event_record(kind, name, f"by an admin through {agent.config.node}")
+    key, value = ctx.event_record(kind, name, f"by an admin through {ctx.config.node}")
     puts[key] = Put(value=value)
-    if not await agent.store.commit(Commit(expect=expect, puts=puts)):
+    if not await ctx.store.commit(Commit(expect=expect, puts=puts)):
         raise InvalidState(f"VM {name}: its placement changed meanwhile; try again")
     return {"name": name, "intent": "running" if running else "stopped"}
 
 
-async def delete(agent: "Agent", name: str) -> dict[str, Any]:
-    vm = find(agent, name)
-    _require_quorum(agent)
+async def delete(ctx: NodeContext, name: str) -> dict[str, Any]:
+    vm = find(ctx, name)
+    ctx.require_quorum()
     if vm.record.want_running or vm.record.phase in HOLDS_NODE:
         raise InvalidState(f"VM {name!r} is {vm.record.phase}: stop it first "
                            f"(vmcluster vm stop {name})")  # fmt: skip
     parts = ("spec", "intent", "placement", "instance")
-    expect = {agent.keys.vm(name, p): vm.revisions.get(p, 0) for p in parts}
-    key, value = agent.event_record("vm.deleted", name, f"by an admin through {agent.config.node}")
-    applied = await agent.store.commit(Commit(
-        expect=expect, deletes=tuple(agent.keys.vm(name, p) for p in parts if vm.revisions.get(p)),
+    expect = {ctx.keys.vm(name, p): vm.revisions.get(p, 0) for p in parts}
+    key, value = ctx.event_record("vm.deleted", name, f"by an admin through {ctx.config.node}")
+    applied = await ctx.store.commit(Commit(
+        expect=expect, deletes=tuple(ctx.keys.vm(name, p) for p in parts if vm.revisions.get(p)),
         puts={key: Put(value=value)},
     ))  # fmt: skip
     if not applied:
         raise InvalidState(f"VM {name}: it changed meanwhile; try again")
     for placement in vm.spec.storage:
         try:
-            await agent.vms.array(placement.array).delete_lun(placement.lun)
+            await ctx.array(placement.array).delete_lun(placement.lun)
         except VmclusterError as exc:
             log.warning(event("vm.delete.lun-left", vm=name, lun=placement.lun, reason=str(exc)))
     log.info(event("vm.deleted", vm=name))
     return {"name": name, "deleted": True}
 
 
-def ha_json(agent: "Agent") -> dict[str, Any]:
-    """``GET /v1/ha``: armed, and the settings in force (defaults filled in)."""
-    record = agent.cache.json(agent.keys.ha) or {}
-    return {"armed": bool(record.get("armed", True)),
-            **ha_settings_to_json(agent.vms.ha_settings())}  # fmt: skip
-
-
-async def _update_ha(agent: "Agent", changes: Mapping[str, Any], kind: str, why: str) -> None:
-    _require_quorum(agent)
-    entry = agent.cache.entries.get(agent.keys.ha)
-    record = {**(agent.cache.json(agent.keys.ha) or {}), **changes, "at": time.time()}
-    key, value = agent.event_record(kind, agent.config.cluster, why)
-    applied = await agent.store.commit(Commit(
-        expect={agent.keys.ha: entry.mod_revision if entry else 0},
-        puts={agent.keys.ha: Put(value=dumps(record)), key: Put(value=value)},
-    ))  # fmt: skip
-    if not applied:
-        raise InvalidState("the HA settings changed meanwhile; try again")
-
-
-async def set_armed(agent: "Agent", armed: bool) -> dict[str, Any]:
-    await _update_ha(agent, {"armed": armed}, "ha.armed" if armed else "ha.disarmed",
-                     f"by an admin through {agent.config.node}")  # fmt: skip
-    return {"armed": armed}
-
-
-async def set_ha_settings(agent: "Agent", body: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(body) - set(HA_SETTINGS))
-    if unknown:
-        raise InvalidInput(f"unknown HA setting {shown(unknown[0])} "
-                           f"(known: {', '.join(HA_SETTINGS)})")  # fmt: skip
-    current = ha_settings_to_json(agent.vms.ha_settings())
-    try:
-        settings = ha_settings_from_json({**current, **body})
-    except ValueError as exc:
-        raise InvalidInput(f"HA settings: {exc}") from None
-    changed = ", ".join(f"{k}={v}" for k, v in body.items()) or "no change"
-    why = f"{changed} (by an admin through {agent.config.node})"
-    await _update_ha(agent, ha_settings_to_json(settings), "ha.settings", why)
-    return ha_settings_to_json(settings)
-
-
-async def console(agent: "Agent", name: str, generation: int | None, limit: int) -> dict[str, Any]:
+async def console(
+    ctx: NodeContext, name: str, generation: int | None, limit: int
+) -> dict[str, Any]:
     """The newest ``limit`` bytes (1 to MAX_CONSOLE_BYTES) of the console of ``name``'s
     instance of ``generation`` on this node (default: the newest instance)."""
     check_name(name, what="VM")  # before it becomes part of a path
     if not 1 <= limit <= MAX_CONSOLE_BYTES:
         raise InvalidInput(f"console limit {limit} is out of range (1 to {MAX_CONSOLE_BYTES})")
-    consoles = agent.vms.host.consoles(name)
+    consoles = ctx.consoles(name)
     if not consoles:
-        raise NotFound(f"VM {name!r} has no console on node {agent.config.node}")
+        raise NotFound(f"VM {name!r} has no console on node {ctx.config.node}")
     if generation is None:
         generation = max(consoles)
     path = consoles.get(generation)
     if path is None:
         raise NotFound(f"VM {name!r} has no console of generation {generation} on node "
-                       f"{agent.config.node}")  # fmt: skip
+                       f"{ctx.config.node}")  # fmt: skip
     data = await asyncio.to_thread(_tail, path, limit)  # off the loop: logs grow
-    return {"name": name, "node": agent.config.node, "generation": generation,
+    return {"name": name, "node": ctx.config.node, "generation": generation,
             "text": data.decode("utf-8", "replace")}  # fmt: skip
 
 

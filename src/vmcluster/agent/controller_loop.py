@@ -1,0 +1,110 @@
+"""The controller loop, on the leader: one pure decision per change of the database (or every
+second) over one snapshot (core/controller.py). Its records (events, the recorded view, the
+unclean exits) are committed in one transaction only while this node holds the leader key and
+on the recorded view it read; its VM actions run as jobs (agent/executor.py), all cancelled as
+soon as this node is not the leader."""
+
+import time
+from collections.abc import Callable
+from typing import assert_never
+
+from vmcluster.agent.cache import ClusterCache
+from vmcluster.agent.events import EventLog
+from vmcluster.agent.executor import VmExecutor
+from vmcluster.agent.records import ClusterRecords
+from vmcluster.clusterstate.keys import Keys, dumps
+from vmcluster.clusterstate.store import Commit, Put, Store, StoreError
+from vmcluster.core.changes import EmitEvent, RecordView
+from vmcluster.core.cluster import ClusterView
+from vmcluster.core.controller import RecordExits, decide
+from vmcluster.logs import event, get_logger
+
+log = get_logger(__name__)
+
+CONTROLLER_PERIOD_S = 1.0
+
+
+class ControllerLoop:
+    def __init__(
+        self,
+        *,
+        node: str,
+        keys: Keys,
+        store: Store,
+        cache: ClusterCache,
+        records: ClusterRecords,
+        executor: VmExecutor,
+        events: EventLog,
+        has_quorum: Callable[[], bool],
+        membership_view: Callable[[], ClusterView],
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.node = node
+        self.keys = keys
+        self.store = store
+        self.cache = cache
+        self.records = records
+        self.executor = executor
+        self.events = events
+        self.has_quorum = has_quorum
+        self.membership_view = membership_view
+        self.wall = wall
+
+    async def run(self) -> None:
+        last_reason = ""
+        seen = -1
+        try:
+            while True:
+                await self.cache.wait_changed(CONTROLLER_PERIOD_S, after=seen)
+                seen = self.cache.version
+                leader = self.cache.entries.get(self.keys.leader)
+                if not self.has_quorum() or leader is None or self.cache.leader() != self.node:
+                    await self.executor.cancel_all()  # not (or no longer) the leader
+                    continue
+                stored = self.records.stored()
+                snapshot = self.records.snapshot(self.membership_view(), stored,
+                                                 self.executor.pending())  # fmt: skip
+                decision = decide(snapshot, self.wall())
+                if decision.reason != last_reason:
+                    log.info(event("controller.cycle", reason=decision.reason))
+                    last_reason = decision.reason
+                self.executor.submit(decision.vm_actions, stored, leader.mod_revision,
+                                     snapshot.settings)  # fmt: skip
+                if decision.records:
+                    await self._commit(decision.records, leader.mod_revision)
+        finally:
+            await self.executor.cancel_all()
+
+    async def _commit(
+        self, records: tuple[EmitEvent | RecordView | RecordExits, ...], leader_revision: int
+    ) -> None:
+        puts: dict[str, Put] = {}
+        for action in records:
+            if isinstance(action, EmitEvent):
+                key, value = self.events.record(action.kind, action.subject, action.reason)
+                puts[key] = Put(value=value)
+            elif isinstance(action, RecordView):
+                puts[self.keys.view] = Put(value=dumps({
+                    "nodes": dict(action.view.nodes), "networks": dict(action.view.networks),
+                    "leader": action.view.leader, "drained": sorted(action.view.drained),
+                }))  # fmt: skip
+            elif isinstance(action, RecordExits):
+                before = self.records.exits()
+                for name, times in action.exits.items():
+                    if len(times) > len(before.get(name, ())):
+                        log.warning(event("node.unclean-exit", node=name, recent=len(times)))
+                exits = {name: list(times) for name, times in action.exits.items()}
+                puts[self.keys.quarantine] = Put(value=dumps({"exits": exits}))
+            else:
+                assert_never(action)
+        try:
+            # Only while this node holds the leader key, and on the recorded view it read
+            # (a cycle that has not yet seen its previous commit cannot repeat its events).
+            view_entry = self.cache.entries.get(self.keys.view)
+            expect = {self.keys.leader: leader_revision,
+                      self.keys.view: view_entry.mod_revision if view_entry else 0}  # fmt: skip
+            if not await self.store.commit(Commit(expect=expect, puts=puts)):
+                log.info(event("controller.deposed", node=self.node))
+            await self.events.trim()
+        except StoreError as exc:
+            log.info(event("controller.commit.failed", reason=str(exc)))

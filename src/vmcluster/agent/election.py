@@ -1,0 +1,84 @@
+"""Leader election: the leader key, created with this node's lease when there is none.
+
+A leader that the cluster sees Isolated (heartbeats lost on every network) is deposed at once
+by a node that sees itself Up, rather than when its lease expires: failover starts a lease TTL
+sooner. That is safe because a leader acts only through commits that compare the leader key's
+revision (a deposed leader's commits fail) and through fences, which the arrays order by
+generation (a deposed leader can neither un-fence nor re-open an older generation).
+"""
+
+import time
+from collections.abc import Callable
+
+from vmcluster.agent.cache import ClusterCache
+from vmcluster.agent.lease import QuorumState
+from vmcluster.clusterstate.keys import Keys, dumps
+from vmcluster.clusterstate.store import Store, StoreError
+from vmcluster.core.cluster import ClusterView, NodeState
+from vmcluster.logs import event, get_logger
+
+log = get_logger(__name__)
+
+ELECTION_PERIOD_S = 0.5
+
+
+class Election:
+    def __init__(
+        self,
+        *,
+        node: str,
+        keys: Keys,
+        store: Store,
+        cache: ClusterCache,
+        quorum: QuorumState,
+        has_quorum: Callable[[], bool],
+        view: Callable[[], ClusterView],
+    ) -> None:
+        self.node = node
+        self.keys = keys
+        self.store = store
+        self.cache = cache
+        self.quorum = quorum
+        self.has_quorum = has_quorum
+        self.view = view
+
+    def is_leader(self) -> bool:
+        return self.has_quorum() and self.cache.leader() == self.node
+
+    async def run(self) -> None:
+        await self.cache.loaded.wait()
+        while True:
+            seen = self.cache.version
+            leader = self.cache.leader()
+            if leader is not None and leader != self.node and self.has_quorum():
+                leader = await self._depose_if_isolated(leader)
+            if leader is None and self.has_quorum():
+                try:
+                    won = await self.store.create(
+                        self.keys.leader, dumps({"node": self.node, "since": time.time()}),
+                        lease=self.quorum.lease_id,
+                    )  # fmt: skip
+                    if won:
+                        log.warning(event("leader.elected", node=self.node))
+                except StoreError as exc:
+                    log.info(event("election.failed", reason=str(exc)))
+            await self.cache.wait_changed(ELECTION_PERIOD_S, after=seen)
+
+    async def _depose_if_isolated(self, leader: str) -> str | None:
+        view = self.view()
+        me, them = view.nodes.get(self.node), view.nodes.get(leader)
+        if me is None or them is None or me.state is not NodeState.UP:
+            return leader
+        if them.state is not NodeState.ISOLATED:
+            return leader
+        entry = self.cache.entries.get(self.keys.leader)
+        if entry is None:
+            return None
+        try:
+            if await self.store.delete_if(self.keys.leader, mod_revision=entry.mod_revision):
+                log.warning(event("leader.deposed", node=leader, by=self.node,
+                                  reason="isolated"))  # fmt: skip
+                return None
+        except StoreError as exc:
+            log.info(event("election.depose.failed", reason=str(exc)))
+        return leader
