@@ -336,8 +336,8 @@ def _one_line_error(args: list[str], code: int, fragment: str) -> None:
 
 
 def test_bad_requests_get_one_line_errors_and_leave_nothing_behind(lab: Lab) -> None:
-    _one_line_error(["vm", "create", "x1", "--array", "a9"], 2, "unknown array 'a9'")
-    _one_line_error(["vm", "create", "x1", "--preferred", "n9"], 2, "'n9' is not a node")
+    _one_line_error(["vm", "create", "x1", "--array", "a9"], 2, 'unknown array "a9"')
+    _one_line_error(["vm", "create", "x1", "--preferred", "n9"], 2, '"n9" is not a node')
     _one_line_error(["vm", "create", "Bad_Name"], 2, "invalid VM name")
     _one_line_error(["vm", "create", "x1", "--failback", "25-3"], 2, "invalid --failback")
     _one_line_error(["vm", "start", "ghost"], 3, "VM 'ghost' does not exist")
