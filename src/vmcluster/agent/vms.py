@@ -36,11 +36,11 @@ from vmcluster.clusterstate.vmrecords import (
     instance_to_json,
 )
 from vmcluster.core.ha import (
+    RUNS,
     Instance,
     InstanceStatus,
 )
 from vmcluster.core.reconcile import (
-    RUNS,
     ForgetEnded,
     KillInstance,
     Local,

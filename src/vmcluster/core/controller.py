@@ -28,11 +28,11 @@ from dataclasses import dataclass, field, replace
 from vmcluster.core.changes import EmitEvent, RecordedView, RecordView, view_changes
 from vmcluster.core.cluster import ClusterView, NodeState
 from vmcluster.core.ha import (
+    HOLDS_NODE,
     HaSettings,
     HaView,
     NodeInfo,
     VmAction,
-    VmPhase,
     VmRecord,
     decide_vms,
     stop_before_moving,
@@ -43,8 +43,6 @@ from vmcluster.core.quarantine import (
     quarantined,
     record_exit,
 )
-
-HOLDS_NODE = (VmPhase.STARTING, VmPhase.RUNNING, VmPhase.STOPPING)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -57,6 +57,12 @@ class VmPhase(StrEnum):
     FAILED = "failed"  # gave up (failover threshold); an admin start clears it
 
 
+# Phases in which a VM has an owner that (may) run it: it holds that node's memory and classes.
+HOLDS_NODE = frozenset({VmPhase.STARTING, VmPhase.RUNNING, VmPhase.STOPPING})
+# Phases in which the owner should run it.
+RUNS = frozenset({VmPhase.STARTING, VmPhase.RUNNING})
+
+
 class InstanceStatus(StrEnum):
     """What the owner's agent reports about the instance of the current generation."""
 
@@ -181,7 +187,7 @@ def _recent(times: Sequence[float], now: float, period_s: float) -> int:
 def _free_memory(view: HaView) -> dict[str, int]:
     used = dict.fromkeys(view.nodes, 0)
     for vm in view.vms.values():
-        holding = vm.phase in (VmPhase.STARTING, VmPhase.RUNNING, VmPhase.STOPPING)
+        holding = vm.phase in HOLDS_NODE
         if vm.owner in used and holding:
             used[vm.owner] += vm.memory_mib
     return {name: node.memory_mib - used[name] for name, node in view.nodes.items()}
@@ -373,7 +379,7 @@ def _placements(view: HaView, moves: dict[str, _Move]) -> list[VmAction]:
     # VM failing back, which stays where it is when its failback finds no room.
     for name, move in moves.items():
         vm = view.vms[name]
-        holding = vm.phase in (VmPhase.STARTING, VmPhase.RUNNING, VmPhase.STOPPING)
+        holding = vm.phase in HOLDS_NODE
         if vm.owner in free and holding and move.kind is not StartKind.FAILBACK:
             free[vm.owner] += vm.memory_mib
     candidates = {n.name: Candidate(name=n.name, state=n.state, memory_free_mib=free[n.name],
@@ -420,7 +426,7 @@ def _placed(vm: VmRecord, move: _Move, placement: Placement) -> list[VmAction]:
 def _guest_runs(vm: VmRecord) -> bool:
     """The owner reports the current generation running: a move can stop it cleanly first."""
     instance = vm.instance
-    return (vm.owner is not None and vm.phase in (VmPhase.STARTING, VmPhase.RUNNING)
+    return (vm.owner is not None and vm.phase in RUNS
             and instance is not None and instance.generation == vm.generation
             and instance.status is InstanceStatus.RUNNING)  # fmt: skip
 

@@ -23,10 +23,9 @@ the actions that make them agree:
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from vmcluster.core.ha import Instance, InstanceStatus, VmPhase
+from vmcluster.core.ha import RUNS, Instance, InstanceStatus, VmPhase
 
 Key = tuple[str, int]  # (vm, generation): one instance
-RUNS = (VmPhase.STARTING, VmPhase.RUNNING)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -125,7 +124,7 @@ def reconcile(me: str, placed: Mapping[str, Placed], local: Local) -> tuple[Node
         key = (vm.vm, vm.generation)
         if vm.phase in RUNS and vm.want_running:
             run[key] = vm
-        elif vm.phase in (VmPhase.STOPPING, *RUNS):
+        elif vm.phase in RUNS | {VmPhase.STOPPING}:
             stop[key] = vm
     actions: list[NodeAction] = []
     ended = dict(local.ended)

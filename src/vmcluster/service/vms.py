@@ -30,7 +30,7 @@ from vmcluster.clusterstate.vmrecords import (
     policy_from_json,
     policy_to_json,
 )
-from vmcluster.core.ha import VmPhase
+from vmcluster.core.ha import HOLDS_NODE, VmPhase
 from vmcluster.core.model import MAX_DISKS, NAME_RE, NAME_RULE, DiskSpec, VmSpec
 from vmcluster.core.placement import FailbackMode
 from vmcluster.errors import AlreadyExists, InvalidInput, InvalidState, NotFound, VmclusterError
@@ -48,7 +48,6 @@ POLICY_FIELDS = {"priority": "string", "preferred": "list", "possible": "list",
                  "anti_affinity": "string or null", "anti_affinity_hard": "boolean",
                  "failback": "object or null"}  # fmt: skip
 FAILBACK_FIELDS = {"mode": "string", "start_hour": "integer", "end_hour": "integer"}
-HOLDS_NODE = (VmPhase.STARTING, VmPhase.RUNNING, VmPhase.STOPPING)
 DEFAULT_DISK_BYTES = 256 * 1024 * 1024
 DEFAULT_CONSOLE_BYTES = 64 * 1024
 MAX_CONSOLE_BYTES = 1024 * 1024  # the most of a console one request returns (its newest bytes)
