@@ -115,7 +115,10 @@ _ERRORS = {"400": _json(_ERROR, "invalid input: a bad name in the path, an unkno
 _NODE_PARAM = [{"name": "node", "in": "path", "required": True, "schema": _NAME}]
 _VM_PARAM = [{"name": "vm", "in": "path", "required": True, "schema": _NAME}]
 _WRITE_ERRORS = {"404": _json(_ERROR, "no such VM"), "409": _json(_ERROR, "wrong state"),
-                 "503": _json(_ERROR, "no quorum: try another node"), **_ERRORS}  # fmt: skip
+                 "503": _json(_ERROR, "no quorum: try another node"),
+                 "504": _json(_ERROR, "the database did not confirm the change: it may or may "
+                                      "not have been made (do not retry elsewhere blindly)"),
+                 **_ERRORS}  # fmt: skip
 _BODY_LIMITS = "a JSON object of at most 64 KiB, nested at most 16 deep, each key once"
 
 

@@ -106,7 +106,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         log.warning(event("api.error", path=request.path, reason=str(exc)))
         return _error(500, str(exc), "error")
     except StoreError as exc:
-        return _error(503, f"cluster database unavailable: {exc}", "no_quorum")
+        if request.method == "GET":
+            return _error(503, f"cluster database unavailable: {exc}", "no_quorum")
+        # A change may have reached the database: another agent must not be asked to make it.
+        return _error(504, f"the cluster database did not confirm the change, which may or may "
+                           f"not have been made: {exc}; check before retrying",
+                      "outcome_unknown")  # fmt: skip
     except web.HTTPException as exc:  # aiohttp's own answers: no such route, wrong method
         if exc.status < 400:
             raise
@@ -303,10 +308,7 @@ async def _set_paused(
         return _error(404, f"node {name!r} is not a member of cluster {ctx.config.cluster}")
     if not ctx.has_quorum():
         return _error(503, f"node {ctx.config.node} has no quorum: try another node")
-    try:
-        await nodeadmin.set_paused(ctx, name, paused, drain=drain, failback=failback)
-    except StoreError as exc:
-        return _error(503, f"cluster database unavailable: {exc}")
+    await nodeadmin.set_paused(ctx, name, paused, drain=drain, failback=failback)
     return web.json_response(_node_json(ctx, name) | {"paused": paused})
 
 

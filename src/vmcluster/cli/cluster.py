@@ -12,6 +12,7 @@ import click
 
 from vmcluster.agent.config import Secrets
 from vmcluster.api.client import ApiClient
+from vmcluster.api.server import MAX_EVENTS_LIMIT
 from vmcluster.cli.common import data_dir, output_option, print_fields, print_json, print_table
 from vmcluster.cli.common import stdout as out
 from vmcluster.cli.target import api_client
@@ -280,7 +281,8 @@ def _event_line(e: dict[str, Any]) -> str:
 
 @click.command()
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new events.")
-@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=0),
+@click.option("--limit", default=50, show_default=True,
+              type=click.IntRange(min=0, max=MAX_EVENTS_LIMIT),
               help="How many of the newest events to show first.")  # fmt: skip
 @via_option
 @output_option
