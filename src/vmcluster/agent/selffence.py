@@ -1,0 +1,89 @@
+"""The self-fence, carried out (the decisions are core/selffence.py's): past the lease
+deadline every instance is killed, or frozen for the resiliency period; frozen instances that
+are still this node's are resumed whenever the lease is known valid (also those the watchdog
+froze, and whose freeze landed just after a renewal)."""
+
+import asyncio
+import signal
+from collections.abc import Callable, Mapping
+from typing import assert_never
+
+from vmcluster.agent.config import Timings
+from vmcluster.agent.hosting import LocalInstance, VmHost
+from vmcluster.agent.lease import QuorumState
+from vmcluster.agent.records import ClusterRecords
+from vmcluster.core.ha import RUNS
+from vmcluster.core.selffence import FenceAction, FreezeAll, KillAll, SelfFence, Thaw
+from vmcluster.hypervisor import process
+from vmcluster.logs import event, get_logger
+
+log = get_logger(__name__)
+
+Key = tuple[str, int]
+
+
+class SelfFenceLoop:
+    def __init__(
+        self,
+        *,
+        node: str,
+        timings: Timings,
+        records: ClusterRecords,
+        host: VmHost,
+        quorum: QuorumState,
+        clock: Callable[[], float],
+        note_crashed: Callable[[list[Key]], None],
+        emit_later: Callable[[str, str, str], None],
+    ) -> None:
+        self.me = node
+        self.timings = timings
+        self.records = records
+        self.host = host
+        self.quorum = quorum
+        self.clock = clock
+        self.note_crashed = note_crashed
+        self.emit_later = emit_later
+
+    async def run(self) -> None:
+        t = self.timings
+        fence = SelfFence(margin_s=t.self_fence_margin_s, resiliency_s=t.resiliency_period_s)
+        while True:
+            await asyncio.sleep(t.self_fence_check_s)
+            instances = dict(self.host.instances)
+            frozen = {k for k, i in instances.items() if process.is_stopped(i.proc)}
+            actions = fence.update(
+                now=self.clock(), valid_until=self.quorum.valid_until,
+                instances=frozenset(instances), frozen=frozen,
+                owned=self.owned() if frozen else frozenset(),
+            )  # fmt: skip
+            for action in actions:
+                self._carry_out(action, instances)
+
+    def _carry_out(self, action: FenceAction, instances: Mapping[Key, LocalInstance]) -> None:
+        targets = [instances[key] for key in action.keys if key in instances]
+        if isinstance(action, Thaw):
+            for instance in targets:
+                self.host.signal(instance, signal.SIGCONT)
+                log.warning(event("vm.self-fence.resumed", vm=instance.vm,
+                                  generation=instance.generation))  # fmt: skip
+        elif isinstance(action, FreezeAll):
+            count = sum(1 for i in targets if self.host.signal(i, signal.SIGSTOP))
+            log.warning(event("vm.self-fence", node=self.me, frozen=count,
+                              resiliency_s=action.resiliency_s,
+                              reason="lease not renewed in time"))  # fmt: skip
+        elif isinstance(action, KillAll):
+            self.note_crashed([instance.key for instance in targets])
+            killed = self.host.kill_now(targets)
+            log.warning(event("vm.self-fence", node=self.me, killed=killed,
+                              reason="lease not renewed in time"))  # fmt: skip
+            why = f"killed {killed} VM instances: lease not renewed in time"
+            self.emit_later("node.self-fenced", self.me, why)
+        else:
+            assert_never(action)
+
+    def owned(self) -> frozenset[Key]:
+        """The instances whose placement names this node at their generation, to run."""
+        return frozenset(
+            (name, vm.record.generation) for name, vm in self.records.stored().items()
+            if vm.record.owner == self.me and vm.record.phase in RUNS
+        )  # fmt: skip

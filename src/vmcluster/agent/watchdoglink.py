@@ -1,0 +1,76 @@
+"""The agent's side of the watchdog (agent/watchdog.py, a process of its own): its state file
+kept up to date with the deadline (half a self-fence margin after the agent's own), the
+instances, and the QEMU processes being launched; the process started when the first instance
+is about to run."""
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from vmcluster.agent import watchdog
+from vmcluster.agent.config import AgentConfig
+from vmcluster.agent.hosting import VmHost
+from vmcluster.agent.lease import QuorumState
+from vmcluster.logs import event, get_logger
+
+log = get_logger(__name__)
+
+
+class WatchdogLink:
+    def __init__(self, *, config: AgentConfig, host: VmHost, quorum: QuorumState) -> None:
+        self.config = config
+        self.host = host
+        self.quorum = quorum
+        self._told: tuple[float, frozenset[Any], frozenset[Any]] | None = None
+        self._child: subprocess.Popen[bytes] | None = None
+
+    async def run(self) -> None:
+        """Keep the watchdog process told of the deadline and the instances (once VMs run)."""
+        while True:
+            await asyncio.sleep(self.config.timings.self_fence_check_s)
+            if self._child is not None:
+                self._child.poll()  # reap it if it died
+            self.tell()
+
+    def tell(self) -> None:
+        """Write the watchdog's state if it changed: the deadline, the instances, and the QEMU
+        processes being launched (by pid file: a launch covered before its pid is known).
+        Called by the loop, and by a start just before it launches QEMU."""
+        run_dir = Path(self.config.vms.run_dir)
+        t = self.config.timings
+        instances = frozenset(i.proc for i in self.host.instances.values())
+        launching = frozenset(self.host.launching.items())
+        if not instances and not launching and self._told is None:
+            return
+        # The watchdog is the backstop: its deadline is half a margin after the agent's own,
+        # still before the lease can expire.
+        state = (self.quorum.valid_until - t.self_fence_margin_s / 2, instances, launching)
+        if state == self._told:
+            return
+        try:
+            watchdog.write_state(
+                run_dir, state[0], sorted(instances, key=lambda p: p.pid),
+                resiliency_s=t.resiliency_period_s, check_s=t.watchdog_check_s,
+                launching=[(str(path), vm, gen) for (vm, gen), path in sorted(launching)],
+            )  # fmt: skip
+            self._told = state
+            child = self._child
+            starting = child is not None and child.poll() is None
+            if (instances or launching) and not starting and watchdog.running(run_dir) is None:
+                self._child = self._start(run_dir)
+        except OSError as exc:
+            log.warning(event("watchdog.update.failed", reason=str(exc)))
+
+    def _start(self, run_dir: Path) -> "subprocess.Popen[bytes]":
+        log_path = Path(self.config.data_dir) / "watchdog.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as out:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "vmcluster.agent.watchdog", str(run_dir)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,  # it must outlive a crashed or killed agent
+            )  # fmt: skip
+        log.info(event("watchdog.started", pid=child.pid, run_dir=str(run_dir)))
+        return child
