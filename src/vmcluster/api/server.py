@@ -328,12 +328,17 @@ async def _resume(request: web.Request) -> web.Response:
 async def _vms(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT_KEY]
     stored = ctx.records.stored()
-    return web.json_response([vmservice.vm_json(stored[n]) for n in sorted(stored)])
+    period = ctx.records.ha_settings().failover_period_s
+    return web.json_response(
+        [vmservice.vm_json(stored[n], failover_period_s=period) for n in sorted(stored)]
+    )
 
 
 async def _vm(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT_KEY]
-    return web.json_response(vmservice.vm_json(vmservice.find(ctx, request.match_info["vm"])))
+    vm = vmservice.find(ctx, request.match_info["vm"])
+    period = ctx.records.ha_settings().failover_period_s
+    return web.json_response(vmservice.vm_json(vm, failover_period_s=period))
 
 
 async def _vm_create(request: web.Request) -> web.Response:

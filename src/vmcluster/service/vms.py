@@ -107,7 +107,10 @@ def find(ctx: NodeContext, name: str) -> "StoredVm":
     return vm
 
 
-def vm_json(vm: "StoredVm", *, now: float | None = None) -> dict[str, Any]:
+def vm_json(
+    vm: "StoredVm", *, failover_period_s: float, now: float | None = None
+) -> dict[str, Any]:
+    """A VM as the API shows it; ``failovers``: those that count for its failover threshold."""
     record = vm.record
     now = time.time() if now is None else now
     holds = record.phase in HOLDS_NODE
@@ -126,7 +129,7 @@ def vm_json(vm: "StoredVm", *, now: float | None = None) -> dict[str, Any]:
             for d, p in zip(vm.spec.spec.disks, vm.spec.storage, strict=True)
         ],
         "policy": policy_to_json(vm.spec.policy),
-        "failovers": [t for t in record.failovers if now - t < 6 * 3600],
+        "failovers": [t for t in record.failovers if now - t < failover_period_s],
         "instance": instance,
     }
 
