@@ -97,7 +97,7 @@ def test_a_second_agent_with_a_nodes_name_is_refused_and_starts_nothing(two_node
     path = lab.host_dir("n2") / "twin.toml"
     path.write_text(twin + "\n")
     started = time.monotonic()
-    result = run_cli("lab", "exec", "n2", "--name", lab.name, "--", *_agent_argv(path))
+    result = run_cli("lab", "exec", "--name", lab.name, "n2", "--", *_agent_argv(path))
     assert time.monotonic() - started < CONVERGE_S
     lines = [line for line in result.err.splitlines() if line.strip().startswith("error:")]
     assert result.code == 4, (result.code, result.err[-2000:])
