@@ -92,19 +92,13 @@ ERROR_STATUS: tuple[tuple[type[VmclusterError], int, str], ...] = (
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Errors become JSON with the HTTP status and a kind the CLI maps back to exit codes.
-    Every answer says whether this ctx has quorum (without it, reads may be stale)."""
+    Every answer says whether this agent has quorum (without it, reads may be stale)."""
     try:
         response = await handler(request)
         if not response.prepared:
             quorate = request.app[CONTEXT_KEY].has_quorum()
             response.headers["X-Vmcluster-Quorum"] = "yes" if quorate else "no"
         return response
-    except VmclusterError as exc:
-        for cls, status, kind in ERROR_STATUS:
-            if isinstance(exc, cls):
-                return _error(status, str(exc), kind)
-        log.warning(event("api.error", path=request.path, reason=str(exc)))
-        return _error(500, str(exc), "error")
     except StoreError as exc:
         if request.method == "GET":
             return _error(503, f"cluster database unavailable: {exc}", "no_quorum")
@@ -112,6 +106,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _error(504, f"the cluster database did not confirm the change, which may or may "
                            f"not have been made: {exc}; check before retrying",
                       "outcome_unknown")  # fmt: skip
+    except VmclusterError as exc:
+        for cls, status, kind in ERROR_STATUS:
+            if isinstance(exc, cls):
+                return _error(status, str(exc), kind)
+        log.warning(event("api.error", path=request.path, reason=str(exc)))
+        return _error(500, str(exc), "error")
     except web.HTTPException as exc:  # aiohttp's own answers: no such route, wrong method
         if exc.status < 400:
             raise

@@ -1,0 +1,31 @@
+"""A change whose commit the cluster database did not confirm may or may not have been made:
+the API answers 504 ``outcome_unknown`` (a 503 ``no_quorum`` made clients send the same change
+to another agent), and the client reports it without asking another agent."""
+
+from pathlib import Path
+
+import pytest
+
+from tests.api.test_api_input import Api, run
+from vmcluster.clusterstate.store import Commit, StoreUnavailable
+
+
+def test_an_unconfirmed_write_answers_504_outcome_unknown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario(a: Api) -> None:
+        async def unconfirmed(commit: Commit) -> bool:
+            raise StoreUnavailable("etcd did not answer the commit in time")
+
+        monkeypatch.setattr(a.store, "commit", unconfirmed)
+        answer = await a.request("POST", "/v1/ha/disarm")
+        assert answer.status == 504, answer
+        assert answer.kind == "outcome_unknown"
+        assert isinstance(answer.body, dict)
+        message = str(answer.body["error"])
+        assert "may or may not have been made" in message
+        assert "\n" not in message
+        listed = await a.request("GET", "/v1/vms")  # reads come from the cache: unaffected
+        assert listed.status == 200
+
+    run(tmp_path, monkeypatch, scenario)
