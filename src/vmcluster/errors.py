@@ -11,6 +11,7 @@ the thing and the problem (and, where there is one, the fix). Root causes are ch
     +-- MissingDependency   a program or image that must be installed or built first
     +-- HypervisorError     QEMU failed to start, answer or stop
     +-- ImageBuildError     the guest image could not be built
+    +-- ArrayUnavailable    an array's service answers on none of its paths (retryable)
 
 Programmer errors are not in this tree: they are assertions and crash.
 """
@@ -58,3 +59,13 @@ class HypervisorError(VmclusterError):
 
 class ImageBuildError(VmclusterError):
     """The guest image could not be built."""
+
+
+class ArrayUnavailable(VmclusterError):
+    """An array did not answer: its service on none of its paths, or its daemon to the service.
+
+    Retryable: the same request may succeed later. Whether a request that timed out was carried
+    out is unknown; every array operation is safe to repeat (vmcluster.arrays.driver).
+    """
+
+    exit_code = 7

@@ -30,8 +30,7 @@ cluster1 = "10.0.1.11"
 
 ARRAY_A1 = """
 [arrays.a1]
-qmp_socket = "/run/vmcluster/arrays/a1.qmp"
-directory = "/srv/arrays/a1"
+service = ["10.0.11.101:10810", "10.0.12.101:10810"]
 nbd = ["10.0.11.101:10809", "10.0.12.101:10809"]
 """
 
@@ -58,8 +57,7 @@ def config(**overrides: object) -> AgentConfig:
 def array(name: str = "a1", **overrides: object) -> ArrayAccess:
     values: dict[str, object] = {
         "name": name,
-        "qmp_socket": f"/run/vmcluster/arrays/{name}.qmp",
-        "directory": f"/srv/arrays/{name}",
+        "service": ("10.0.11.101:10810", "10.0.12.101:10810"),
         "nbd": ("10.0.11.101:10809", "10.0.12.101:10809"),
     }
     values.update(overrides)
@@ -97,6 +95,7 @@ def test_the_documented_example_loads(tmp_path: Path) -> None:
     loaded = load_config(write(tmp_path, BASE + ARRAY_A1))
     assert dict(loaded.arrays) == {"a1": array("a1")}
     assert loaded.arrays["a1"].nbd == ("10.0.11.101:10809", "10.0.12.101:10809")
+    assert loaded.arrays["a1"].service == ("10.0.11.101:10810", "10.0.12.101:10810")
 
 
 def test_round_trip_with_vms_and_two_arrays(tmp_path: Path) -> None:
@@ -105,7 +104,10 @@ def test_round_trip_with_vms_and_two_arrays(tmp_path: Path) -> None:
         api_listen="10.0.1.11:7480",
         timings=Timings(lease_ttl_s=4, self_fence_margin_s=1.25, heartbeat_interval_s=0.1),
         vms=VmSettings(memory_mib=2048, run_dir="/tmp/run dir", images_dir="/img", accel="kvm"),
-        arrays={"a1": array("a1"), "b-2": array("b-2", nbd=("[fd00::1]:10809",))},
+        arrays={
+            "a1": array("a1"),
+            "b-2": array("b-2", service=("[fd00::1]:10810",), nbd=("[fd00::1]:10809",)),
+        },
     )
     loaded = load_config(write(tmp_path, original.to_toml()))
     assert loaded == original
@@ -132,17 +134,19 @@ array_names = st.from_regex(NAME_RE, fullmatch=True)
     ),
     arrays=st.dictionaries(
         array_names,
-        st.tuples(text, text, st.lists(portals, min_size=1, max_size=3)),
+        st.tuples(
+            st.lists(portals, min_size=1, max_size=3), st.lists(portals, min_size=1, max_size=3)
+        ),
         max_size=3,
     ),
 )
 def test_round_trip_property(
-    tmp_path: Path, vms: VmSettings, arrays: dict[str, tuple[str, str, list[str]]]
+    tmp_path: Path, vms: VmSettings, arrays: dict[str, tuple[list[str], list[str]]]
 ) -> None:
     original = config(
         vms=vms,
-        arrays={name: ArrayAccess(name=name, qmp_socket=q, directory=d, nbd=tuple(nbd))
-                for name, (q, d, nbd) in arrays.items()},
+        arrays={name: ArrayAccess(name=name, service=tuple(service), nbd=tuple(nbd))
+                for name, (service, nbd) in arrays.items()},
     )  # fmt: skip
     assert load_config(write(tmp_path, original.to_toml())) == original
 
@@ -208,7 +212,34 @@ def test_bad_array_name(tmp_path: Path, name: str) -> None:
     assert f"invalid array name {name!r}" in message
 
 
-@pytest.mark.parametrize("key", ["qmp_socket", "directory", "nbd"])
+@pytest.mark.parametrize("portal", ["array1", "10.0.0.1:0", ":10810", "10.0.0.1:port"])
+def test_bad_service_address(tmp_path: Path, portal: str) -> None:
+    body = ARRAY_A1.replace('service = ["10.0.11.101:10810", "10.0.12.101:10810"]',
+                            f'service = ["{portal}", "10.0.12.101:10810"]')  # fmt: skip
+    message = load_error(tmp_path, BASE + body)
+    assert message == f"arrays.a1: service address {portal!r} must be HOST:PORT"
+
+
+def test_empty_service_list(tmp_path: Path) -> None:
+    body = ARRAY_A1.replace('["10.0.11.101:10810", "10.0.12.101:10810"]', "[]")
+    message = load_error(tmp_path, BASE + body)
+    assert message == "arrays.a1: service needs at least one HOST:PORT address"
+
+
+@pytest.mark.parametrize("key", ["qmp_socket", "directory"])
+def test_an_old_array_table_is_refused_with_the_fix(tmp_path: Path, key: str) -> None:
+    """Nodes no longer drive an array's daemon themselves (a socket and a directory they
+    shared with it): a config that says so is refused, naming what replaces it."""
+    old = ARRAY_A1.replace("[arrays.a1]\n", f'[arrays.a1]\n{key} = "/srv/arrays/a1/x"\n')
+    message = load_error(tmp_path, BASE + old)
+    where = f"agent config {tmp_path / 'agent.toml'}: arrays.a1"
+    assert message.startswith(
+        f"{where}: {key!r} is no longer used (nodes reach an array only over the storage "
+        "networks): replace qmp_socket and directory with service = ["
+    )
+
+
+@pytest.mark.parametrize("key", ["service", "nbd"])
 def test_missing_key_in_an_array_table(tmp_path: Path, key: str) -> None:
     body = "\n".join(line for line in ARRAY_A1.splitlines() if not line.startswith(key))
     message = load_error(tmp_path, BASE + body + "\n")

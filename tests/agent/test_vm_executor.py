@@ -130,8 +130,8 @@ async def bench(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterato
     """Node n1's agent (not started) on a fresh store with nodes n1-n3 that give 4 GiB to VMs,
     the VM ``web`` (two disks on arrays a1 and a2) wanted running, and its cache loaded."""
     store = FakeStore()
-    arrays = {name: ArrayAccess(name=name, qmp_socket=f"/unused/{name}.qmp",
-                                directory=f"/unused/{name}", nbd=("127.0.0.1:10809",))
+    arrays = {name: ArrayAccess(name=name, service=("127.0.0.1:10810",),
+                                nbd=("127.0.0.1:10809",))
               for name in ("a1", "a2")}  # fmt: skip
     config = AgentConfig(cluster="exec", node="n1", secrets_file="/unused",
                          networks={"cluster1": "127.0.9.1"}, etcd=("http://unused:2379",),

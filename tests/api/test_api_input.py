@@ -22,6 +22,7 @@ from vmcluster.agent.config import AgentConfig, ArrayAccess, Secrets
 from vmcluster.agent.events import MAX_EVENTS
 from vmcluster.api.openapi import OPENAPI
 from vmcluster.api.server import MAX_BODY_BYTES, MAX_EVENTS_LIMIT, MAX_JSON_DEPTH, make_app
+from vmcluster.arrays.driver import LunInfo
 from vmcluster.clusterstate.fake import FakeStore
 from vmcluster.clusterstate.keys import dumps, loads
 from vmcluster.service.vms import DEFAULT_CONSOLE_BYTES, MAX_CONSOLE_BYTES
@@ -36,8 +37,9 @@ class MemoryArray:
 
     luns_made: dict[str, int] = field(default_factory=dict)
 
-    def luns(self) -> dict[str, int]:
-        return dict(self.luns_made)
+    async def luns(self) -> list[LunInfo]:
+        return [LunInfo(name=name, size_bytes=size, generation=0)
+                for name, size in sorted(self.luns_made.items())]  # fmt: skip
 
     async def create_lun(self, lun: str, size_bytes: int) -> None:
         self.luns_made[lun] = size_bytes
@@ -128,8 +130,8 @@ async def api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
         cluster="api", node="n1", secrets_file="/unused", networks={"cluster1": "127.0.9.1"},
         etcd=("http://unused:2379",), api_socket=str(socket),
         data_dir=str(tmp_path / "n1"),
-        arrays={"a1": ArrayAccess(name="a1", qmp_socket="/unused/a1.qmp",
-                                  directory="/unused/a1", nbd=("127.0.0.1:10809",))},
+        arrays={"a1": ArrayAccess(name="a1", service=("127.0.0.1:10810",),
+                                  nbd=("127.0.0.1:10809",))},
     )  # fmt: skip
     agent = Agent(config, Secrets.generate(), store)
     lease = await store.grant_lease(3600)

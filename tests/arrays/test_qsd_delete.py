@@ -38,7 +38,7 @@ def stored(array: QsdArray) -> dict[str, dict[str, object]]:
 
 
 def configured_exports(array: QsdArray) -> list[str]:
-    return sorted(e for lun in array.luns().values() for e in lun.exports)
+    return sorted(e for lun in array.records().values() for e in lun.exports)
 
 
 # ----- delete -----
@@ -67,14 +67,14 @@ def test_delete_removes_the_exports_the_node_and_the_file(daemon: Daemon) -> Non
     assert not array.lun_path("gone").exists()
     assert array.lun_path("keep").exists()
     assert set(stored(array)) == {"keep"}
-    assert set(array.luns()) == {"keep"}
+    assert set(array.records()) == {"keep"}
 
 
 def test_delete_of_a_lun_never_exported(daemon: Daemon) -> None:
     array = daemon.array
     asyncio.run(array.create_lun("fresh", 4 * MIB))
     asyncio.run(array.delete_lun("fresh"))
-    assert array.luns() == {}
+    assert array.records() == {}
     assert not array.lun_path("fresh").exists()
     assert "lun-fresh" not in asyncio.run(block_nodes(array))
 
@@ -99,7 +99,7 @@ def test_a_deleted_name_can_be_created_again_with_fresh_data(daemon: Daemon) -> 
 
     asyncio.run(array.create_lun("again", 4 * MIB))
     assert array.lun_path("again").stat().st_size == 4 * MIB
-    record = array.luns()["again"]
+    record = array.records()["again"]
     assert (record.size_bytes, record.exports, record.generation) == (4 * MIB, [], 0)
     assert asyncio.run(array.fence("again", 1)) == "again.g1"
     assert asyncio.run(array.exports()) == ["again.g1"]
@@ -155,7 +155,7 @@ def test_two_concurrent_fences_leave_the_newest_generation(
                 assert outcome == f"race.g{older}"
             live = await array.exports()
             assert live == [f"race.g{newer}"]
-            record = array.luns()["race"]
+            record = array.records()["race"]
             assert (record.exports, record.generation) == ([f"race.g{newer}"], newer)
             assert stored(array)["race"]["exports"] == live
 

@@ -263,4 +263,4 @@ def test_delete_cuts_an_export_that_only_the_daemon_knows(daemon: Daemon) -> Non
         asyncio.run(array.delete_lun("disk1"))
         assert "wrote" not in client.run("write -P 0x22 4k 4k")
     assert asyncio.run(array.exports()) == []
-    assert array.luns() == {}
+    assert array.records() == {}

@@ -36,10 +36,12 @@ run_dir = "/run/vmcluster"                 # QMP sockets
 images_dir = "/var/lib/vmcluster/images"   # guest images (kernel + initramfs)
 accel = "auto"                             # auto (probe KVM, else TCG), kvm or tcg
 
-[arrays.a1]                                # an array: its management socket and NBD portals
-qmp_socket = "/run/vmcluster/arrays/a1.qmp"
-directory = "/srv/arrays/a1"
-nbd = ["10.0.11.101:10809", "10.0.12.101:10809"]
+[arrays.a1]                                # an array, over each storage network (both paths):
+service = ["10.0.11.101:10810", "10.0.12.101:10810"]   # its array service (management)
+nbd = ["10.0.11.101:10809", "10.0.12.101:10809"]       # its NBD portals (data)
+
+Nodes reach an array only over the storage networks; the ``qmp_socket`` and ``directory`` of
+older configs (a node driving the array's daemon itself) are refused with the fix.
 """
 
 import ipaddress
@@ -214,24 +216,29 @@ class VmSettings:
             raise InvalidInput(f"vms.accel {self.accel!r}: use auto, kvm or tcg")
 
 
+def _check_addresses(array: str, key: str, what: str, addresses: tuple[str, ...]) -> None:
+    if not addresses:
+        raise InvalidInput(f"arrays.{array}: {key} needs at least one HOST:PORT {what}")
+    for address in addresses:
+        host, _, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise InvalidInput(f"arrays.{array}: {key} {what} {address!r} must be HOST:PORT")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ArrayAccess:
-    """How this node reaches an array: its management (QMP) socket, its directory (LUN files and
-    configuration) and its NBD portals (HOST:PORT, one per storage network, in order)."""
+    """How this node reaches an array, over the storage networks only: its array service
+    (``service``, the management API) and its NBD portals (``nbd``), each HOST:PORT, one per
+    storage network (path), in order."""
 
     name: str
-    qmp_socket: str
-    directory: str
+    service: tuple[str, ...]
     nbd: tuple[str, ...]
 
     def __post_init__(self) -> None:
         check_name(self.name, what="array")
-        if not self.nbd:
-            raise InvalidInput(f"arrays.{self.name}: nbd needs at least one HOST:PORT portal")
-        for portal in self.nbd:
-            host, _, port = portal.rpartition(":")
-            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-                raise InvalidInput(f"arrays.{self.name}: nbd portal {portal!r} must be HOST:PORT")
+        _check_addresses(self.name, "service", "address", self.service)
+        _check_addresses(self.name, "nbd", "portal", self.nbd)
 
     def portal(self, index: int = 0) -> tuple[str, int]:
         host, _, port = self.nbd[index].rpartition(":")
@@ -311,8 +318,7 @@ class AgentConfig:
                   f"run_dir = {json.dumps(v.run_dir)}", f"images_dir = {json.dumps(v.images_dir)}",
                   f"accel = {json.dumps(v.accel)}"]  # fmt: skip
         for name, array in self.arrays.items():
-            lines += ["", f"[arrays.{name}]", f"qmp_socket = {json.dumps(array.qmp_socket)}",
-                      f"directory = {json.dumps(array.directory)}",
+            lines += ["", f"[arrays.{name}]", f"service = {json.dumps(list(array.service))}",
                       f"nbd = {json.dumps(list(array.nbd))}"]  # fmt: skip
         return "\n".join(lines) + "\n"
 
@@ -355,17 +361,23 @@ def load_config(path: Path) -> AgentConfig:
 def _array_access(path: Path, name: str, table: Any) -> ArrayAccess:
     if not isinstance(table, dict):
         raise InvalidInput(f"agent config {path}: arrays.{name} must be a table")
-    extra = sorted(set(table) - {"qmp_socket", "directory", "nbd"})
+    old = sorted(set(table) & {"qmp_socket", "directory"})
+    if old:
+        raise InvalidInput(
+            f"agent config {path}: arrays.{name}: {old[0]!r} is no longer used (nodes reach an "
+            "array only over the storage networks): replace qmp_socket and directory with "
+            'service = ["HOST:10810", ...], the array service on each storage network'
+        )
+    extra = sorted(set(table) - {"service", "nbd"})
     if extra:
         raise InvalidInput(f"agent config {path}: arrays.{name}: unknown setting {extra[0]!r}")
-    for key in ("qmp_socket", "directory", "nbd"):
+    for key, what in (("service", "addresses"), ("nbd", "portals")):
         if key not in table:
             raise InvalidInput(f"agent config {path}: arrays.{name}: {key!r} is missing")
-    if not isinstance(table["nbd"], list):
-        raise InvalidInput(f"agent config {path}: arrays.{name}: nbd must be a list of "
-                           "HOST:PORT portals")  # fmt: skip
-    return ArrayAccess(name=name, qmp_socket=str(table["qmp_socket"]),
-                       directory=str(table["directory"]), nbd=tuple(table["nbd"]))  # fmt: skip
+        if not isinstance(table[key], list):
+            raise InvalidInput(f"agent config {path}: arrays.{name}: {key} must be a list of "
+                               f"HOST:PORT {what}")  # fmt: skip
+    return ArrayAccess(name=name, service=tuple(table["service"]), nbd=tuple(table["nbd"]))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -15,12 +15,11 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 from vmcluster.agent.config import ArrayAccess
 from vmcluster.agent.records import StoredVm
-from vmcluster.arrays.qsd import QsdArray
+from vmcluster.arrays.client import ServiceArray
 from vmcluster.clusterstate.keys import Keys, dumps
 from vmcluster.clusterstate.store import Commit, Put, Store, StoreError
 from vmcluster.clusterstate.vmrecords import ClusteredVm, placement_to_json
@@ -34,13 +33,13 @@ log = get_logger(__name__)
 FENCE_TIMEOUT_S = 5.0  # per array: one that does not answer holds up only its own VMs
 
 
-def array_driver(arrays: Mapping[str, ArrayAccess], node: str, name: str) -> QsdArray:
-    """The driver of array ``name`` as ``node`` reaches it."""
+def array_driver(arrays: Mapping[str, ArrayAccess], node: str, name: str) -> ServiceArray:
+    """The driver of array ``name`` as ``node`` reaches it: its service, over the storage
+    networks (every address of ``service``, one per path)."""
     access = arrays.get(name)
     if access is None:
         raise VmclusterError(f"node {node} has no access to array {name}")
-    return QsdArray(name=name, qmp_socket=Path(access.qmp_socket),
-                    directory=Path(access.directory))  # fmt: skip
+    return ServiceArray(name=name, addresses=access.service)
 
 
 class ArrayDriver(Protocol):

@@ -52,6 +52,7 @@ from vmcluster.clusterstate.keys import loads
 from vmcluster.clusterstate.store import StoreError
 from vmcluster.errors import (
     AlreadyExists,
+    ArrayUnavailable,
     InvalidInput,
     InvalidState,
     NotFound,
@@ -82,6 +83,7 @@ def _error(status: int, message: str, kind: str = "") -> web.Response:
 
 ERROR_STATUS: tuple[tuple[type[VmclusterError], int, str], ...] = (
     (NoQuorum, 503, "no_quorum"),
+    (ArrayUnavailable, 502, "array_unavailable"),  # final: never re-sent to another agent
     (InvalidInput, 400, "invalid_input"),
     (NotFound, 404, "not_found"),
     (AlreadyExists, 409, "already_exists"),

@@ -1,4 +1,8 @@
-"""An array built from qemu-storage-daemon, driven over its QMP socket.
+"""An array built from qemu-storage-daemon, driven over its QMP socket, on the array host.
+
+Nodes never use this driver: they reach an array through its service over the storage networks
+(vmcluster.arrays.service wraps a QsdArray; vmcluster.arrays.client is the nodes' driver). The
+QMP socket and the directory are the array host's own.
 
 The daemon keeps its block nodes and exports in memory only, so the array's configuration (LUNs
 and their exports) is kept in ``array.json`` beside the LUN files and replayed by :meth:`restore`
@@ -35,21 +39,35 @@ import contextlib
 import fcntl
 import json
 import os
-import re
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
-from vmcluster.core.model import NAME_RE, check_name
-from vmcluster.errors import AlreadyExists, HypervisorError, InvalidInput, InvalidState, NotFound
+from vmcluster.arrays.driver import (
+    ArrayStatus,
+    LunInfo,
+    check_generation,
+    check_lun,
+    check_size,
+    export_name,
+    parse_export_name,
+)
+from vmcluster.errors import (
+    AlreadyExists,
+    ArrayUnavailable,
+    HypervisorError,
+    InvalidInput,
+    InvalidState,
+    NotFound,
+)
 from vmcluster.hypervisor.qmp import QmpSession
 from vmcluster.logs import event, get_logger
 
 log = get_logger(__name__)
 
 FENCE_ROUNDS = 10  # retire-export-check rounds before a fence gives up on exports that keep moving
-GENERATION_NAME_RE = re.compile(rf"(?P<lun>{NAME_RE.pattern})\.g(?P<generation>[0-9]{{1,18}})")
+QMP_CONNECT_TIMEOUT_S = 10.0  # the daemon may still be starting
 
 
 @dataclass(slots=True, kw_only=True)
@@ -58,18 +76,6 @@ class Lun:
     size_bytes: int
     exports: list[str] = field(default_factory=list)
     generation: int = 0  # high-water mark: the highest generation fenced or seen (0: never)
-
-
-def export_name(lun: str, generation: int) -> str:
-    return f"{lun}.g{generation}"
-
-
-def parse_export_name(name: str) -> tuple[str, int] | None:
-    """``(lun, generation)`` for a generation's export name ``<lun>.g<N>``, else None."""
-    match = GENERATION_NAME_RE.fullmatch(name)
-    if match is None:
-        return None
-    return match["lun"], int(match["generation"])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -110,12 +116,18 @@ class ArrayConfig:
 
 
 class QsdArray:
-    """One qemu-storage-daemon array: its QMP socket and its directory of LUN files."""
+    """One qemu-storage-daemon array: its QMP socket and its directory of LUN files. It runs on
+    the array host (the array service wraps it: vmcluster.arrays.service); it is an
+    :class:`~vmcluster.arrays.driver.ArrayDriver` itself.
 
-    def __init__(self, *, name: str, qmp_socket: Path, directory: Path) -> None:
+    One operation at a time: each holds an exclusive lock on the directory (``array.lock``)."""
+
+    def __init__(self, *, name: str, qmp_socket: Path, directory: Path,
+                 connect_timeout_s: float = QMP_CONNECT_TIMEOUT_S) -> None:  # fmt: skip
         self.name = name
         self.qmp_socket = qmp_socket
         self.directory = directory
+        self.connect_timeout_s = connect_timeout_s
 
     @property
     def config_path(self) -> Path:
@@ -124,8 +136,19 @@ class QsdArray:
     def lun_path(self, lun: str) -> Path:
         return self.directory / "luns" / f"{lun}.raw"
 
-    def _session(self) -> QmpSession:
-        return QmpSession(self.qmp_socket, name=f"array {self.name}")
+    @contextlib.asynccontextmanager
+    async def _session(self) -> AsyncIterator[QmpSession]:
+        """A QMP session with the daemon; ArrayUnavailable if it does not answer (retryable)."""
+        session = QmpSession(self.qmp_socket, name=f"array {self.name}")
+        try:
+            try:
+                await session.connect(self.connect_timeout_s)
+            except HypervisorError as exc:
+                raise ArrayUnavailable(f"array {self.name}: qemu-storage-daemon does not answer "
+                                       f"on {self.qmp_socket}") from exc  # fmt: skip
+            yield session
+        finally:
+            await session.close()
 
     @contextlib.asynccontextmanager
     async def _locked(self) -> AsyncIterator[None]:
@@ -139,7 +162,8 @@ class QsdArray:
             os.close(fd)  # closing the descriptor releases the lock
 
     async def create_lun(self, lun: str, size_bytes: int) -> None:
-        check_name(lun, what="LUN")
+        check_lun(lun)
+        check_size(size_bytes)
         async with self._locked():
             await self._create_lun(lun, size_bytes)
 
@@ -163,6 +187,7 @@ class QsdArray:
 
     async def delete_lun(self, lun: str) -> None:
         """Cut every client, remove the exports and the block node, and delete the LUN's data."""
+        check_lun(lun)
         async with self._locked():
             config = ArrayConfig.load(self.config_path)
             record = config.luns.get(lun)
@@ -180,8 +205,15 @@ class QsdArray:
             self.lun_path(lun).unlink(missing_ok=True)
         log.info(event("array.lun.deleted", array=self.name, lun=lun))
 
-    def luns(self) -> dict[str, Lun]:
+    def records(self) -> dict[str, Lun]:
+        """The LUNs as ``array.json`` holds them (the array host's own view, no daemon)."""
         return ArrayConfig.load(self.config_path).luns
+
+    async def luns(self) -> list[LunInfo]:
+        async with self._locked():
+            config = ArrayConfig.load(self.config_path)
+        return [LunInfo(name=lun.name, size_bytes=lun.size_bytes, generation=lun.generation)
+                for lun in sorted(config.luns.values(), key=lambda lun: lun.name)]  # fmt: skip
 
     async def export(self, lun: str, export_name: str) -> None:
         """Export ``lun`` over NBD as ``export_name`` (writable), a name that is not a
@@ -209,6 +241,8 @@ class QsdArray:
         retired. Returns the export name. Idempotent for the LUN's high-water mark; InvalidState
         below it (the mark raised by what the daemon reports is stored all the same).
         """
+        check_lun(lun)
+        check_generation(generation)
         async with self._locked():
             return await self._fence(lun, generation)
 
@@ -316,10 +350,42 @@ class QsdArray:
             await asyncio.sleep(0.01)
         raise HypervisorError(f"array {self.name}: export {export_id} did not go away")
 
-    async def exports(self) -> list[str]:
+    async def exports(self, lun: str | None = None) -> list[str]:
+        """The exports the daemon serves (of ``lun`` only, if given), sorted; exports being
+        cut (hard-deleted, their clients being disconnected) are left out."""
+        if lun is not None:
+            check_lun(lun)
         async with self._locked(), self._session() as session:
-            reply = await session.execute("query-block-exports")
-        return sorted(str(e["id"]) for e in reply)
+            if lun is None:
+                live = await self._live_exports(session)
+            else:
+                if lun not in ArrayConfig.load(self.config_path).luns:
+                    raise NotFound(f"array {self.name}: no LUN {lun!r}")
+                live = await self._lun_exports(session, lun)
+        return sorted(e.id for e in live if not e.shutting_down)
+
+    async def status(self) -> ArrayStatus:
+        async with self._locked(), self._session() as session:
+            live = await self._live_exports(session)
+            luns = len(ArrayConfig.load(self.config_path).luns)
+        return ArrayStatus(name=self.name, luns=luns,
+                           exports=sum(not e.shutting_down for e in live))  # fmt: skip
+
+    async def restore_if_forgotten(self) -> bool:
+        """:meth:`restore` if the daemon lacks the block node of a configured LUN (it restarted
+        and remembers nothing); whether it did. One query when nothing is missing."""
+        async with self._locked():
+            config = ArrayConfig.load(self.config_path)
+            if not config.luns:
+                return False
+            async with self._session() as session:
+                named = await session.execute("query-named-block-nodes", {"flat": True})
+            nodes = {str(n.get("node-name")) for n in named}
+            if all(f"lun-{lun}" in nodes for lun in config.luns):
+                return False
+            log.info(event("array.daemon.forgot", array=self.name))
+            await self._restore()
+            return True
 
     async def restore(self) -> None:
         """Re-create every configured LUN node and export (after the daemon restarted)."""

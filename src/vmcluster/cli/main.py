@@ -7,6 +7,7 @@ import click
 
 from vmcluster import __version__, logs
 from vmcluster.cli.agent import agent
+from vmcluster.cli.array import array
 from vmcluster.cli.cluster import cluster, events, node
 from vmcluster.cli.image import image
 from vmcluster.cli.lab import lab
@@ -48,6 +49,7 @@ cli.add_command(vm)
 cli.add_command(image)
 cli.add_command(lab)
 cli.add_command(agent)
+cli.add_command(array)
 cli.add_command(cluster)
 cli.add_command(node)
 cli.add_command(events)

@@ -2,7 +2,8 @@
 shown by ``lab status``) until it is undone; ``heal`` undoes them all.
 
 - crash HOST: SIGKILL every process in the host's namespace at once (a power cut); links down.
-- restart HOST: links up again, the host's processes started again with the same arguments.
+- restart HOST: links up again, the host's processes started again with the same arguments (an
+  array host: its daemon, then its service, which restores the daemon's LUNs and exports).
 - link HOST NET down|up: the switch port of HOST on NET (the peer sees carrier loss).
 - partition A / B: the switch drops IP traffic between A's and B's cluster-network addresses
   (nftables, bridge family); storage paths are untouched.
@@ -10,7 +11,6 @@ shown by ``lab status``) until it is undone; ``heal`` undoes them all.
 - slow HOST NET RATE: a token bucket (tbf) on both ends of the link.
 """
 
-import asyncio
 import re
 import signal
 import time
@@ -127,7 +127,7 @@ def _restart(lab: Lab, state: LabState, plan: LabPlan, host: Host) -> None:
             state.replace_process(tracked, started)
             state.save(lab.state_path)
     if host.role is Role.ARRAY:
-        asyncio.run(lab.array(host).restore())
+        lab.wait_array_ready(host, RESTART_HEALTH_TIMEOUT_S)
     if host.runs_etcd:
         deadline = time.monotonic() + RESTART_HEALTH_TIMEOUT_S
         while not lab.etcd_health(plan, via=host).get(host.name):

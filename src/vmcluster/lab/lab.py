@@ -20,6 +20,7 @@ from typing import Any
 from vmcluster.agent.config import AgentConfig, ArrayAccess, Secrets, VmSettings
 from vmcluster.api.client import ApiClient, ClusterTarget
 from vmcluster.arrays.qsd import ArrayConfig, QsdArray
+from vmcluster.arrays.serviceconfig import ServiceConfig
 from vmcluster.clusterstate.keys import Keys, dumps
 from vmcluster.core.model import DEFAULT_IMAGE
 from vmcluster.errors import (
@@ -34,11 +35,13 @@ from vmcluster.hypervisor import process
 from vmcluster.hypervisor.accel import choose_accel
 from vmcluster.lab import netns
 from vmcluster.lab.plan import (
+    ARRAY_SERVICE_PORT,
     CLUSTER_NETWORKS,
     ETCD_CLIENT_PORT,
     ETCD_PEER_PORT,
     NAMESPACE_PREFIX,
     NBD_PORT,
+    STORAGE_NETWORKS,
     Host,
     LabPlan,
     Network,
@@ -56,6 +59,7 @@ log = get_logger(__name__)
 REQUIRED_TOOLS = ("ip", "tc", "nft", "setsid", "etcd", "etcdctl", "qemu-storage-daemon")
 ETCD_HEALTH_TIMEOUT_S = 60.0
 CLUSTER_READY_TIMEOUT_S = 60.0
+ARRAY_READY_TIMEOUT_S = 30.0
 AGENT_API_PORT = 7480
 PROBE_LUN = "lab-probe"
 PROBE_LUN_BYTES = 1024 * 1024
@@ -92,8 +96,15 @@ class Lab:
         return self.dir / host
 
     def array(self, host: Host) -> QsdArray:
+        """Array ``host`` as its own host sees it: its daemon's QMP socket and its directory.
+        Only the array host uses these (the lab provisions its probe LUN with them, tests look
+        behind the service); nodes reach the array through its service (:meth:`array_access`)."""
         return QsdArray(name=host.name, qmp_socket=self.run_dir / f"{host.name}.qmp",
                         directory=self.host_dir(host.name))  # fmt: skip
+
+    def array_service(self, host: Host) -> tuple[str, ...]:
+        """The addresses of array ``host``'s service: one on each storage network."""
+        return tuple(f"{host.address(n)}:{ARRAY_SERVICE_PORT}" for n in STORAGE_NETWORKS)
 
     # ----- up -----
 
@@ -204,6 +215,18 @@ class Lab:
                        log_path=str(self.host_dir(host.name) / "array.log"),
                        pidfile=str(self.run_dir / f"{host.name}-array.pid"))  # fmt: skip
 
+    def _array_service_tracked(self, host: Host) -> Tracked:
+        array = self.array(host)
+        config = ServiceConfig(array=host.name, directory=str(array.directory),
+                               qmp_socket=str(array.qmp_socket),
+                               listen=self.array_service(host))  # fmt: skip
+        path = self.host_dir(host.name) / "array-service.toml"
+        path.write_text(config.to_toml())
+        argv = (sys.executable, "-m", "vmcluster", "array", "serve", "--config", str(path))
+        return Tracked(role="array-service", host=host.name, argv=argv, namespace=host.namespace,
+                       log_path=str(self.host_dir(host.name) / "array-service.log"),
+                       pidfile=str(self.run_dir / f"{host.name}-array-service.pid"))  # fmt: skip
+
     def _start(self, state: LabState, tracked: Tracked) -> Tracked:
         state.processes.append(tracked)
         state.save(self.state_path)
@@ -218,6 +241,9 @@ class Lab:
             self._start(state, self._etcd_tracked(plan, host))
 
     def _start_arrays(self, plan: LabPlan, state: LabState) -> None:
+        """Each array host: its daemon, the probe LUN (provisioned by the host itself, as an
+        array leaves the factory with it), then its service; ready when every service answers
+        over both storage networks."""
         for host in plan.arrays:
             self.host_dir(host.name).mkdir(parents=True, exist_ok=True)
             self._start(state, self._array_tracked(host))
@@ -227,6 +253,22 @@ class Lab:
             if PROBE_LUN not in ArrayConfig.load(array.config_path).luns:
                 asyncio.run(array.create_lun(PROBE_LUN, PROBE_LUN_BYTES))
                 asyncio.run(array.export(PROBE_LUN, PROBE_LUN))
+            self._start(state, self._array_service_tracked(host))
+        for host in plan.arrays:
+            self.wait_array_ready(host, ARRAY_READY_TIMEOUT_S)
+
+    def wait_array_ready(self, host: Host, timeout_s: float) -> None:
+        """Until array ``host``'s service answers (its daemon's configuration restored), asked
+        from the array host itself over its storage addresses."""
+        argv = ["ip", "netns", "exec", host.namespace, sys.executable, "-m", "vmcluster",
+                "array", "status", "--name", host.name, "--wait", f"{timeout_s:g}", "-o", "json",
+                *self.array_service(host)]  # fmt: skip
+        try:
+            netns.run(argv)
+        except VmclusterError as exc:
+            raise VmclusterError(f"lab {self.name}: array {host.name} does not answer after "
+                                 f"{timeout_s:g} s; see {self.host_dir(host.name)}/"
+                                 f"array-service.log ({exc})") from None  # fmt: skip
 
     # ----- the cluster: secrets, record, agents -----
 
@@ -280,12 +322,11 @@ class Lab:
                        pidfile=str(self.run_dir / f"{host.name}-agent.pid"))  # fmt: skip
 
     def array_access(self, host: Host) -> ArrayAccess:
-        """How a node reaches array ``host``: its QMP socket, its directory, its NBD portals."""
-        array = self.array(host)
-        return ArrayAccess(name=host.name, qmp_socket=str(array.qmp_socket),
-                           directory=str(array.directory),
-                           nbd=tuple(f"{host.address(n)}:{NBD_PORT}" for n in host.networks
-                                     if n.is_storage))  # fmt: skip
+        """How a node reaches array ``host``: over storage-a and storage-b, its service and its
+        NBD portals."""
+        return ArrayAccess(name=host.name, service=self.array_service(host),
+                           nbd=tuple(f"{host.address(n)}:{NBD_PORT}"
+                                     for n in STORAGE_NETWORKS))  # fmt: skip
 
     def _accel(self) -> str:
         """The accelerator for the lab's VMs, probed once per host boot (the image is built
@@ -440,6 +481,7 @@ class Lab:
         ]  # fmt: skip
         arrays = [
             {"host": h.name, "qmp_socket": str(self.array(h).qmp_socket),
+             "service": list(self.array_service(h)),
              "nbd": {str(n): f"nbd://{h.address(n)}:{NBD_PORT}" for n in h.networks}}
             for h in plan.arrays
         ]  # fmt: skip

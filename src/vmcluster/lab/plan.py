@@ -11,6 +11,9 @@ creates is recognisable (and removable) by name.
     storage-b   10.77.12.0/24    .10+N        .100+N        -        -
     vm          10.77.100.0/24   (bridge)     -             .200     -
 
+An array host runs qemu-storage-daemon (NBD on port 10809) and its array service (port 10810)
+on both storage networks.
+
 On the vm network a node has no address: it holds a bridge ``br-vm`` for its guests' taps,
 uplinked to the switch. Guests take addresses from that subnet.
 """
@@ -30,6 +33,7 @@ MIN_ARRAYS, MAX_ARRAYS = 0, 4
 ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
 NBD_PORT = 10809
+ARRAY_SERVICE_PORT = 10810  # the array service (vmcluster.arrays.wire.SERVICE_PORT)
 
 
 class Network(StrEnum):

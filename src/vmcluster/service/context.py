@@ -6,11 +6,11 @@ service/ or api/ knows the agent itself."""
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from vmcluster.agent.cache import ClusterCache
 from vmcluster.agent.config import AgentConfig, Secrets
 from vmcluster.agent.records import ClusterRecords
+from vmcluster.arrays.driver import ArrayDriver
 from vmcluster.clusterstate.keys import Keys
 from vmcluster.clusterstate.store import Store
 from vmcluster.core.cluster import ClusterView
@@ -33,7 +33,7 @@ class NodeContext:
     view: Callable[[], ClusterView]  # the cluster as this node sees it now
     event_record: Callable[[str, str, str], tuple[str, bytes]]  # (key, value) of an event
     emit: Callable[[str, str, str], Awaitable[bool]]  # write an event now
-    array: Callable[[str], Any]  # array name -> its driver as this node reaches it
+    array: Callable[[str], ArrayDriver]  # array name -> its driver as this node reaches it
     consoles: Callable[[str], dict[int, Path]]  # VM -> generation -> console kept here
 
     @property

@@ -191,7 +191,7 @@ async def create(ctx: NodeContext, body: Mapping[str, Any]) -> dict[str, Any]:
     if name in ctx.records.stored():
         raise AlreadyExists(f"VM {name!r} already exists in cluster {ctx.config.cluster}")
     qsd = ctx.array(array)
-    existing = qsd.luns()
+    existing = {lun.name for lun in await qsd.luns()}
     for placement in vm.storage:
         if placement.lun in existing:
             raise AlreadyExists(f"VM {name}: array {array} already has a LUN {placement.lun!r}")
