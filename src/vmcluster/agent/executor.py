@@ -42,8 +42,9 @@ def array_driver(arrays: Mapping[str, ArrayAccess], node: str, name: str) -> Ser
     return ServiceArray(name=name, addresses=access.service)
 
 
-class ArrayDriver(Protocol):
-    """What the executor needs of an array: the storage fence."""
+class Fencer(Protocol):
+    """What the executor needs of an array: the storage fence (a part of
+    :class:`vmcluster.arrays.driver.ArrayDriver`)."""
 
     async def fence(self, lun: str, generation: int) -> str: ...
 
@@ -64,7 +65,7 @@ class VmExecutor:
         arrays: Mapping[str, ArrayAccess],
         event_record: Callable[[str, str, str], tuple[str, bytes]],
         wall: Callable[[], float] = time.time,
-        driver: Callable[[str], ArrayDriver] | None = None,
+        driver: Callable[[str], Fencer] | None = None,
     ) -> None:
         self.node = node
         self.store = store
@@ -72,7 +73,7 @@ class VmExecutor:
         self.arrays = arrays
         self.event_record = event_record
         self.wall = wall
-        self.driver: Callable[[str], ArrayDriver] = driver or (
+        self.driver: Callable[[str], Fencer] = driver or (
             lambda name: array_driver(arrays, node, name)
         )
         self._jobs: dict[str, _Job] = {}
