@@ -36,8 +36,8 @@ def up(name: str, nodes: int, arrays: int, witness: bool) -> None:
     _print_hosts(status)
     stdout.print(f"etcd: {', '.join(status['etcd_endpoints'])}", markup=False)
     for array in status["arrays"]:
-        stdout.print(f"array {array['host']}: {' '.join(array['nbd'].values())}  "
-                     f"qmp {array['qmp_socket']}", markup=False)  # fmt: skip
+        stdout.print(f"array {array['host']}: nbd {' '.join(array['nbd'].values())}  "
+                     f"service {' '.join(array['service'])}", markup=False)  # fmt: skip
 
 
 def _print_hosts(status: dict[str, object]) -> None:
