@@ -49,7 +49,7 @@ class FakeArray:
     calls: list[FenceCall]
     failure: Exception | None = None
 
-    async def fence(self, lun: str, generation: int) -> str:
+    async def fence(self, lun: str, generation: int, *, request_id: str | None = None) -> str:
         entry = await self.store.get(self.keys.vm(VM, "placement"))
         placement = None if entry is None else loads(entry.value)
         self.calls.append(FenceCall(self.name, lun, generation, placement))
@@ -80,12 +80,15 @@ class Bench:
             while cache.revision < target:
                 await cache.wait_changed(1.0, after=cache.version)
 
-    async def control(self, states: dict[str, NodeState], leader_revision: int) -> None:
-        """One controller cycle on this view, and its VM jobs run to the end."""
+    async def control(
+        self, states: dict[str, NodeState], leader_revision: int, leader: str = "n1"
+    ) -> None:
+        """One controller cycle on this view (decided by ``leader``), and its VM jobs run to
+        the end."""
         await self.synced()
         agent = self.agent
         stored = agent.records.stored()
-        snapshot = agent.records.snapshot(view(states), stored, agent.executor.pending())
+        snapshot = agent.records.snapshot(view(states, leader), stored, agent.executor.pending())
         decision = decide(snapshot, time.time())
         agent.executor.submit(decision.vm_actions, stored, leader_revision, snapshot.settings)
         await agent.executor.wait_idle()
@@ -209,7 +212,7 @@ def test_without_a_preference_the_start_goes_to_an_up_node(
         await b.put(b.keys.vm(VM, "spec"), clustered_vm(preferred=()).to_dict())
         revision = await lead(b)
         states = {"n1": NodeState.DOWN, "n2": NodeState.PAUSED, "n3": NodeState.UP}
-        await b.control(states, revision)
+        await b.control(states, revision, leader="n3")  # a leader sees itself up
         placement = await b.placement()
         assert placement is not None
         assert placement["owner"] == "n3"

@@ -29,3 +29,28 @@ def test_an_unconfirmed_write_answers_504_outcome_unknown(
         assert listed.status == 200
 
     run(tmp_path, monkeypatch, scenario)
+
+
+@pytest.mark.parametrize("applied", [True, False])
+def test_a_create_whose_commit_is_unconfirmed_keeps_its_disks_only_if_it_was_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, applied: bool
+) -> None:
+    """The answer to the spec's commit is lost. If the commit was applied, the VM exists and
+    its LUNs are its disks: kept. If not, nothing is left behind."""
+
+    async def scenario(a: Api) -> None:
+        real = a.store.commit
+
+        async def lost_answer(commit: Commit) -> bool:
+            if applied:
+                await real(commit)
+            raise StoreUnavailable("etcd did not answer the commit in time")
+
+        monkeypatch.setattr(a.store, "commit", lost_answer)
+        answer = await a.post_json("/v1/vms", {"name": "web", "memory_mib": 128})
+        assert answer.status == 504, answer
+        spec = await a.record(a.agent.keys.vm("web", "spec"))
+        assert (spec is not None) == applied
+        assert bool(a.array.luns_made) == applied
+
+    run(tmp_path, monkeypatch, scenario)

@@ -138,3 +138,12 @@ def test_an_empty_recorded_view_reports_every_node() -> None:
     decision = decide(snapshot(recorded=RecordedView()), NOW)
     kinds = [a.kind for a in decision.actions if isinstance(a, EmitEvent)]
     assert kinds == ["node.up", "node.up", "node.up", "network.up"] or kinds[:3] == ["node.up"] * 3
+
+
+def test_a_leader_that_does_not_see_itself_up_takes_no_vm_action() -> None:
+    """n1 leads but sees itself isolated (an agent just restarted, or cut off): it records what
+    it sees, and leaves the VMs alone; the others depose it and decide."""
+    decision = decide(snapshot(view(n1=NodeState.ISOLATED), vms={"web": running("n1")}), NOW)
+    assert decision.vm_actions == ()
+    assert "no VM action: leader n1 is isolated" in decision.reason
+    assert [a.kind for a in decision.actions if isinstance(a, EmitEvent)] == ["node.isolated"]

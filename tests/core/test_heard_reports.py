@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tests.core.test_cluster_view import NETWORKS, both_ways, facts, node_states, reports
 
-from vmcluster.core.cluster import ClusterFacts, NodeState, counted_reports, evaluate
+from vmcluster.core.cluster import ClusterFacts, NodeState, counted_reports, evaluate, may_depose
 
 N2 = ("n1", "n2")
 N5 = ("n1", "n2", "n3", "n4", "n5")
@@ -101,3 +101,37 @@ def test_stale_reports_never_isolate_a_survivor(size: int, crashed_mask: int) ->
     for name in nodes:
         expected = NodeState.ISOLATED if name in crashed else NodeState.UP
         assert states[name] is expected, (name, crashed, states)
+
+
+# --- deposing an isolated leader --------------------------------------------------------------
+
+
+def test_a_crashed_leader_of_two_is_deposed_its_report_predates_its_loss() -> None:
+    f = with_viewer(facts(N2, reports_=reports(N2, down=dead(N2, {"n1"})), leader="n1"), "n2")
+    assert may_depose(f, evaluate(f), "n1")
+
+
+def test_a_live_leader_cut_off_from_the_other_of_two_keeps_leading() -> None:
+    """Both sides report each other down (a cut, not a crash): a tie, and the leader's report
+    is fresh. The other side does not depose it (only to be deposed in turn)."""
+    cut = [t for n in NETWORKS for t in both_ways("n1", "n2", n)]
+    f = with_viewer(facts(N2, reports_=reports(N2, down=cut), leader="n1"), "n2")
+    view = evaluate(f)
+    assert node_states(view) == {"n1": NodeState.ISOLATED, "n2": NodeState.UP}
+    assert not may_depose(f, view, "n1")
+
+
+def test_a_leader_cut_off_from_a_majority_is_deposed() -> None:
+    n3 = N5[:3]
+    cut = [t for n in NETWORKS for peer in ("n2", "n3") for t in both_ways("n1", peer, n)]
+    f = with_viewer(facts(n3, reports_=reports(n3, down=cut), leader="n1"), "n2")
+    assert may_depose(f, evaluate(f), "n1")
+
+
+def test_nobody_deposes_a_leader_that_is_up_or_from_a_side_that_is_not() -> None:
+    f = with_viewer(facts(N5[:3], leader="n1"), "n2")
+    assert not may_depose(f, evaluate(f), "n1")
+    n3 = N5[:3]
+    cut = [t for n in NETWORKS for peer in ("n1", "n3") for t in both_ways("n2", peer, n)]
+    g = with_viewer(facts(n3, reports_=reports(n3, down=cut), leader="n1"), "n2")
+    assert not may_depose(g, evaluate(g), "n1")  # the viewer is the isolated one

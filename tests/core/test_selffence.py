@@ -77,3 +77,12 @@ def test_a_lease_lost_again_after_a_thaw_starts_a_new_period() -> None:
         FreezeAll(keys=(A,), resiliency_s=30),
     )
     assert fence.next_deadline() == 46.5
+
+
+def test_an_instance_that_appears_while_frozen_is_frozen_too() -> None:
+    fence = SelfFence(margin_s=0.5, resiliency_s=30)
+    fence.update(now=9.5, valid_until=VALID, instances={A})
+    assert fence.update(now=9.6, valid_until=VALID, instances=BOTH) == (
+        FreezeAll(keys=(B,), resiliency_s=30),
+    )
+    assert fence.update(now=9.7, valid_until=VALID, instances=BOTH) == ()

@@ -91,7 +91,7 @@ class Agent:
         self.detector = self.membership.detector
         self.election = Election(node=me, keys=self.keys, store=store, cache=self.cache,
                                  quorum=self.quorum, has_quorum=self.has_quorum,
-                                 view=self.view)  # fmt: skip
+                                 view=self.view, facts=self.membership.facts)  # fmt: skip
         self.executor = VmExecutor(node=me, store=store, keys=self.keys, arrays=config.arrays,
                                    event_record=self.events.record)  # fmt: skip
         self.controller = ControllerLoop(

@@ -2,9 +2,11 @@
 
 A leader that the cluster sees Isolated (heartbeats lost on every network) is deposed at once
 by a node that sees itself Up, rather than when its lease expires: failover starts a lease TTL
-sooner. That is safe because a leader acts only through commits that compare the leader key's
-revision (a deposed leader's commits fail) and through fences, which the arrays order by
-generation (a deposed leader can neither un-fence nor re-open an older generation).
+sooner (``core.cluster.may_depose``: from a strict majority, or in a tie only a leader whose
+report predates its loss). That is safe because a leader acts only through commits that
+compare the leader key's revision (a deposed leader's commits fail) and through fences, which
+the arrays order by generation (a deposed leader can neither un-fence nor re-open an older
+generation).
 """
 
 import time
@@ -14,7 +16,7 @@ from vmcluster.agent.cache import ClusterCache
 from vmcluster.agent.lease import QuorumState
 from vmcluster.clusterstate.keys import Keys, dumps
 from vmcluster.clusterstate.store import Store, StoreError
-from vmcluster.core.cluster import ClusterView, NodeState
+from vmcluster.core.cluster import MAY_LEAD, ClusterFacts, ClusterView, may_depose
 from vmcluster.logs import event, get_logger
 
 log = get_logger(__name__)
@@ -33,6 +35,7 @@ class Election:
         quorum: QuorumState,
         has_quorum: Callable[[], bool],
         view: Callable[[], ClusterView],
+        facts: Callable[[], ClusterFacts],
     ) -> None:
         self.node = node
         self.keys = keys
@@ -41,6 +44,7 @@ class Election:
         self.quorum = quorum
         self.has_quorum = has_quorum
         self.view = view
+        self.facts = facts
 
     def is_leader(self) -> bool:
         return self.has_quorum() and self.cache.leader() == self.node
@@ -52,7 +56,7 @@ class Election:
             leader = self.cache.leader()
             if leader is not None and leader != self.node and self.has_quorum():
                 leader = await self._depose_if_isolated(leader)
-            if leader is None and self.has_quorum():
+            if leader is None and self.has_quorum() and self._may_lead():
                 try:
                     won = await self.store.create(
                         self.keys.leader, dumps({"node": self.node, "since": time.time()}),
@@ -64,12 +68,14 @@ class Election:
                     log.info(event("election.failed", reason=str(exc)))
             await self.cache.wait_changed(ELECTION_PERIOD_S, after=seen)
 
+    def _may_lead(self) -> bool:
+        """Only a node that sees itself Up (or paused, quarantined) takes the leader key: an
+        isolated one would be deposed at once, and a joining one has not heard anyone yet."""
+        mine = self.view().nodes.get(self.node)
+        return mine is not None and mine.state in MAY_LEAD
+
     async def _depose_if_isolated(self, leader: str) -> str | None:
-        view = self.view()
-        me, them = view.nodes.get(self.node), view.nodes.get(leader)
-        if me is None or them is None or me.state is not NodeState.UP:
-            return leader
-        if them.state is not NodeState.ISOLATED:
+        if not may_depose(self.facts(), self.view(), leader):
             return leader
         entry = self.cache.entries.get(self.keys.leader)
         if entry is None:

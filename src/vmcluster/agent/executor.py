@@ -46,7 +46,7 @@ class Fencer(Protocol):
     """What the executor needs of an array: the storage fence (a part of
     :class:`vmcluster.arrays.driver.ArrayDriver`)."""
 
-    async def fence(self, lun: str, generation: int) -> str: ...
+    async def fence(self, lun: str, generation: int, *, request_id: str | None = None) -> str: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -122,7 +122,7 @@ class VmExecutor:
         generation = fence_generation(action)
         try:
             if generation is not None:
-                await self._fence(vm.spec, generation)
+                await self._fence(vm.spec, generation, vm.revisions.get("placement", 0))
         except (VmclusterError, OSError) as exc:
             log.warning(event("vm.fence.failed", vm=vm.name, reason=str(exc)))
             return
@@ -139,21 +139,28 @@ class VmExecutor:
         except StoreError as exc:
             log.info(event("vm.placement.failed", vm=vm.name, reason=str(exc)))
 
-    async def _fence(self, vm: ClusteredVm, generation: int) -> None:
+    async def _fence(self, vm: ClusteredVm, generation: int, basis: int) -> None:
         """Retire every other generation of the VM's disks at their arrays; export this one.
-        Each array has its own timeout."""
+        Each array has its own timeout; ``basis`` (the placement revision the decision was
+        taken on) makes the request id that retries of this decision share."""
         started = time.monotonic()
 
         async def one(array: str, lun: str) -> None:
+            request_id = f"fence-{lun}-g{generation}-r{basis}"[:64]
             try:
                 async with asyncio.timeout(FENCE_TIMEOUT_S):
-                    await self.driver(array).fence(lun, generation)
+                    await self.driver(array).fence(lun, generation, request_id=request_id)
             except TimeoutError:
                 raise VmclusterError(
                     f"VM {vm.name}: array {array} did not fence generation {generation} "
                     f"within {FENCE_TIMEOUT_S:g} s"
                 ) from None
 
-        await asyncio.gather(*(one(p.array, p.lun) for p in vm.storage))
+        try:
+            async with asyncio.TaskGroup() as tg:  # one failure cancels the other arrays' fences
+                for placement in vm.storage:
+                    tg.create_task(one(placement.array, placement.lun))
+        except* (VmclusterError, OSError) as group:
+            raise group.exceptions[0] from None
         log.info(event("vm.fenced", vm=vm.name, generation=generation,
                        ms=round((time.monotonic() - started) * 1000)))  # fmt: skip

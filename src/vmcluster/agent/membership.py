@@ -22,7 +22,7 @@ from vmcluster.agent.heartbeats import HeartbeatIO
 from vmcluster.agent.lease import QuorumState
 from vmcluster.clusterstate.keys import Keys, dumps
 from vmcluster.clusterstate.store import Store, StoreError
-from vmcluster.core.cluster import ClusterView, evaluate
+from vmcluster.core.cluster import ClusterFacts, ClusterView, evaluate
 from vmcluster.core.membership import DetectorSettings, FailureDetector
 from vmcluster.logs import event, get_logger
 from vmcluster.protocols.heartbeat import Heartbeat
@@ -68,13 +68,21 @@ class Membership:
             key=secrets.cluster_key, port=config.heartbeat_port, on_heartbeat=self._heard,
         )  # fmt: skip
 
-    def view(self) -> ClusterView:
-        """Node and network states from the database, this node's own links taken live."""
+    def facts(self) -> ClusterFacts:
+        """The cluster's facts, with this node as the viewer once this incarnation has
+        published its links (its live links then stand for its report). Before that (an agent
+        just started, whose detector has heard nobody yet) every report counts, this node's
+        last published one included."""
         facts = self.cache.facts(self.networks)
-        if self.me in facts.reports:  # once published: its live links stand for its report
+        status = self.cache.nodes().get(self.me, {}).get("status", {})
+        if self.me in facts.reports and status.get("incarnation") == self.incarnation:
             live = {**facts.reports, self.me: self.detector.links()}
             facts = replace(facts, viewer=self.me, reports=live)
-        return evaluate(facts)
+        return facts
+
+    def view(self) -> ClusterView:
+        """Node and network states from the database, as this node sees them (:meth:`facts`)."""
+        return evaluate(self.facts())
 
     def _peers(self) -> dict[str, dict[str, str]]:
         return {name: dict(parts["spec"].get("addresses", {}))

@@ -12,6 +12,8 @@ from vmcluster.agent.config import Timings
 from vmcluster.agent.hosting import LocalInstance, VmHost
 from vmcluster.agent.lease import QuorumState
 from vmcluster.agent.records import ClusterRecords
+from vmcluster.clusterstate.keys import Keys, loads
+from vmcluster.clusterstate.store import Store, StoreError
 from vmcluster.core.ha import RUNS
 from vmcluster.core.selffence import FenceAction, FreezeAll, KillAll, SelfFence, Thaw
 from vmcluster.hypervisor import process
@@ -29,6 +31,8 @@ class SelfFenceLoop:
         node: str,
         timings: Timings,
         records: ClusterRecords,
+        store: Store,
+        keys: Keys,
         host: VmHost,
         quorum: QuorumState,
         clock: Callable[[], float],
@@ -38,6 +42,8 @@ class SelfFenceLoop:
         self.me = node
         self.timings = timings
         self.records = records
+        self.store = store
+        self.keys = keys
         self.host = host
         self.quorum = quorum
         self.clock = clock
@@ -57,12 +63,14 @@ class SelfFenceLoop:
                 owned=self.owned() if frozen else frozenset(),
             )  # fmt: skip
             for action in actions:
-                self._carry_out(action, instances)
+                await self._carry_out(action, instances)
 
-    def _carry_out(self, action: FenceAction, instances: Mapping[Key, LocalInstance]) -> None:
+    async def _carry_out(self, action: FenceAction, instances: Mapping[Key, LocalInstance]) -> None:
         targets = [instances[key] for key in action.keys if key in instances]
         if isinstance(action, Thaw):
             for instance in targets:
+                if not await self._still_ours(instance.key):
+                    continue
                 self.host.signal(instance, signal.SIGCONT)
                 log.warning(event("vm.self-fence.resumed", vm=instance.vm,
                                   generation=instance.generation))  # fmt: skip
@@ -87,3 +95,21 @@ class SelfFenceLoop:
             (name, vm.record.generation) for name, vm in self.records.stored().items()
             if vm.record.owner == self.me and vm.record.phase in RUNS
         )  # fmt: skip
+
+    async def _still_ours(self, key: Key) -> bool:
+        """Read the placement from the database itself, not the cache (which may still be
+        catching up after the lease came back): a VM started elsewhere meanwhile must not be
+        resumed here, even for the moment until its disk fails."""
+        try:
+            entry = await self.store.get(self.keys.vm(key[0], "placement"))
+        except StoreError:
+            return False  # asked again at the next look
+        if entry is None:
+            return False
+        try:
+            placement = loads(entry.value)
+            return (placement.get("owner") == self.me
+                    and int(placement.get("generation", -1)) == key[1]
+                    and placement.get("phase") in RUNS)  # fmt: skip
+        except (ValueError, TypeError):
+            return False

@@ -57,7 +57,8 @@ class VmService:
             host=self.host, quorum=quorum, lease_ok=lease_ok, before_launch=self.watchdog.tell,
         )  # fmt: skip
         self.self_fence = SelfFenceLoop(
-            node=config.node, timings=config.timings, records=records, host=self.host,
+            node=config.node, timings=config.timings, records=records, store=store, keys=keys,
+            host=self.host,
             quorum=quorum, clock=clock, note_crashed=self.reconciler.note_crashed,
             emit_later=emit_later,
         )  # fmt: skip

@@ -91,10 +91,12 @@ class ServiceArray:
         except (KeyError, TypeError, ValueError) as exc:
             self._garbled("GET /v1/luns", exc)
 
-    async def fence(self, lun: str, generation: int) -> str:
+    async def fence(self, lun: str, generation: int, *, request_id: str | None = None) -> str:
+        """``request_id``: the same for every retry of one decision, so that a retry joins the
+        fence already under way at the service instead of queueing another."""
         path = f"/v1/luns/{check_lun(lun)}/fence"
         answer = await self._call("POST", path, body={"generation": check_generation(generation)},
-                                  changes=True)  # fmt: skip
+                                  changes=True, request_id=request_id)  # fmt: skip
         export = answer.get("export")
         if not isinstance(export, str):
             self._garbled(f"POST {path}", answer)
@@ -136,10 +138,11 @@ class ServiceArray:
         body: Mapping[str, Any] | None = None,
         query: Mapping[str, str] | None = None,
         changes: bool = False,
+        request_id: str | None = None,
     ) -> dict[str, Any]:
         headers = {ARRAY_HEADER: self.name}
         if changes:
-            headers[REQUEST_ID_HEADER] = uuid.uuid4().hex
+            headers[REQUEST_ID_HEADER] = request_id or uuid.uuid4().hex
         timeout = aiohttp.ClientTimeout(total=self.request_timeout_s,
                                         sock_connect=self.connect_timeout_s)  # fmt: skip
         failures = []

@@ -125,7 +125,7 @@ class ArrayDriver(Protocol):
         """Every LUN, sorted by name, with its size and its high-water mark."""
         ...
 
-    async def fence(self, lun: str, generation: int) -> str:
+    async def fence(self, lun: str, generation: int, *, request_id: str | None = None) -> str:
         """Make ``<lun>.g<generation>`` the only export of ``lun`` and return that name: every
         other export of the LUN is removed and its clients cut before this returns, and the
         mark becomes ``generation``. InvalidState if ``generation`` is below the mark (nothing

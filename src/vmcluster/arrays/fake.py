@@ -113,7 +113,7 @@ class FakeArray:
             return [LunInfo(name=name, size_bytes=lun.size_bytes, generation=lun.mark)
                     for name, lun in sorted(self._luns.items())]  # fmt: skip
 
-    async def fence(self, lun: str, generation: int) -> str:
+    async def fence(self, lun: str, generation: int, *, request_id: str | None = None) -> str:
         check_lun(lun)
         check_generation(generation)
         self._check_available()

@@ -234,7 +234,7 @@ class QsdArray:
         config.save(self.config_path)
         log.info(event("array.export.added", array=self.name, lun=lun, export=export_name))
 
-    async def fence(self, lun: str, generation: int) -> str:
+    async def fence(self, lun: str, generation: int, *, request_id: str | None = None) -> str:
         """Cut every client of ``lun`` except generation ``generation``'s, which is exported.
 
         Every export of the LUN the daemon reports, other than ``<lun>.g<generation>``, is

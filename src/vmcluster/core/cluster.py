@@ -185,3 +185,31 @@ def _node_state(facts: ClusterFacts, name: str, others: list[str]) -> NodeState:
     if others and not any(_linked(facts, name, m, n) for m in others for n in facts.networks):
         return NodeState.ISOLATED
     return NodeState.UP
+
+
+def may_depose(facts: ClusterFacts, view: ClusterView, leader: str) -> bool:
+    """Whether the viewer may remove the leader key of ``leader`` now, rather than wait for the
+    leader's lease to expire: the viewer is Up, the leader Isolated, and either the viewer's
+    side is a strict majority of the reporting nodes, or (a tie, as in a 2-node cluster) the
+    leader's own report still says it hears the viewer, whom it no longer reaches: a report
+    from before its loss (it crashed or hangs). A leader that is alive but cut off reports the
+    viewer down too; in a tie it keeps leading (it holds quorum), and the viewer does not take
+    over only to be deposed in turn."""
+    viewer = facts.viewer
+    if viewer is None or viewer not in view.nodes or leader not in view.nodes:
+        return False
+    if view.nodes[viewer].state is not NodeState.UP:
+        return False
+    if view.nodes[leader].state is not NodeState.ISOLATED:
+        return False
+    counted = counted_reports(facts)
+    reporting = {n for n in facts.alive & set(facts.members) if n in facts.reports}
+    if len(counted) > len(reporting) - len(counted):
+        return True
+    hears_me = any(_heard(facts, leader, viewer, net) for net in facts.networks)
+    i_hear = any(_heard(facts, viewer, leader, net) for net in facts.networks)
+    return hears_me and not i_hear
+
+
+# States in which a node may take the leader key, and in which a leader takes VM actions.
+MAY_LEAD = frozenset({NodeState.UP, NodeState.PAUSED, NodeState.QUARANTINED})

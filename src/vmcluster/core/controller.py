@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from vmcluster.core.changes import EmitEvent, RecordedView, RecordView, view_changes
-from vmcluster.core.cluster import ClusterView, NodeState
+from vmcluster.core.cluster import MAY_LEAD, ClusterView, NodeState
 from vmcluster.core.ha import (
     HOLDS_NODE,
     HaSettings,
@@ -165,7 +165,14 @@ def decide(snapshot: Snapshot, now: float) -> Decision:
         records.append(RecordView(view=replace(recorded, drained=drained)))
     ha = ha_view(snapshot, view)
     vms = stop_before_moving(decide_vms(ha, now), ha) if snapshot.vms else None
-    if vms is not None and vms.actions:
+    leader = view.nodes.get(view.leader) if view.leader else None
+    if vms is not None and vms.actions and (leader is None or leader.state not in MAY_LEAD):
+        # A leader that does not see itself Up (isolated, or just started) takes no VM
+        # action: what it would decide rests on a view the others do not share.
+        state = leader.state if leader else "unknown"
+        reasons.append(f"no VM action: leader {view.leader} is {state}")
+        vms = None
+    elif vms is not None and vms.actions:
         reasons.append(vms.reason)
     if not reasons:
         up = sum(1 for node in view.nodes.values() if node.state is NodeState.UP)

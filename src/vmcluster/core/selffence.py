@@ -64,6 +64,7 @@ class SelfFence:
         self.state = FenceState.CLEAR
         self.frozen_at: float | None = None
         self._killed: frozenset[Key] = frozenset()
+        self._frozen: frozenset[Key] = frozenset()  # what this freeze covers
         self._valid_until = 0.0
 
     def lease_ok(self, now: float, valid_until: float) -> bool:
@@ -83,18 +84,23 @@ class SelfFence:
         those whose placement names this node at their generation (and should run)."""
         self._valid_until = valid_until
         if self.lease_ok(now, valid_until):
-            self.state, self.frozen_at, self._killed = FenceState.CLEAR, None, frozenset()
+            self.state, self.frozen_at = FenceState.CLEAR, None
+            self._killed = self._frozen = frozenset()
             thaw = tuple(sorted(set(frozen) & set(owned) & set(instances)))
             return (Thaw(keys=thaw),) if thaw else ()
         if not instances:
             return ()
         if self.state is FenceState.CLEAR and self.resiliency_s > 0:
             self.state, self.frozen_at = FenceState.FROZEN, now
+            self._frozen = frozenset(instances)
             return (FreezeAll(keys=tuple(sorted(instances)), resiliency_s=self.resiliency_s),)
         if self.state is FenceState.FROZEN:
             assert self.frozen_at is not None
             if now < self.frozen_at + self.resiliency_s:
-                return ()
+                # One that appeared meanwhile (a launch just before the deadline) joins them.
+                new = tuple(sorted(set(instances) - self._frozen))
+                self._frozen |= frozenset(new)
+                return (FreezeAll(keys=new, resiliency_s=self.resiliency_s),) if new else ()
         # Past the deadline (R = 0), or the resiliency period is over; then only new ones.
         target = tuple(sorted(set(instances) - self._killed))
         self.state, self.frozen_at = FenceState.KILLED, None

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmcluster.clusterstate.keys import dumps
-from vmcluster.clusterstate.store import Commit, Put
+from vmcluster.clusterstate.store import Commit, Put, StoreError
 from vmcluster.clusterstate.vmrecords import (
     PRIORITY_NAMES,
     ClusteredVm,
@@ -211,7 +211,9 @@ async def create(ctx: NodeContext, body: Mapping[str, Any]) -> dict[str, Any]:
         ))  # fmt: skip
         if not applied:
             raise AlreadyExists(f"VM {name!r} already exists in cluster {ctx.config.cluster}")
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, StoreError) and await _spec_written(ctx, vm):
+            raise  # the commit was applied after all: the VM exists and its LUNs are its disks
         for lun in made:
             with contextlib.suppress(Exception):
                 await qsd.delete_lun(lun)
@@ -219,6 +221,16 @@ async def create(ctx: NodeContext, body: Mapping[str, Any]) -> dict[str, Any]:
     log.info(event("vm.created", vm=name, array=array))
     return {"name": name, "state": "stopped", "owner": None, "generation": 0,
             "intent": "running" if start else "stopped", "memory_mib": spec.memory_mib}  # fmt: skip
+
+
+async def _spec_written(ctx: NodeContext, vm: ClusteredVm) -> bool:
+    """Whether ``vm``'s spec is in the database (a commit whose answer was lost), as far as it
+    can tell: when it cannot, the LUNs are kept (a leak is better than a VM without disks)."""
+    try:
+        entry = await ctx.store.get(ctx.keys.vm(vm.name, "spec"))
+    except StoreError:
+        return True
+    return entry is not None and entry.value == dumps(vm.to_dict())
 
 
 def _check_policy(data: Mapping[str, Any], where: str) -> None:
