@@ -276,7 +276,7 @@ def _refused(service: Service, method: str, path: str, body: bytes | None, statu
 
 
 BAD_REQUESTS: list[tuple[str, str, bytes | None, int, str]] = [
-    ("POST", "/v1/luns", b"", 400, "not JSON"),
+    ("POST", "/v1/luns", b"", 400, "the request body is empty"),
     ("POST", "/v1/luns", b"{", 400, "not JSON"),
     ("POST", "/v1/luns", b"\xff\xfe", 400, "not UTF-8"),
     ("POST", "/v1/luns", b"[1]", 400, "must be a JSON object"),

@@ -58,6 +58,7 @@ from vmcluster.errors import (
     NotFound,
     VmclusterError,
 )
+from vmcluster.jsonbody import decode_object, shown
 from vmcluster.logs import event, get_logger
 from vmcluster.service import ha as haadmin
 from vmcluster.service import nodes as nodeadmin
@@ -118,7 +119,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status < 400:
             raise
         kind = "not_found" if exc.status == 404 else "invalid_input"
-        target = vmservice.shown(f"{request.method} {request.path}")
+        target = shown(f"{request.method} {request.path}")
         response = _error(exc.status, f"{target}: {exc.reason.lower()}", kind)
         if "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
@@ -156,10 +157,10 @@ async def _inputs(request: web.Request, handler: Handler) -> web.StreamResponse:
         for key, _ in request.query.items():  # items() keeps repeated keys, iter() not
             if key not in known:
                 takes = f"only {', '.join(known)}" if known else "no query parameters"
-                raise InvalidInput(f"unknown query parameter {vmservice.shown(key)}: this "
+                raise InvalidInput(f"unknown query parameter {shown(key)}: this "
                                    f"request takes {takes}")  # fmt: skip
             if key in seen:
-                raise InvalidInput(f"query parameter {vmservice.shown(key)} is given twice")
+                raise InvalidInput(f"query parameter {shown(key)} is given twice")
             seen.add(key)
     return await handler(request)
 
@@ -168,7 +169,7 @@ def _bool_param(params: Mapping[str, str], name: str) -> bool:
     raw = params.get(name, "false")
     if raw not in ("true", "false"):
         raise InvalidInput(f"query parameter {name} must be true or false, not "
-                           f"{vmservice.shown(raw)}")  # fmt: skip
+                           f"{shown(raw)}")  # fmt: skip
     return raw == "true"
 
 
@@ -181,50 +182,8 @@ def _int_param(params: Mapping[str, str], name: str, low: int, high: int, defaul
         return default
     if _DIGITS.fullmatch(raw) is None or not low <= int(raw) <= high:
         raise InvalidInput(f"query parameter {name} must be a whole number from {low} to "
-                           f"{high}, not {vmservice.shown(raw)}")  # fmt: skip
+                           f"{high}, not {shown(raw)}")  # fmt: skip
     return int(raw)
-
-
-_JSON_MARKS = re.compile(r'["\\\[\]{}]')
-
-
-def _nesting_exceeds(text: str, limit: int) -> bool:
-    """Whether JSON ``text`` nests arrays and objects deeper than ``limit`` (strings skipped).
-    One pass over the marks, no recursion: safe on any input, valid or not."""
-    depth = 0
-    in_string = False
-    escaped_at = -1  # the position a backslash in a string escapes
-    for mark in _JSON_MARKS.finditer(text):
-        at, char = mark.start(), mark.group()
-        if in_string:
-            if at == escaped_at:
-                continue
-            if char == "\\":
-                escaped_at = at + 1
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-            if depth > limit:
-                return True
-        elif char in "]}":
-            depth -= 1
-    return False
-
-
-def _no_constant(name: str) -> Any:
-    raise InvalidInput(f"the request body is not JSON: {name} is not a JSON number")
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise InvalidInput(f"the request body gives field {vmservice.shown(key)} twice")
-        result[key] = value
-    return result
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -236,24 +195,7 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
         raw = await request.read()  # the app's client_max_size bounds a body of unknown length
     except web.HTTPRequestEntityTooLarge:
         raise InvalidInput(too_large) from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidInput("the request body is not UTF-8 text") from None
-    if not text.strip():
-        raise InvalidInput("the request body is empty: send a JSON object")
-    if _nesting_exceeds(text, MAX_JSON_DEPTH):
-        raise InvalidInput(f"the request body is nested deeper than {MAX_JSON_DEPTH} levels")
-    try:
-        body = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"the request body is not JSON: {exc.msg} (line {exc.lineno}, "
-                           f"column {exc.colno})") from None  # fmt: skip
-    except ValueError:  # the one other failure: an integer of thousands of digits
-        raise InvalidInput("the request body has a number with too many digits") from None
-    if not isinstance(body, dict):
-        raise InvalidInput(f"the request body must be a JSON object, not {vmservice.shown(body)}")
-    return body
+    return decode_object(raw, max_depth=MAX_JSON_DEPTH)
 
 
 def _node_json(ctx: NodeContext, name: str) -> dict[str, Any]:

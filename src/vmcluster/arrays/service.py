@@ -41,7 +41,6 @@ No authentication yet: the storage networks are trusted (mutual TLS is in DESIGN
 
 import asyncio
 import contextlib
-import json
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
@@ -71,6 +70,7 @@ from vmcluster.arrays.wire import (
     split_address,
 )
 from vmcluster.errors import InvalidInput, VmclusterError
+from vmcluster.jsonbody import decode_object
 from vmcluster.logs import event, get_logger
 
 log = get_logger(__name__)
@@ -99,19 +99,6 @@ def error_answer(exc: VmclusterError) -> Answer:
     return Answer(status=500, body={"error": str(exc), "kind": "error"})
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise InvalidInput(f"the request body gives field {shown(key)} twice")
-        result[key] = value
-    return result
-
-
-def _no_constant(name: str) -> Any:
-    raise InvalidInput(f"the request body is not JSON: {name} is not a JSON number")
-
-
 async def _body(request: web.Request, fields: tuple[str, ...]) -> dict[str, Any]:
     """The request body: one flat JSON object with exactly ``fields`` (else InvalidInput)."""
     too_large = f"the request body is too large (at most {MAX_BODY_BYTES} bytes)"
@@ -120,18 +107,7 @@ async def _body(request: web.Request, fields: tuple[str, ...]) -> dict[str, Any]
                                             actual_size=request.content_length or 0,
                                             text=too_large)  # fmt: skip
     raw = await request.read()  # client_max_size bounds a body of unknown length
-    try:
-        body = json.loads(raw.decode("utf-8"), parse_constant=_no_constant,
-                          object_pairs_hook=_unique_keys)  # fmt: skip
-    except UnicodeDecodeError:
-        raise InvalidInput("the request body is not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"the request body is not JSON: {exc.msg} (column {exc.colno})") \
-            from None  # fmt: skip
-    except (ValueError, RecursionError):  # a number of thousands of digits; deep nesting
-        raise InvalidInput("the request body is not a flat JSON object") from None
-    if not isinstance(body, dict):
-        raise InvalidInput(f"the request body must be a JSON object, not {shown(body)}")
+    body = decode_object(raw, max_depth=1, too_deep="the request body is not a flat JSON object")
     unknown = sorted(set(body) - set(fields))
     if unknown:
         raise InvalidInput(f"unknown field {shown(unknown[0])} (this request takes "

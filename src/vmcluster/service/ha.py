@@ -8,8 +8,8 @@ from vmcluster.clusterstate.keys import dumps
 from vmcluster.clusterstate.store import Commit, Put
 from vmcluster.clusterstate.vmrecords import HA_SETTINGS, ha_settings_from_json, ha_settings_to_json
 from vmcluster.errors import InvalidInput, InvalidState
+from vmcluster.jsonbody import shown
 from vmcluster.service.context import NodeContext
-from vmcluster.service.vms import shown
 
 
 def ha_json(ctx: NodeContext) -> dict[str, Any]:

@@ -11,7 +11,6 @@ LUN is made or record written (``"start": "false"`` is refused, not taken as tru
 
 import asyncio
 import contextlib
-import json
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -34,6 +33,7 @@ from vmcluster.core.ha import HOLDS_NODE, VmPhase
 from vmcluster.core.model import MAX_DISKS, NAME_RE, NAME_RULE, DiskSpec, VmSpec
 from vmcluster.core.placement import FailbackMode
 from vmcluster.errors import AlreadyExists, InvalidInput, InvalidState, NotFound, VmclusterError
+from vmcluster.jsonbody import shown
 from vmcluster.logs import event, get_logger
 from vmcluster.service.context import NodeContext
 
@@ -51,12 +51,6 @@ FAILBACK_FIELDS = {"mode": "string", "start_hour": "integer", "end_hour": "integ
 DEFAULT_DISK_BYTES = 256 * 1024 * 1024
 DEFAULT_CONSOLE_BYTES = 64 * 1024
 MAX_CONSOLE_BYTES = 1024 * 1024  # the most of a console one request returns (its newest bytes)
-
-
-def shown(value: object) -> str:
-    """``value`` (from a request) as JSON, cut short, for a one-line error."""
-    text = json.dumps(value, default=repr)
-    return text if len(text) <= 40 else f"{text[:36]}..."
 
 
 def check_name(value: object, *, what: str) -> str:
