@@ -8,7 +8,14 @@ from dataclasses import replace
 
 from vmcluster.core.changes import EmitEvent, RecordedView, RecordView, recorded_of
 from vmcluster.core.cluster import ClusterView, NodeState, NodeView
-from vmcluster.core.controller import NodeFacts, RecordExits, Snapshot, decide
+from vmcluster.core.controller import (
+    NodeFacts,
+    RecordExits,
+    Resign,
+    Snapshot,
+    better_reached,
+    decide,
+)
 from vmcluster.core.ha import (
     HaSettings,
     Instance,
@@ -147,3 +154,41 @@ def test_a_leader_that_does_not_see_itself_up_takes_no_vm_action() -> None:
     assert decision.vm_actions == ()
     assert "no VM action: leader n1 is isolated" in decision.reason
     assert [a.kind for a in decision.actions if isinstance(a, EmitEvent)] == ["node.isolated"]
+
+
+# --- a leader that cannot reach an array another node reaches hands the lead over -------------
+
+
+def _reach(**arrays: str) -> dict[str, NodeFacts]:
+    """node -> the arrays it reaches ("a1,a2"; "" none; "?" not reported yet)."""
+    return {name: NodeFacts(memory_mib=4096, arrays_known=arrays.get(name, "a1,a2") != "?",
+                            arrays=frozenset(a for a in arrays.get(name, "a1,a2").split(",")
+                                             if a and a != "?"))
+            for name in NODES}  # fmt: skip
+
+
+def test_a_leader_that_cannot_reach_an_array_others_reach_resigns_and_moves_nothing() -> None:
+    decision = decide(snapshot(view(n2=NodeState.DOWN), nodes=_reach(n1="a2"),
+                               vms={"web": running("n2")}), NOW)  # fmt: skip
+    resigns = [a for a in decision.actions if isinstance(a, Resign)]
+    assert len(resigns) == 1
+    assert "n1 cannot reach array a1, which n3 reaches" in resigns[0].reason
+    assert decision.vm_actions == ()  # the next leader fails web over (it can fence a1)
+
+
+def test_no_resignation_when_nobody_up_reaches_more() -> None:
+    for nodes in (_reach(), _reach(n1="a2", n2="a2", n3="a2"), _reach(n1="?"),
+                  _reach(n1="a2", n2="a1,a2", n3="?")):  # fmt: skip
+        state = {"n2": NodeState.DOWN} if nodes["n2"].arrays > nodes["n1"].arrays else {}
+        decision = decide(snapshot(view(**state), nodes=nodes), NOW)
+        assert not [a for a in decision.actions if isinstance(a, Resign)], nodes
+
+
+def test_better_reached_never_leaves_the_cluster_without_a_possible_leader() -> None:
+    """n1 reaches a1, n2 reaches a2, n3 both: only n3 is bettered by nobody."""
+    nodes = _reach(n1="a1", n2="a2", n3="a1,a2")
+    assert better_reached("n1", ALL_UP, nodes) == ("n3", frozenset({"a2"}))
+    assert better_reached("n2", ALL_UP, nodes) == ("n3", frozenset({"a1"}))
+    assert better_reached("n3", ALL_UP, nodes) is None
+    split = _reach(n1="a1", n2="a2", n3="")
+    assert all(better_reached(n, ALL_UP, split) is None for n in ("n1", "n2"))

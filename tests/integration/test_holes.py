@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.integration.test_ha import _check_probe, _cli, _create, _running, _vms, _writing
+from tests.integration.test_ha import (
+    _check_probe,
+    _cli,
+    _create,
+    _running,
+    _vms,
+    _writing,
+)
 from tests.support import run_cli
 
 from vmcluster.lab.lab import Lab
@@ -25,16 +32,25 @@ pytestmark = [
 CONVERGE_S = 60.0  # only so that nothing hangs
 
 
-@pytest.fixture
-def two_nodes(home: DataDir) -> Iterator[Lab]:
+def _lab(home: DataDir, *args: str) -> Iterator[Lab]:
     name = "w" + uuid.uuid4().hex[:6]
-    up = run_cli("lab", "up", "--name", name, "--nodes", "2", "--witness")
+    up = run_cli("lab", "up", "--name", name, *args)
     assert up.code == 0, up.err
     try:
         yield Lab(home, name)
     finally:
         down = run_cli("lab", "down", "--name", name)
         assert down.code == 0, down.err
+
+
+@pytest.fixture
+def two_nodes(home: DataDir) -> Iterator[Lab]:
+    yield from _lab(home, "--nodes", "2", "--witness")
+
+
+@pytest.fixture
+def three_nodes(home: DataDir) -> Iterator[Lab]:
+    yield from _lab(home)
 
 
 def _leader() -> str:
@@ -114,3 +130,36 @@ def test_a_second_agent_with_a_nodes_name_is_refused_and_starts_nothing(two_node
 
 def _agent_argv(config: Path) -> list[str]:
     return [sys.executable, "-m", "vmcluster", "agent", "--config", str(config)]
+
+
+def test_a_leader_cut_from_the_storage_hands_the_lead_over(three_nodes: Lab) -> None:
+    """The leader loses both storage paths (cluster networks intact): it could not fence a VM
+    at the arrays any more, so it hands the lead to a node that reaches them, which fails VMs
+    over as usual."""
+    lab = three_nodes
+    old = _leader()
+    others = sorted({"n1", "n2", "n3"} - {old})
+    for network in ("storage-a", "storage-b"):
+        _cli("lab", "fault", "link", old, network, "down", "--name", lab.name)
+    deadline = time.monotonic() + CONVERGE_S
+    while time.monotonic() < deadline and _leader_or_none() in (old, None):
+        time.sleep(0.2)
+    assert _leader_or_none() in others
+    events = _cli("events", "-o", "json", "--limit", "500").json()
+    assert [e for e in events if e["kind"] == "leader.resigned" and e["subject"] == old]
+    possible = ",".join(others)
+    _create("after", "--preferred", others[0], "--possible", possible)
+    first = _running("after")
+    _writing(lab, first)
+    _cli("lab", "fault", "crash", first["owner"], "--name", lab.name)
+    moved = _running("after", generation_above=first["generation"], not_on=first["owner"])
+    assert moved["owner"] in others
+    _writing(lab, moved)
+    _cli("lab", "fault", "heal", "--name", lab.name)
+    _check_probe(lab)
+
+
+def _leader_or_none() -> str | None:
+    nodes = run_cli("node", "list", "-o", "json").json()
+    leaders = [n["name"] for n in nodes if n["leader"]] if isinstance(nodes, list) else []
+    return str(leaders[0]) if len(leaders) == 1 else None

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vmcluster.agent.arrayprobe import ArrayProbe
 from vmcluster.agent.cache import ClusterCache
 from vmcluster.agent.config import AgentConfig, Secrets
 from vmcluster.agent.controller_loop import ControllerLoop
@@ -83,15 +84,19 @@ class Agent:
             spec=self._spec(), emit_later=self.events.emit_later,
         )  # fmt: skip
         self.quorum = self.lease.quorum
+        self.array_probe = ArrayProbe(
+            node=me, arrays=config.arrays, driver=lambda name: array_driver(config.arrays, me, name)
+        )
         self.membership = Membership(
             config=config, secrets=secrets, keys=self.keys, store=store, cache=self.cache,
             clock=clock, incarnation=self.incarnation, quorum=self.quorum,
-            has_quorum=self.has_quorum,
+            has_quorum=self.has_quorum, arrays_seen=self.array_probe.seen,
         )  # fmt: skip
         self.detector = self.membership.detector
         self.election = Election(node=me, keys=self.keys, store=store, cache=self.cache,
                                  quorum=self.quorum, has_quorum=self.has_quorum,
-                                 view=self.view, facts=self.membership.facts)  # fmt: skip
+                                 view=self.view, facts=self.membership.facts,
+                                 node_facts=self.records.node_facts)  # fmt: skip
         self.executor = VmExecutor(node=me, store=store, keys=self.keys, arrays=config.arrays,
                                    event_record=self.events.record)  # fmt: skip
         self.controller = ControllerLoop(
@@ -142,6 +147,7 @@ class Agent:
                 tg.create_task(self.membership.run_heartbeats(), name="heartbeats")
                 tg.create_task(self.membership.run_detector(), name="detector")
                 tg.create_task(self.membership.run_status(), name="status")
+                tg.create_task(self.array_probe.run(), name="array-probe")
                 tg.create_task(self.election.run(), name="election")
                 tg.create_task(self.controller.run(), name="controller")
                 tg.create_task(serve(self.context), name="api")

@@ -16,7 +16,7 @@ from vmcluster.clusterstate.keys import Keys, dumps
 from vmcluster.clusterstate.store import Commit, Put, Store, StoreError
 from vmcluster.core.changes import EmitEvent, RecordView
 from vmcluster.core.cluster import ClusterView
-from vmcluster.core.controller import RecordExits, decide
+from vmcluster.core.controller import RecordExits, Resign, decide
 from vmcluster.logs import event, get_logger
 
 log = get_logger(__name__)
@@ -76,9 +76,12 @@ class ControllerLoop:
             await self.executor.cancel_all()
 
     async def _commit(
-        self, records: tuple[EmitEvent | RecordView | RecordExits, ...], leader_revision: int
+        self,
+        records: tuple[EmitEvent | RecordView | RecordExits | Resign, ...],
+        leader_revision: int,
     ) -> None:
         puts: dict[str, Put] = {}
+        deletes: list[str] = []
         for action in records:
             if isinstance(action, EmitEvent):
                 key, value = self.events.record(action.kind, action.subject, action.reason)
@@ -95,6 +98,11 @@ class ControllerLoop:
                         log.warning(event("node.unclean-exit", node=name, recent=len(times)))
                 exits = {name: list(times) for name, times in action.exits.items()}
                 puts[self.keys.quarantine] = Put(value=dumps({"exits": exits}))
+            elif isinstance(action, Resign):
+                log.warning(event("leader.resigned", node=self.node, reason=action.reason))
+                key, value = self.events.record("leader.resigned", self.node, action.reason)
+                puts[key] = Put(value=value)
+                deletes.append(self.keys.leader)
             else:
                 assert_never(action)
         try:
@@ -103,7 +111,7 @@ class ControllerLoop:
             view_entry = self.cache.entries.get(self.keys.view)
             expect = {self.keys.leader: leader_revision,
                       self.keys.view: view_entry.mod_revision if view_entry else 0}  # fmt: skip
-            if not await self.store.commit(Commit(expect=expect, puts=puts)):
+            if not await self.store.commit(Commit(expect=expect, puts=puts, deletes=deletes)):
                 log.info(event("controller.deposed", node=self.node))
             await self.events.trim()
         except StoreError as exc:

@@ -10,13 +10,14 @@ generation).
 """
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from vmcluster.agent.cache import ClusterCache
 from vmcluster.agent.lease import QuorumState
 from vmcluster.clusterstate.keys import Keys, dumps
 from vmcluster.clusterstate.store import Store, StoreError
 from vmcluster.core.cluster import MAY_LEAD, ClusterFacts, ClusterView, may_depose
+from vmcluster.core.controller import NodeFacts, better_reached
 from vmcluster.logs import event, get_logger
 
 log = get_logger(__name__)
@@ -36,6 +37,7 @@ class Election:
         has_quorum: Callable[[], bool],
         view: Callable[[], ClusterView],
         facts: Callable[[], ClusterFacts],
+        node_facts: Callable[[], Mapping[str, NodeFacts]],
     ) -> None:
         self.node = node
         self.keys = keys
@@ -45,6 +47,7 @@ class Election:
         self.has_quorum = has_quorum
         self.view = view
         self.facts = facts
+        self.node_facts = node_facts
 
     def is_leader(self) -> bool:
         return self.has_quorum() and self.cache.leader() == self.node
@@ -70,9 +73,13 @@ class Election:
 
     def _may_lead(self) -> bool:
         """Only a node that sees itself Up (or paused, quarantined) takes the leader key: an
-        isolated one would be deposed at once, and a joining one has not heard anyone yet."""
-        mine = self.view().nodes.get(self.node)
-        return mine is not None and mine.state in MAY_LEAD
+        isolated one would be deposed at once, and a joining one has not heard anyone yet.
+        Nor one that reaches fewer arrays than another Up node (it could not fence them)."""
+        view = self.view()
+        mine = view.nodes.get(self.node)
+        if mine is None or mine.state not in MAY_LEAD:
+            return False
+        return better_reached(self.node, view, self.node_facts()) is None
 
     async def _depose_if_isolated(self, leader: str) -> str | None:
         if not may_depose(self.facts(), self.view(), leader):

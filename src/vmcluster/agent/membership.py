@@ -43,6 +43,7 @@ class Membership:
         incarnation: int,
         quorum: QuorumState,
         has_quorum: Callable[[], bool],
+        arrays_seen: Callable[[], dict[str, str] | None] = lambda: None,
     ) -> None:
         self.config = config
         self.keys = keys
@@ -52,6 +53,7 @@ class Membership:
         self.incarnation = incarnation
         self.quorum = quorum
         self.has_quorum = has_quorum
+        self.arrays_seen = arrays_seen
         self.me = config.node
         self.networks = tuple(sorted(config.networks))
         t = config.timings
@@ -131,21 +133,22 @@ class Membership:
         """Publish this node's link view once it has had time to hear its peers, then on change."""
         t = self.config.timings
         await asyncio.sleep(t.heartbeat_interval_s * (t.heartbeat_threshold + 1))
-        published: dict[str, dict[str, str]] | None = None
+        published: tuple[dict[str, dict[str, str]], dict[str, str] | None] | None = None
         lease = 0
         while True:
             self._links_changed.clear()  # before reading: a change from now on wakes us
             links = {peer: {net: str(s) for net, s in nets.items()}
                      for peer, nets in self.detector.links().items()}  # fmt: skip
-            if self.has_quorum() and (links != published or lease != self.quorum.lease_id):
+            seen = (links, self.arrays_seen())
+            if self.has_quorum() and (seen != published or lease != self.quorum.lease_id):
                 try:
                     target = self.quorum.lease_id
-                    await self.store.put(
-                        self.keys.node(self.me, "status"),
-                        dumps({"links": links, "incarnation": self.incarnation, "at": time.time()}),
-                        lease=target,
-                    )
-                    published, lease = links, target  # only once it is really there
+                    status = {"links": links, "incarnation": self.incarnation, "at": time.time()}
+                    if seen[1] is not None:  # once every array has been probed
+                        status["arrays"] = seen[1]
+                    await self.store.put(self.keys.node(self.me, "status"), dumps(status),
+                                         lease=target)  # fmt: skip
+                    published, lease = seen, target  # only once it is really there
                 except StoreError as exc:
                     log.info(event("status.publish.failed", reason=str(exc)))
             with contextlib.suppress(TimeoutError):

@@ -86,12 +86,15 @@ class ClusterRecords:
             admin = parts.get("admin", {})
             until = admin.get("failback_until")
             try:
+                reached = parts.get("status", {}).get("arrays")
                 facts[name] = NodeFacts(
                     memory_mib=int(parts.get("spec", {}).get("vm_memory_mib", 0)),
                     draining=bool(admin.get("draining")),
                     failback_until=None if until is None else float(until),
+                    arrays=frozenset(a for a, s in (reached or {}).items() if s == "up"),
+                    arrays_known=isinstance(reached, dict),
                 )
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, AttributeError) as exc:
                 log.warning(event("node.record.invalid", node=name, reason=repr(exc)))
         return facts
 

@@ -52,6 +52,8 @@ class NodeFacts:
     memory_mib: int = 0  # memory it gives to VMs
     draining: bool = False
     failback_until: float | None = None  # 'node resume --failback' (wall clock)
+    arrays: frozenset[str] = frozenset()  # the arrays it reaches now (its own probes)
+    arrays_known: bool = False  # whether it has reported them at all
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -73,7 +75,15 @@ class RecordExits:
     exits: Mapping[str, tuple[float, ...]]
 
 
-ControllerAction = EmitEvent | RecordView | RecordExits | VmAction
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Resign:
+    """Give the leader key up: another Up node reaches arrays this one cannot, and only a
+    leader that reaches an array can fence the VMs on it."""
+
+    reason: str
+
+
+ControllerAction = EmitEvent | RecordView | RecordExits | Resign | VmAction
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -87,11 +97,11 @@ class Decision:
         return tuple(a for a in self.actions if not isinstance(a, _RECORDS))
 
     @property
-    def records(self) -> tuple[EmitEvent | RecordView | RecordExits, ...]:
+    def records(self) -> tuple[EmitEvent | RecordView | RecordExits | Resign, ...]:
         return tuple(a for a in self.actions if isinstance(a, _RECORDS))
 
 
-_RECORDS = (EmitEvent, RecordView, RecordExits)
+_RECORDS = (EmitEvent, RecordView, RecordExits, Resign)
 
 
 def effective_view(
@@ -146,6 +156,24 @@ def ha_view(snapshot: Snapshot, view: ClusterView) -> HaView:
     return HaView(nodes=nodes, vms=snapshot.vms, armed=snapshot.armed, settings=snapshot.settings)
 
 
+def better_reached(
+    node: str, view: ClusterView, nodes: Mapping[str, NodeFacts]
+) -> tuple[str, frozenset[str]] | None:
+    """Another Up node that reaches every array ``node`` reaches and more, with the arrays only
+    it reaches; None if there is none (or ``node`` has not reported its arrays). A node whose
+    reach is not bettered always exists, so some node may always lead."""
+    mine = nodes.get(node)
+    if mine is None or not mine.arrays_known:
+        return None
+    for name in sorted(view.nodes):
+        other = nodes.get(name)
+        if name == node or other is None or not other.arrays_known:
+            continue
+        if view.nodes[name].state is NodeState.UP and other.arrays > mine.arrays:
+            return name, other.arrays - mine.arrays
+    return None
+
+
 def decide(snapshot: Snapshot, now: float) -> Decision:
     view = effective_view(snapshot.view, snapshot.exits, now, snapshot.quarantine)
     membership = view_changes(view, snapshot.recorded)
@@ -166,6 +194,14 @@ def decide(snapshot: Snapshot, now: float) -> Decision:
     ha = ha_view(snapshot, view)
     vms = stop_before_moving(decide_vms(ha, now), ha) if snapshot.vms else None
     leader = view.nodes.get(view.leader) if view.leader else None
+    better = better_reached(view.leader, view, snapshot.nodes) if view.leader else None
+    if better is not None:
+        other, arrays = better
+        why = (f"{view.leader} cannot reach array {', '.join(sorted(arrays))}, which {other} "
+               "reaches: it hands the lead over")  # fmt: skip
+        records.append(Resign(reason=why))
+        reasons.append(why)
+        vms = None
     if vms is not None and vms.actions and (leader is None or leader.state not in MAY_LEAD):
         # A leader that does not see itself Up (isolated, or just started) takes no VM
         # action: what it would decide rests on a view the others do not share.
