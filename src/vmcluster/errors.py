@@ -12,6 +12,7 @@ the thing and the problem (and, where there is one, the fix). Root causes are ch
     +-- HypervisorError     QEMU failed to start, answer or stop
     +-- ImageBuildError     the guest image could not be built
     +-- ArrayUnavailable    an array's service answers on none of its paths (retryable)
+        +-- NotReachedHere  no answer from it here, and nothing done: another node may reach it
 
 Programmer errors are not in this tree: they are assertions and crash.
 """
@@ -69,3 +70,9 @@ class ArrayUnavailable(VmclusterError):
     """
 
     exit_code = 7
+
+
+class NotReachedHere(ArrayUnavailable):
+    """This node got no answer from an array, so it did not carry out a request that needs that
+    array, and changed nothing: another node may reach it (the API answers 421 and the client
+    asks the next agent)."""

@@ -37,7 +37,7 @@ from vmcluster.api.client import (
 )
 from vmcluster.api.server import MAX_EVENTS_LIMIT
 from vmcluster.cli.main import cli
-from vmcluster.errors import NotFound
+from vmcluster.errors import ArrayUnavailable, NotFound
 
 GUARD_S = REQUEST_TIMEOUT_S / 2  # only so that nothing hangs
 pytestmark = pytest.mark.timeout(60)
@@ -84,12 +84,13 @@ class Frozen:
 class FakeAgent:
     """An agent's API as far as the client sees it, answering with its name and recording what
     it was asked. ``write``: how it answers POSTs: "ok"; "hang" until the test ends; "stale" (a
-    200 marked without quorum: it lost quorum just after the write); "503" (no quorum)."""
+    200 marked without quorum: it lost quorum just after the write); "503" (no quorum); "421"
+    (it cannot reach the array the write needs, and did nothing)."""
 
     name: str
     path: Path
     quorum: bool = True  # what its reads say
-    write: Literal["ok", "hang", "stale", "503"] = "ok"
+    write: Literal["ok", "hang", "stale", "503", "421"] = "ok"
     events_gap_s: float = 0.0  # a follow stream: event 1, quiet this long, event 2, quiet
     requests: list[str] = field(default_factory=list)
     released: asyncio.Event = field(default_factory=asyncio.Event)
@@ -139,6 +140,11 @@ class FakeAgent:
                 {"error": f"node {self.name} has no quorum: try another node", "kind": "no_quorum"},
                 status=503,
             )
+        if self.write == "421":
+            return web.json_response(
+                {"error": f"node {self.name} cannot create VM web: array a1: no answer from its "
+                          "service", "kind": "not_reached_here"}, status=421,
+            )  # fmt: skip
         return self._answer(quorate=self.write != "stale")
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
@@ -397,6 +403,35 @@ def test_a_write_refused_for_want_of_quorum_goes_to_the_next_agent(tmp_path: Pat
     async def scenario() -> None:
         assert await api.request("POST", "/v1/ha/arm") == {"served_by": "n2"}
         assert n1.writes == n2.writes == ["POST /v1/ha/arm"]
+
+    run([n1, n2], scenario)
+
+
+def test_a_write_refused_by_a_node_that_cannot_reach_the_array_goes_to_the_next_agent(
+    tmp_path: Path,
+) -> None:
+    n1 = FakeAgent("n1", tmp_path / "n1.sock", write="421")
+    n2 = FakeAgent("n2", tmp_path / "n2.sock")
+    api = client(tmp_path, n1, n2)
+
+    async def scenario() -> None:
+        assert await api.request("POST", "/v1/vms") == {"served_by": "n2"}
+        assert n1.writes == n2.writes == ["POST /v1/vms"]
+
+    run([n1, n2], scenario)
+
+
+def test_a_write_no_agent_can_reach_the_array_for_is_array_unavailable(tmp_path: Path) -> None:
+    n1 = FakeAgent("n1", tmp_path / "n1.sock", write="421")
+    n2 = FakeAgent("n2", tmp_path / "n2.sock", write="421")
+    api = client(tmp_path, n1, n2)
+
+    async def scenario() -> None:
+        with pytest.raises(ArrayUnavailable) as caught:
+            await api.request("POST", "/v1/vms")
+        assert str(caught.value).startswith("node n2 cannot create VM web: array a1")
+        assert caught.value.exit_code == 7
+        assert n1.writes == n2.writes == ["POST /v1/vms"]
 
     run([n1, n2], scenario)
 

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.api.test_api_input import Api, run
+from tests.api.test_api_input import Api, nothing_created, run
+from vmcluster.arrays.driver import LunInfo
 from vmcluster.clusterstate.store import Commit, StoreUnavailable
+from vmcluster.errors import ArrayUnavailable
 
 
 def test_an_unconfirmed_write_answers_504_outcome_unknown(
@@ -52,5 +54,27 @@ def test_a_create_whose_commit_is_unconfirmed_keeps_its_disks_only_if_it_was_mad
         spec = await a.record(a.agent.keys.vm("web", "spec"))
         assert (spec is not None) == applied
         assert bool(a.array.luns_made) == applied
+
+    run(tmp_path, monkeypatch, scenario)
+
+
+def test_a_create_on_a_node_that_cannot_reach_the_array_answers_421_and_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node cut from the storage networks gets a create: it tells the client to ask another
+    node (421 ``not_reached_here``), having created no LUN and written no record."""
+
+    async def scenario(a: Api) -> None:
+        async def unreachable() -> list[LunInfo]:
+            raise ArrayUnavailable("array a1: no answer from its service (10.0.0.1:10810 "
+                                   "cannot connect within 0.5 s)")  # fmt: skip
+
+        monkeypatch.setattr(a.array, "luns", unreachable)
+        answer = await a.post_json("/v1/vms", {"name": "web", "memory_mib": 128})
+        assert answer.status == 421, answer
+        assert answer.kind == "not_reached_here"
+        assert answer.error.startswith("node n1 cannot create VM web: array a1: no answer")
+        assert "\n" not in answer.error
+        await nothing_created(a)
 
     run(tmp_path, monkeypatch, scenario)

@@ -19,7 +19,8 @@ connections and takes requests, and never answers. So the client asks them like 
   agent has no quorum; it is the error only if no agent answers.
 - A write (POST, DELETE) goes to one agent at a time, and to another one only if the first
   surely did not get it: its connection could not be made (refused, no socket, connect timeout)
-  or it answered 503 (no quorum). A write that may have reached an agent (no answer within
+  or it answered 503 (no quorum) or 421 (it reaches an array the write needs on no path, and did
+  nothing). A write that may have reached an agent (no answer within
   REQUEST_TIMEOUT_S, connection lost after sending) is never sent to another one: the error says
   that it may or may not have been applied. Any other answer is final, even one marked without
   quorum. As a connection to a hung agent succeeds, that rule alone would hand the write to it;
@@ -46,11 +47,19 @@ from typing import Any
 import aiohttp
 
 from vmcluster.agent.config import Secrets
-from vmcluster.errors import AlreadyExists, InvalidInput, InvalidState, NotFound, VmclusterError
+from vmcluster.errors import (
+    AlreadyExists,
+    ArrayUnavailable,
+    InvalidInput,
+    InvalidState,
+    NotFound,
+    NotReachedHere,
+    VmclusterError,
+)
 
 ERROR_KINDS: dict[str, type[VmclusterError]] = {
     "invalid_input": InvalidInput, "not_found": NotFound, "already_exists": AlreadyExists,
-    "invalid_state": InvalidState,
+    "invalid_state": InvalidState, "array_unavailable": ArrayUnavailable,
 }  # fmt: skip
 
 REQUEST_TIMEOUT_S = 10.0  # for an answer from the agent that has the request
@@ -79,6 +88,11 @@ class ApiUnreachable(VmclusterError):
 
 class NoQuorumAnswer(InvalidState):
     """An agent answered 503: it has no quorum now (another agent may)."""
+
+
+class NotReachedHereAnswer(NotReachedHere):
+    """An agent answered 421: it cannot reach an array the write needs, and did nothing (another
+    agent may reach it)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -193,6 +207,8 @@ class ApiClient:
                     raise NotFound(error or f"API {path}: not found")
                 if response.status == 503:
                     raise NoQuorumAnswer(error or "the agent is unavailable")
+                if response.status == 421:
+                    raise NotReachedHereAnswer(error or "the agent cannot reach the array")
                 if kind in ERROR_KINDS:
                     raise ERROR_KINDS[kind](error)
                 raise VmclusterError(f"API {method} {path}: {response.status} {error}".rstrip())
@@ -283,6 +299,7 @@ class ApiClient:
     async def _write(self, attempt: Attempt) -> Any:
         errors: list[str] = []
         no_quorum: NoQuorumAnswer | None = None
+        not_here: NotReachedHereAnswer | None = None
         for url in await self._probe_order():
             session, base = _session(url, read_s=self.request_timeout_s)
             try:
@@ -292,12 +309,17 @@ class ApiClient:
             except NoQuorumAnswer as exc:  # 503: this agent has no quorum; another may
                 no_quorum = exc
                 errors.append(f"{url} (no quorum)")
+            except NotReachedHereAnswer as exc:  # 421: nothing done; another may reach the array
+                not_here = exc
+                errors.append(f"{url} (array not reached)")
             except NOT_SENT as exc:
                 errors.append(f"{url} ({type(exc).__name__})")
             except NO_ANSWER as exc:  # it may have been applied: never send it twice
                 raise ApiUnreachable(f"no answer from {url} ({type(exc).__name__}): the "
                                      "request may or may not have been applied; check "
                                      "before retrying") from exc  # fmt: skip
+        if not_here is not None:  # an agent with quorum that could not reach the array
+            raise not_here
         if no_quorum is not None:
             raise no_quorum
         raise ApiUnreachable(f"cannot reach the cluster API: tried {', '.join(errors)}")

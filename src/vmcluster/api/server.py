@@ -21,7 +21,9 @@
     GET  /openapi.json               this API's OpenAPI document (no token needed)
 
 Reads are served from the agent's cache, so they work (with ``quorum: false``) on a node that
-has lost quorum; writes need quorum and answer 503 without it.
+has lost quorum; writes need quorum and answer 503 without it. A write that needs an array this
+node reaches on no path (``vm create``) answers 421 ``not_reached_here`` having changed nothing:
+the client asks another agent, as after a 503.
 
 Input is checked before it is used, and refused with a 4xx and a one-line JSON error naming the
 field (a 500 is a bug):
@@ -56,6 +58,7 @@ from vmcluster.errors import (
     InvalidInput,
     InvalidState,
     NotFound,
+    NotReachedHere,
     VmclusterError,
 )
 from vmcluster.jsonbody import decode_object, shown
@@ -84,6 +87,7 @@ def _error(status: int, message: str, kind: str = "") -> web.Response:
 
 ERROR_STATUS: tuple[tuple[type[VmclusterError], int, str], ...] = (
     (NoQuorum, 503, "no_quorum"),
+    (NotReachedHere, 421, "not_reached_here"),  # nothing done: the client asks another agent
     (ArrayUnavailable, 502, "array_unavailable"),  # final: never re-sent to another agent
     (InvalidInput, 400, "invalid_input"),
     (NotFound, 404, "not_found"),

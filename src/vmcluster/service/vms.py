@@ -32,7 +32,15 @@ from vmcluster.clusterstate.vmrecords import (
 from vmcluster.core.ha import HOLDS_NODE, VmPhase
 from vmcluster.core.model import MAX_DISKS, NAME_RE, NAME_RULE, DiskSpec, VmSpec
 from vmcluster.core.placement import FailbackMode
-from vmcluster.errors import AlreadyExists, InvalidInput, InvalidState, NotFound, VmclusterError
+from vmcluster.errors import (
+    AlreadyExists,
+    ArrayUnavailable,
+    InvalidInput,
+    InvalidState,
+    NotFound,
+    NotReachedHere,
+    VmclusterError,
+)
 from vmcluster.jsonbody import shown
 from vmcluster.logs import event, get_logger
 from vmcluster.service.context import NodeContext
@@ -185,7 +193,10 @@ async def create(ctx: NodeContext, body: Mapping[str, Any]) -> dict[str, Any]:
     if name in ctx.records.stored():
         raise AlreadyExists(f"VM {name!r} already exists in cluster {ctx.config.cluster}")
     qsd = ctx.array(array)
-    existing = {lun.name for lun in await qsd.luns()}
+    try:
+        existing = {lun.name for lun in await qsd.luns()}
+    except ArrayUnavailable as exc:  # a read: nothing changed, another node may reach it
+        raise NotReachedHere(f"node {ctx.config.node} cannot create VM {name}: {exc}") from exc
     for placement in vm.storage:
         if placement.lun in existing:
             raise AlreadyExists(f"VM {name}: array {array} already has a LUN {placement.lun!r}")
