@@ -70,13 +70,22 @@ def _json(obj: dict[str, object]) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
 
+# The probe guest's kernel skips work that costs seconds under TCG and that it does not need:
+# the crypto self-tests, the clocksource watchdog and timer checks (the TSC is QEMU's), the
+# audit subsystem, spare serial ports, and CPU vulnerability mitigations (it runs nothing but
+# the probe). Measured here: the first ACK about 1.5 s sooner (bench/boot.py).
+FAST_BOOT = ("cryptomgr.notests", "mitigations=off", "no_timer_check", "tsc=reliable", "audit=0",
+             "8250.nr_uarts=1")  # fmt: skip
+
+
 def kernel_cmdline(launch: Launch) -> str:
-    """The guest kernel's command line: console, then the probe's settings."""
+    """The guest kernel's command line: console, boot settings, then the probe's settings."""
     spec = launch.spec
     words = [
         "console=ttyS0",
         "loglevel=4",
         "panic=-1",
+        *FAST_BOOT,
         f"vmcluster.name={spec.name}",
         f"vmcluster.gen={launch.generation}",
         f"vmcluster.interval_ms={spec.probe_interval_ms}",
