@@ -16,12 +16,17 @@ TaskGroup for the agent's lifetime:
 
 Clock: ``clock`` (CLOCK_BOOTTIME, monotonic across suspend) for every timer and the lease's
 validity; wall time only for records (events, placements, the controller's ``now``).
+
+I/O at the edges comes in as :class:`AgentIO`: the cluster database (``store``), heartbeats,
+the QEMU host, the arrays' drivers and the watchdog. The defaults are the real ones; the
+simulator (vmcluster.sim) gives in-memory ones and runs everything else as it is.
 """
 
 import asyncio
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +37,8 @@ from vmcluster.agent.controller_loop import ControllerLoop
 from vmcluster.agent.election import Election
 from vmcluster.agent.events import EventLog
 from vmcluster.agent.executor import VmExecutor, array_driver
+from vmcluster.agent.heartbeats import HeartbeatIO
+from vmcluster.agent.hosting import VmHost
 from vmcluster.agent.lease import (
     Lease,
     lock_data_dir,
@@ -41,7 +48,9 @@ from vmcluster.agent.lease import (
 from vmcluster.agent.membership import Membership
 from vmcluster.agent.records import ClusterRecords
 from vmcluster.agent.vms import VmService
+from vmcluster.agent.watchdoglink import WatchdogLink
 from vmcluster.api.server import serve
+from vmcluster.arrays.driver import ArrayDriver
 from vmcluster.clusterstate.keys import Keys
 from vmcluster.clusterstate.store import Store
 from vmcluster.core.cluster import ClusterView, NodeState, NodeView
@@ -56,6 +65,17 @@ def boottime() -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentIO:
+    """The agent's I/O besides the store, each a factory taking the real one's arguments
+    (None: the real one). ``driver`` gives the driver of an array by its name."""
+
+    heartbeats: Callable[..., HeartbeatIO] = HeartbeatIO
+    host: Callable[..., VmHost] = VmHost
+    watchdog: Callable[..., WatchdogLink] = WatchdogLink
+    driver: Callable[[str], ArrayDriver] | None = None
+
+
 class Agent:
     def __init__(
         self,
@@ -64,7 +84,11 @@ class Agent:
         store: Store,
         *,
         clock: Callable[[], float] = boottime,
+        wall: Callable[[], float] | None = None,
+        io: AgentIO | None = None,
     ) -> None:
+        io = io or AgentIO()
+        self.wall = wall or time.time
         self.config = config
         self.secrets = secrets
         self.store = store
@@ -84,13 +108,13 @@ class Agent:
             spec=self._spec(), emit_later=self.events.emit_later,
         )  # fmt: skip
         self.quorum = self.lease.quorum
-        self.array_probe = ArrayProbe(
-            node=me, arrays=config.arrays, driver=lambda name: array_driver(config.arrays, me, name)
-        )
+        driver = io.driver or (lambda name: array_driver(config.arrays, me, name))
+        self.array_probe = ArrayProbe(node=me, arrays=config.arrays, driver=driver)
         self.membership = Membership(
             config=config, secrets=secrets, keys=self.keys, store=store, cache=self.cache,
             clock=clock, incarnation=self.incarnation, quorum=self.quorum,
             has_quorum=self.has_quorum, arrays_seen=self.array_probe.seen,
+            heartbeats=io.heartbeats,
         )  # fmt: skip
         self.detector = self.membership.detector
         self.election = Election(node=me, keys=self.keys, store=store, cache=self.cache,
@@ -98,22 +122,23 @@ class Agent:
                                  view=self.view, facts=self.membership.facts,
                                  node_facts=self.records.node_facts)  # fmt: skip
         self.executor = VmExecutor(node=me, store=store, keys=self.keys, arrays=config.arrays,
-                                   event_record=self.events.record)  # fmt: skip
+                                   event_record=self.events.record, wall=self.wall,
+                                   driver=driver)  # fmt: skip
         self.controller = ControllerLoop(
             node=me, keys=self.keys, store=store, cache=self.cache, records=self.records,
             executor=self.executor, events=self.events, has_quorum=self.has_quorum,
-            membership_view=self.membership.view,
+            membership_view=self.membership.view, wall=self.wall,
         )  # fmt: skip
         self.vms = VmService(
             config=config, keys=self.keys, store=store, cache=self.cache, records=self.records,
             quorum=self.quorum, clock=clock, has_quorum=self.has_quorum,
-            emit_later=self.events.emit_later,
+            emit_later=self.events.emit_later, host=io.host, watchdog=io.watchdog,
         )  # fmt: skip
         self.context = NodeContext(
             config=config, secrets=secrets, keys=self.keys, store=store, cache=self.cache,
             records=self.records, has_quorum=self.has_quorum, view=self.view,
             event_record=self.events.record, emit=self.events.emit,
-            array=lambda name: array_driver(config.arrays, me, name),
+            array=driver,
             consoles=self.vms.host.consoles,
         )  # fmt: skip
         self.ready = asyncio.Event()
@@ -139,6 +164,13 @@ class Agent:
         except BaseException:
             os.close(lock)
             raise
+        try:
+            await self.run_parts(api=True)
+        finally:
+            os.close(lock)
+
+    async def run_parts(self, *, api: bool) -> None:
+        """Every part, until one fails or all are cancelled (``api``: serve the REST API)."""
         await self.membership.heartbeats.open(dict(self.config.networks))
         try:
             async with asyncio.TaskGroup() as tg:
@@ -150,7 +182,8 @@ class Agent:
                 tg.create_task(self.array_probe.run(), name="array-probe")
                 tg.create_task(self.election.run(), name="election")
                 tg.create_task(self.controller.run(), name="controller")
-                tg.create_task(serve(self.context), name="api")
+                if api:
+                    tg.create_task(serve(self.context), name="api")
                 tg.create_task(self.events.run(), name="events")
                 tg.create_task(self.vms.run(), name="vms")
                 self.ready.set()
@@ -158,7 +191,6 @@ class Agent:
             await self.vms.close()
             self.membership.heartbeats.close()
             await self.store.close()
-            os.close(lock)
 
     # ----- what the node knows -----
 
@@ -172,7 +204,7 @@ class Agent:
     def view(self) -> ClusterView:
         """The cluster as this node sees it now (its own state is NoQuorum without quorum;
         quarantined nodes that are alive are Quarantined)."""
-        view = effective_view(self.membership.view(), self.records.exits(), time.time(),
+        view = effective_view(self.membership.view(), self.records.exits(), self.wall(),
                               self.records.quarantine)  # fmt: skip
         me = self.config.node
         if not self.has_quorum() and me in view.nodes:

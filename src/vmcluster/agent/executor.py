@@ -103,6 +103,9 @@ class VmExecutor:
         for name, job in list(self._jobs.items()):
             if job.task is task:
                 del self._jobs[name]
+        if not task.cancelled() and task.exception() is not None:  # a bug: say so
+            log.error(event("vm.job.crashed", job=task.get_name(),
+                            reason=repr(task.exception())))  # fmt: skip
 
     async def wait_idle(self) -> None:
         """Until every job submitted so far is done."""

@@ -320,6 +320,10 @@ class VmHost:
     def signal(self, instance: LocalInstance, sig: signal.Signals) -> bool:
         return process.send_signal(instance.proc, sig)
 
+    def is_frozen(self, instance: LocalInstance) -> bool:
+        """Stopped by a signal (SIGSTOP: the self-fence's or the watchdog's freeze)."""
+        return process.is_stopped(instance.proc)
+
     def kill_now(self, instances: Iterable[LocalInstance]) -> int:
         """SIGKILL these instances at once, without waiting (the self-fence). Returns how many."""
         count = 0

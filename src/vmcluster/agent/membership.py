@@ -44,6 +44,7 @@ class Membership:
         quorum: QuorumState,
         has_quorum: Callable[[], bool],
         arrays_seen: Callable[[], dict[str, str] | None] = lambda: None,
+        heartbeats: Callable[..., HeartbeatIO] = HeartbeatIO,
     ) -> None:
         self.config = config
         self.keys = keys
@@ -65,7 +66,7 @@ class Membership:
         self.detector = FailureDetector(me=self.me, networks=self.networks, settings=settings)
         self._wake_detector = asyncio.Event()
         self._links_changed = asyncio.Event()
-        self.heartbeats = HeartbeatIO(
+        self.heartbeats = heartbeats(
             cluster=config.cluster, node=self.me, incarnation=incarnation,
             key=secrets.cluster_key, port=config.heartbeat_port, on_heartbeat=self._heard,
         )  # fmt: skip

@@ -16,7 +16,6 @@ from vmcluster.clusterstate.keys import Keys, loads
 from vmcluster.clusterstate.store import Store, StoreError
 from vmcluster.core.ha import RUNS
 from vmcluster.core.selffence import FenceAction, FreezeAll, KillAll, SelfFence, Thaw
-from vmcluster.hypervisor import process
 from vmcluster.logs import event, get_logger
 
 log = get_logger(__name__)
@@ -56,7 +55,7 @@ class SelfFenceLoop:
         while True:
             await asyncio.sleep(t.self_fence_check_s)
             instances = dict(self.host.instances)
-            frozen = {k for k, i in instances.items() if process.is_stopped(i.proc)}
+            frozen = {k for k, i in instances.items() if self.host.is_frozen(i)}
             actions = fence.update(
                 now=self.clock(), valid_until=self.quorum.valid_until,
                 instances=frozenset(instances), frozen=frozen,

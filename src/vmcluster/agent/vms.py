@@ -38,7 +38,11 @@ class VmService:
         clock: Callable[[], float],
         has_quorum: Callable[[], bool],
         emit_later: Callable[[str, str, str], None],
+        host: Callable[..., VmHost] = VmHost,
+        watchdog: Callable[..., WatchdogLink] = WatchdogLink,
     ) -> None:
+        """``host`` and ``watchdog`` make this node's QEMU instances and its link to the
+        watchdog process (the simulator gives its own)."""
         self.cache = cache
         self.has_quorum = has_quorum
         margin = config.timings.self_fence_margin_s
@@ -47,11 +51,11 @@ class VmService:
             """The lease is known valid for at least the self-fence margin."""
             return clock() < quorum.valid_until - margin
 
-        self.host = VmHost(
+        self.host = host(
             node=config.node, data_dir=Path(config.data_dir), settings=config.vms,
             arrays=dict(config.arrays), on_exit=self._exited,
         )  # fmt: skip
-        self.watchdog = WatchdogLink(config=config, host=self.host, quorum=quorum)
+        self.watchdog = watchdog(config=config, host=self.host, quorum=quorum)
         self.reconciler = Reconciler(
             node=config.node, keys=keys, store=store, cache=cache, records=records,
             host=self.host, quorum=quorum, lease_ok=lease_ok, before_launch=self.watchdog.tell,

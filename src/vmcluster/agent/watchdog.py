@@ -25,6 +25,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,20 @@ CHECK_S = 0.05  # until the agent's state says otherwise (timings.watchdog_check
 
 def boottime() -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+class Verdict(StrEnum):
+    KEEP = "keep"  # the deadline is ahead: the agent looks after its VMs
+    FREEZE = "freeze"  # past it, within the resiliency period
+    KILL = "kill"  # past it and the resiliency period
+
+
+def verdict(now: float, deadline: float, resiliency_s: float) -> Verdict:
+    """What the watchdog does to the listed instances at ``now`` (the simulator's watchdog
+    asks the same)."""
+    if now < deadline:
+        return Verdict.KEEP
+    return Verdict.KILL if now >= deadline + resiliency_s else Verdict.FREEZE
 
 
 def state_path(run_dir: Path) -> Path:
@@ -106,11 +121,12 @@ def watch(run_dir: Path) -> None:
         with contextlib.suppress(TypeError, ValueError):
             check_s = min(1.0, max(0.005, float(data.get("check_s", CHECK_S))))
         deadline = float(data.get("deadline", 0.0))
-        if boottime() < deadline:
+        resiliency = float(data.get("resiliency_s", 0.0))
+        action = verdict(boottime(), deadline, resiliency)
+        if action is Verdict.KEEP:
             frozen.clear()  # renewed: the agent resumes what it still owns
             continue
-        resiliency = float(data.get("resiliency_s", 0.0))
-        kill = boottime() >= deadline + resiliency
+        kill = action is Verdict.KILL
         for proc in _instances(data):
             if proc in done:
                 continue

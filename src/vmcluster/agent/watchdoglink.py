@@ -34,6 +34,11 @@ class WatchdogLink:
                 self._child.poll()  # reap it if it died
             self.tell()
 
+    def deadline(self) -> float:
+        """The watchdog is the backstop: its deadline is half a margin after the agent's own,
+        still before the lease can expire."""
+        return self.quorum.valid_until - self.config.timings.self_fence_margin_s / 2
+
     def tell(self) -> None:
         """Write the watchdog's state if it changed: the deadline, the instances, and the QEMU
         processes being launched (by pid file: a launch covered before its pid is known).
@@ -44,9 +49,7 @@ class WatchdogLink:
         launching = frozenset(self.host.launching.items())
         if not instances and not launching and self._told is None:
             return
-        # The watchdog is the backstop: its deadline is half a margin after the agent's own,
-        # still before the lease can expire.
-        state = (self.quorum.valid_until - t.self_fence_margin_s / 2, instances, launching)
+        state = (self.deadline(), instances, launching)
         if state == self._told:
             return
         try:

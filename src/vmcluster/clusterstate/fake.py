@@ -77,6 +77,13 @@ class FakeStore(Store):
             self.expire_leases()
         self._expiry_task = None
 
+    def lease_alive(self, lease_id: int) -> bool:
+        return lease_id in self._leases and self._leases[lease_id].expires_at > self._now()
+
+    def leases(self) -> dict[int, "_Lease"]:
+        """The live leases (the simulator wakes up when the soonest expires)."""
+        return dict(self._leases)
+
     def expire_leases(self) -> None:
         now = self._now()
         for lease_id in [i for i, lease in self._leases.items() if lease.expires_at <= now]:

@@ -1,0 +1,227 @@
+"""The faults a simulated run injects, drawn from the world's seeded generator, and their healing.
+
+One fault at a time takes a node out (crash, agent hang, agent restart, cut from the cluster
+networks, cut from the storage), so that the cluster keeps its quorum and its failovers are
+tried, not only its standstill; the others come independently: one network of a node down,
+an asymmetric cut, an array lost or hung, a QEMU crash, a step of a wall clock, a lossy and
+duplicating network, an etcd leader election. Each lasts a seeded while, then heals; after the
+fault phase everything is healed.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+from vmcluster.sim.net import CLUSTER_NETWORKS, STORAGE_NETWORKS
+from vmcluster.sim.world import Host, World
+
+NODE_FAULTS = ("crash", "hang", "agent-restart", "isolate", "storage-cut")
+OTHER_FAULTS = ("link", "one-way", "array-down", "array-hang", "qemu-crash", "clock-step",
+                "lossy", "etcd-election")  # fmt: skip
+FAULT_KINDS = NODE_FAULTS + OTHER_FAULTS
+
+
+@dataclass(slots=True)
+class Injector:
+    world: World
+    node_fault_until: float = 0.0
+
+    def plan(self) -> None:
+        """Schedule the fault phase's faults, then the healing of everything."""
+        opts = self.world.options
+        start = opts.warmup_s
+        end = opts.warmup_s + opts.duration_s
+        at = start + self.world.rng.uniform(1.0, 4.0)
+        while at < end:
+            self.world.schedule(at - self.world.now, "fault", self.inject)
+            at += self.world.rng.uniform(1.5, 6.0)
+        self.world.schedule(end - self.world.now, "heal", self.heal_all)
+
+    def _nodes(self) -> list[Host]:
+        return [h for h in self.world.hosts.values() if h.is_node]
+
+    def inject(self) -> None:
+        world, rng = self.world, self.world.rng
+        kinds = list(OTHER_FAULTS)
+        if world.now >= self.node_fault_until:
+            kinds += list(NODE_FAULTS) * 2
+        kind = rng.choice(kinds)
+        host = rng.choice(self._nodes())
+        length = rng.uniform(1.0, 12.0)
+        world.faults[kind] = world.faults.get(kind, 0) + 1
+        if kind in NODE_FAULTS:
+            self.node_fault_until = world.now + length + 3.0
+        undo = getattr(self, "_" + kind.replace("-", "_"))(host, length)
+        if undo is not None:
+            world.schedule(length, f"heal {kind}", undo)
+
+    # ----- node faults -----
+
+    def _crash(self, host: Host, length: float) -> Callable[[], None] | None:
+        world = self.world
+        if not host.alive:
+            return None
+        world.note("sim", f"FAULT crash {host.name} for {length:.1f} s")
+        host.alive = False
+        for guest in list(host.guests.values()):
+            world.kill(guest, "the host crashed")
+        host.watchdog.deadline, host.watchdog.keys = None, frozenset()
+        world.stop_agent(host, "the host crashed")
+        world.changed_topology()
+        return partial(self._power_on, host)
+
+    def _power_on(self, host: Host) -> None:
+        if host.alive:
+            return
+        host.alive = True
+        self.world.changed_topology()
+        self.world.note("sim", f"HEAL {host.name} powered on")
+        self.world.start_agent(host)
+
+    def _hang(self, host: Host, length: float) -> Callable[[], None] | None:
+        if host.agent is None or host.hung:
+            return None
+        self.world.note("sim", f"FAULT hang of {host.name}'s agent for {length:.1f} s")
+        host.hung = True
+        return partial(self._unhang, host)
+
+    def _unhang(self, host: Host) -> None:
+        if host.hung:
+            host.hung = False
+            self.world.note("sim", f"HEAL {host.name}'s agent runs again")
+
+    def _agent_restart(self, host: Host, length: float) -> Callable[[], None] | None:
+        if host.agent is None:
+            return None
+        length = min(length, 3.0)
+        self.world.note("sim", f"FAULT {host.name}'s agent dies, back in {length:.1f} s")
+        self.world.stop_agent(host, "killed")
+
+        def back() -> None:
+            if host.alive and host.agent is None:
+                self.world.start_agent(host)
+
+        self.world.schedule(length, "agent back", back)
+        return None
+
+    def _isolate(self, host: Host, length: float) -> Callable[[], None] | None:
+        self.world.note("sim", f"FAULT {host.name} cut from both cluster networks for "
+                               f"{length:.1f} s")  # fmt: skip
+        for network in CLUSTER_NETWORKS:
+            self.world.net.cut_host(host.name, self.world.hosts, network)
+        self.world.changed_topology()
+        return partial(self._heal_links, host, CLUSTER_NETWORKS)
+
+    def _storage_cut(self, host: Host, length: float) -> Callable[[], None] | None:
+        self.world.note("sim", f"FAULT {host.name} cut from both storage paths for {length:.1f} s")
+        for network in STORAGE_NETWORKS:
+            self.world.net.cut_host(host.name, self.world.arrays, network)
+        return partial(self._heal_links, host, STORAGE_NETWORKS)
+
+    def _heal_links(self, host: Host, networks: tuple[str, ...]) -> None:
+        for network in networks:
+            self.world.net.heal_host(host.name, network)
+        self.world.changed_topology()
+        self.world.note("sim", f"HEAL {host.name} links on {', '.join(networks)}")
+
+    # ----- other faults -----
+
+    def _link(self, host: Host, length: float) -> Callable[[], None] | None:
+        network = self.world.rng.choice(CLUSTER_NETWORKS + STORAGE_NETWORKS)
+        self.world.note("sim", f"FAULT {host.name} link on {network} down for {length:.1f} s")
+        others = self.world.arrays if network in STORAGE_NETWORKS else self.world.hosts
+        self.world.net.cut_host(host.name, others, network)
+        self.world.changed_topology()
+        return partial(self._heal_links, host, (network,))
+
+    def _one_way(self, host: Host, length: float) -> Callable[[], None] | None:
+        world = self.world
+        network = world.rng.choice(CLUSTER_NETWORKS)
+        peer = world.rng.choice([h for h in world.hosts if h != host.name])
+        world.note("sim", f"FAULT {host.name} -> {peer} on {network} cut (one way) for "
+                          f"{length:.1f} s")  # fmt: skip
+        cut = (host.name, peer, network)
+        world.net.cut.add(cut)
+        world.changed_topology()
+
+        def heal() -> None:
+            world.net.cut.discard(cut)
+            world.changed_topology()
+            world.note("sim", f"HEAL {host.name} -> {peer} on {network}")
+
+        return heal
+
+    def _array_down(self, host: Host, length: float) -> Callable[[], None] | None:
+        array = self.world.arrays[self.world.rng.choice(sorted(self.world.arrays))]
+        self.world.note("sim", f"FAULT array {array.name} down for {length:.1f} s")
+        array.up = False
+
+        def heal() -> None:
+            array.up = True
+            self.world.note("sim", f"HEAL array {array.name} up")
+
+        return heal
+
+    def _array_hang(self, host: Host, length: float) -> Callable[[], None] | None:
+        array = self.world.arrays[self.world.rng.choice(sorted(self.world.arrays))]
+        length = min(length, 8.0)
+        self.world.note("sim", f"FAULT array {array.name} hangs for {length:.1f} s")
+        array.hung = True
+
+        def heal() -> None:
+            array.hung = False
+            self.world.note("sim", f"HEAL array {array.name} answers again")
+
+        self.world.schedule(length, "heal array-hang", heal)
+        return None
+
+    def _qemu_crash(self, host: Host, length: float) -> Callable[[], None] | None:
+        guests = sorted((g for g in host.guests.values() if g.alive), key=lambda g: g.key)
+        if not guests:
+            return None
+        guest = self.world.rng.choice(guests)
+        self.world.note("sim", f"FAULT qemu {guest.vm} g{guest.generation} on {host.name} crashes")
+        self.world.kill(guest, "crashed")
+        return None
+
+    def _clock_step(self, host: Host, length: float) -> Callable[[], None] | None:
+        step = self.world.rng.uniform(-30.0, 30.0)
+        self.world.note("sim", f"FAULT {host.name}'s wall clock steps {step:+.1f} s")
+        host.wall_offset += step
+        return None
+
+    def _lossy(self, host: Host, length: float) -> Callable[[], None] | None:
+        net, rng = self.world.net, self.world.rng
+        net.loss, net.duplicate = rng.uniform(0.05, 0.3), rng.uniform(0.0, 0.2)
+        self.world.note("sim", f"FAULT the networks lose {net.loss:.0%} and duplicate "
+                               f"{net.duplicate:.0%} of datagrams for {length:.1f} s")  # fmt: skip
+
+        def heal() -> None:
+            net.loss = net.duplicate = 0.0
+            self.world.note("sim", "HEAL the networks deliver everything")
+
+        return heal
+
+    def _etcd_election(self, host: Host, length: float) -> Callable[[], None] | None:
+        pause = self.world.rng.uniform(0.2, 1.5)
+        self.world.note("sim", f"FAULT etcd elects a new leader: unavailable for {pause:.2f} s")
+        self.world.etcd_down_until = self.world.now + pause
+        return None
+
+    # ----- the end of the fault phase -----
+
+    def heal_all(self) -> None:
+        world = self.world
+        world.note("sim", "HEAL everything")
+        world.net.cut.clear()
+        world.net.loss = world.net.duplicate = 0.0
+        world.etcd_down_until = 0.0
+        world.changed_topology()
+        for array in world.arrays.values():
+            array.up, array.hung = True, False
+        for host in world.hosts.values():
+            host.hung = False
+            if not host.alive:
+                self._power_on(host)
+            elif host.is_node and host.agent is None:
+                world.start_agent(host)
