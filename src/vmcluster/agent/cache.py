@@ -52,6 +52,7 @@ class ClusterCache:
         self._changed = asyncio.Event()
         self.version = 0  # grows on every change
         self._listeners: set[asyncio.Queue[WatchEvent]] = set()
+        self._nodes: tuple[int, dict[str, dict[str, dict[str, Any]]]] | None = None
 
     async def run(self) -> None:
         """Load, then follow every change; reload after a compaction, an outage or a stall."""
@@ -162,7 +163,10 @@ class ClusterCache:
             return None
 
     def nodes(self) -> dict[str, dict[str, dict[str, Any]]]:
-        """node -> part (spec, alive, status, admin) -> value."""
+        """node -> part (spec, alive, status, admin) -> value. Parsed once per version of the
+        cache: callers read it and must not change it."""
+        if self._nodes is not None and self._nodes[0] == self.version:
+            return self._nodes[1]
         found: dict[str, dict[str, dict[str, Any]]] = {}
         for key in self.entries:
             split = self.keys.split_node_key(key)
@@ -170,6 +174,7 @@ class ClusterCache:
                 value = self.json(key)
                 if value is not None:
                     found.setdefault(split[0], {})[split[1]] = value
+        self._nodes = (self.version, found)
         return found
 
     def leader(self) -> str | None:

@@ -41,9 +41,13 @@ class ClusterRecords:
         self.cache = cache
         self.keys = keys
         self.quarantine = QuarantineSettings()
+        self._stored: tuple[int, dict[str, StoredVm]] | None = None
 
     def stored(self) -> dict[str, StoredVm]:
-        """Every clustered VM with a readable spec (a malformed one is logged and skipped)."""
+        """Every clustered VM with a readable spec (a malformed one is logged and skipped).
+        Read once per version of the cache: callers must not change it."""
+        if self._stored is not None and self._stored[0] == self.cache.version:
+            return self._stored[1]
         parts: dict[str, dict[str, dict[str, Any]]] = {}
         revisions: dict[str, dict[str, int]] = {}
         for key, entry in self.cache.entries.items():
@@ -67,6 +71,7 @@ class ClusterRecords:
                 continue
             found[name] = StoredVm(name=name, spec=spec, record=record,
                                    revisions=revisions[name], parts=vm_parts)  # fmt: skip
+        self._stored = (self.cache.version, found)
         return found
 
     def armed(self) -> bool:

@@ -11,6 +11,7 @@ from vmcluster.cli.array import array
 from vmcluster.cli.cluster import cluster, events, node
 from vmcluster.cli.image import image
 from vmcluster.cli.lab import lab
+from vmcluster.cli.sim import sim
 from vmcluster.cli.vm import vm
 from vmcluster.errors import VmclusterError
 
@@ -53,6 +54,7 @@ cli.add_command(array)
 cli.add_command(cluster)
 cli.add_command(node)
 cli.add_command(events)
+cli.add_command(sim)
 
 
 def main() -> None:

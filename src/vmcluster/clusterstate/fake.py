@@ -44,6 +44,7 @@ class FakeStore(Store):
         self._lease_changed = asyncio.Event()
         self._expiry_task: asyncio.Task[None] | None = None
         self._available = True
+        self.lease_changes = 0  # grows whenever a lease is granted, renewed or ends
 
     @property
     def available(self) -> bool:
@@ -90,6 +91,7 @@ class FakeStore(Store):
             self._end_lease(lease_id)
 
     def _end_lease(self, lease_id: int) -> None:
+        self.lease_changes += 1
         lease = self._leases.pop(lease_id)
         if lease.keys:
             self._apply({}, sorted(lease.keys))
@@ -163,6 +165,7 @@ class FakeStore(Store):
         self._check()
         lease_id = next(self._lease_ids)
         self._leases[lease_id] = _Lease(ttl_s=ttl_s, expires_at=self._now() + ttl_s)
+        self.lease_changes += 1
         self._lease_changed.set()
         self._check()  # starts the expiry task if needed
         return lease_id
@@ -173,6 +176,7 @@ class FakeStore(Store):
         if lease is None:
             raise LeaseExpired(f"lease {lease_id:x} does not exist")
         lease.expires_at = self._now() + lease.ttl_s
+        self.lease_changes += 1
         return float(lease.ttl_s)
 
     async def revoke_lease(self, lease_id: int) -> None:

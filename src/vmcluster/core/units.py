@@ -54,3 +54,15 @@ def human_size(size_bytes: int) -> str:
         if float(shown) < 1024:
             return f"{shown} {unit}"
     return f"{size_bytes / TIB:.1f} TiB"
+
+
+_DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h)?\s*", re.IGNORECASE | re.ASCII)
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str, *, what: str) -> float:
+    """Parse a duration such as ``90``, ``90s``, ``10m`` or ``1.5h`` into seconds."""
+    match = _DURATION_RE.fullmatch(text)
+    if match is None:
+        raise InvalidInput(f"invalid {what} {text!r}: use a number of seconds, or with s, m, h")
+    return float(match.group(1)) * _SECONDS[(match.group(2) or "").lower()]

@@ -9,58 +9,24 @@ leaves the older exports live.
 """
 
 import asyncio
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vmcluster.arrays.driver import ArrayStatus, LunInfo, export_name
-from vmcluster.errors import AlreadyExists, ArrayUnavailable, InvalidState, NotFound
+from vmcluster.errors import AlreadyExists, ArrayUnavailable
+from vmcluster.sim.model import Lun
 
 if TYPE_CHECKING:
-    from vmcluster.sim.world import Host, World
-
-
-@dataclass(slots=True, kw_only=True)
-class Lun:
-    size_bytes: int
-    mark: int = 0
-    exports: set[int] = field(default_factory=set)  # live generations
-    data: dict[int, int] = field(default_factory=dict)  # seq -> generation that wrote it
-
-
-@dataclass(slots=True, kw_only=True)
-class SimArray:
-    name: str
-    up: bool = True
-    hung: bool = False
-    retire_on_fence: bool = True
-    luns: dict[str, Lun] = field(default_factory=dict)
-
-    def fence(self, lun: str, generation: int) -> str:
-        record = self._lun(lun)
-        if generation < record.mark:
-            raise InvalidState(f"array {self.name}: LUN {lun} is fenced at generation "
-                               f"{record.mark}; generation {generation} is stale")  # fmt: skip
-        if self.retire_on_fence:
-            record.exports = {generation}
-        else:
-            record.exports.add(generation)
-        record.mark = generation
-        return export_name(lun, generation)
-
-    def _lun(self, lun: str) -> Lun:
-        record = self.luns.get(lun)
-        if record is None:
-            raise NotFound(f"array {self.name}: no LUN {lun!r}")
-        return record
+    from vmcluster.sim.model import Host, SimArray, World
 
 
 class SimArrayDriver:
     """The ArrayDriver of one array as one node reaches it."""
 
-    def __init__(self, world: "World", host: "Host", array: SimArray) -> None:
+    def __init__(self, world: "World", host: "Host", array: "SimArray") -> None:
         self.world = world
         self.host = host
         self.array = array
+        self.name = array.name
 
     async def _request(self) -> None:
         """Reach the array: a path must be up, and the array up; a hung array never answers."""
@@ -70,7 +36,7 @@ class SimArrayDriver:
             raise ArrayUnavailable(f"array {self.array.name}: no answer from its service "
                                    "on any path (simulated)")  # fmt: skip
         await asyncio.sleep(world.array_delay())
-        while self.array.hung:
+        while self.array.hung:  # noqa: ASYNC110 - a fault's state, not an event
             await asyncio.sleep(0.1)  # the caller's timeout ends it
 
     async def _answer(self) -> None:
@@ -101,6 +67,7 @@ class SimArrayDriver:
     async def fence(self, lun: str, generation: int, *, request_id: str | None = None) -> str:
         await self._request()
         export = self.array.fence(lun, generation)
+        self.world.dirty = True
         self.world.note(self.host.name, f"array {self.array.name} fenced {lun} at g{generation}")
         await self._answer()
         return export

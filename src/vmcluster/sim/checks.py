@@ -18,10 +18,10 @@
 from typing import TYPE_CHECKING
 
 from vmcluster.clusterstate.keys import Keys, loads
-from vmcluster.sim.machine import Guest, GuestState
+from vmcluster.sim.model import Guest, GuestState
 
 if TYPE_CHECKING:
-    from vmcluster.sim.world import World
+    from vmcluster.sim.model import World
 
 
 def check_one_writer(world: "World") -> None:
@@ -72,14 +72,20 @@ def check_acks(world: "World") -> None:
 
 def check_converged(world: "World") -> None:
     """I3 at the end: every VM that should run runs once, where its placement says."""
+    problem = convergence_problem(world)
+    if problem is not None:
+        world.violated("I3", problem)
+
+
+def convergence_problem(world: "World") -> str | None:
+    """What keeps the cluster from having converged (None: it has)."""
     keys = Keys("sim")
     records = {e.key: e.value for e in world.db._data.values()}
     for i in range(world.options.vms):
         vm = f"vm{i + 1}"
         intent = records.get(keys.vm(vm, "intent"))
         if intent is None:
-            world.violated("I3", f"{vm} was never created")
-            return
+            return f"{vm} was never created"
         if not loads(intent).get("running"):
             continue
         raw = records.get(keys.vm(vm, "placement"))
@@ -89,11 +95,10 @@ def check_converged(world: "World") -> None:
                    if g.vm == vm and g.alive]  # fmt: skip
         where = ", ".join(f"g{g.generation} on {g.host} ({g.state})" for g in running) or "nowhere"
         if placement.get("phase") != "running":
-            world.violated("I3", f"{vm} should run but is {placement.get('phase')} "
-                                 f"({placement.get('reason', '')}); runs {where}")  # fmt: skip
-            return
+            return (f"{vm} should run but is {placement.get('phase')} "
+                    f"({placement.get('reason', '')}); runs {where}")  # fmt: skip
         good = [g for g in running if (g.host, g.generation) == (owner, generation)
                 and g.state is GuestState.RUNNING and not g.frozen]  # fmt: skip
         if len(running) != 1 or len(good) != 1:
-            world.violated("I3", f"{vm} should run once as g{generation} on {owner}; runs {where}")
-            return
+            return f"{vm} should run once as g{generation} on {owner}; runs {where}"
+    return None

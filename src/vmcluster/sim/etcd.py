@@ -12,7 +12,7 @@ its host is cut off (they come once it is back, as a member catching up sends th
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from vmcluster.clusterstate.fake import FakeStore
@@ -26,7 +26,7 @@ from vmcluster.clusterstate.store import (
 )
 
 if TYPE_CHECKING:
-    from vmcluster.sim.world import Host, World
+    from vmcluster.sim.model import Host, World
 
 T = TypeVar("T")
 
@@ -45,7 +45,7 @@ class NodeStore(Store):
         return any(self.db.lease_alive(lease) for lease in self.granted)
 
     async def _call(
-        self, what: str, apply: Callable[[], "asyncio.Future[T] | T"], writes: tuple[str, ...] = ()
+        self, what: str, apply: Callable[[], Awaitable[T]], writes: tuple[str, ...] = ()
     ) -> T:
         world = self.world
         if not world.reaches_etcd(self.host):
@@ -56,9 +56,7 @@ class NodeStore(Store):
             await asyncio.sleep(self.timeout_s)
             raise StoreUnavailable(f"etcd: {what} not answered within {self.timeout_s:g} s")
         live = self.holds_live_lease()
-        result = apply()
-        if asyncio.iscoroutine(result):
-            result = await result
+        result = await apply()
         guarded = [k for k in writes if k.startswith(self.world.guarded_prefixes)]
         if guarded and result is not False and not live:
             self.world.violated("I4", f"{self.host.name} wrote {guarded[0]} without a live "
@@ -66,7 +64,7 @@ class NodeStore(Store):
         await asyncio.sleep(world.store_delay())
         if not world.reaches_etcd(self.host):  # applied, but the answer is lost
             raise StoreUnavailable(f"etcd: the answer to {what} was lost")
-        return result  # type: ignore[return-value]
+        return result
 
     async def get(self, key: str) -> Entry | None:
         return await self._call("get", lambda: self.db.get(key))
@@ -100,7 +98,7 @@ class NodeStore(Store):
             await asyncio.sleep(self.timeout_s)
             raise StoreUnavailable("etcd: watch not answered")
         async for change in self.db.watch_prefix(prefix, start_revision=start_revision):
-            while not self.world.reaches_etcd(self.host):
+            while not self.world.reaches_etcd(self.host):  # noqa: ASYNC110 - a link state
                 await asyncio.sleep(0.05)  # a cut-off member delivers nothing until back
             await asyncio.sleep(self.world.watch_delay())
             yield change

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
+from vmcluster.sim.model import Host
 from vmcluster.sim.net import CLUSTER_NETWORKS, STORAGE_NETWORKS
-from vmcluster.sim.world import Host, World
+from vmcluster.sim.world import SimWorld
 
 NODE_FAULTS = ("crash", "hang", "agent-restart", "isolate", "storage-cut")
 OTHER_FAULTS = ("link", "one-way", "array-down", "array-hang", "qemu-crash", "clock-step",
@@ -23,7 +24,7 @@ FAULT_KINDS = NODE_FAULTS + OTHER_FAULTS
 
 @dataclass(slots=True)
 class Injector:
-    world: World
+    world: SimWorld
     node_fault_until: float = 0.0
 
     def plan(self) -> None:

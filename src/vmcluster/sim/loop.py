@@ -50,12 +50,14 @@ class SimLoop(base_events.BaseEventLoop):
 
     def next_at(self) -> float:
         """When (on this loop's clock) it next has something to run; inf: nothing."""
-        if self._ready:
+        internals: Any = self  # BaseEventLoop's queues (see the module's docstring)
+        if internals._ready:
             return -math.inf
-        while self._scheduled and self._scheduled[0]._cancelled:
-            heapq.heappop(self._scheduled)._scheduled = False
-            self._timer_cancelled_count -= 1
-        return self._scheduled[0]._when if self._scheduled else math.inf
+        scheduled = internals._scheduled
+        while scheduled and scheduled[0]._cancelled:
+            heapq.heappop(scheduled)._scheduled = False
+            internals._timer_cancelled_count -= 1
+        return float(scheduled[0]._when) if scheduled else math.inf
 
 
 def _record_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -67,6 +69,7 @@ def step(loop: SimLoop) -> None:
     """Run one iteration of ``loop``: what is ready, and the timers that are due."""
     events._set_running_loop(loop)
     try:
-        loop._run_once()
+        internals: Any = loop
+        internals._run_once()
     finally:
         events._set_running_loop(None)

@@ -15,78 +15,23 @@ agent last gave it and applies vmcluster.agent.watchdog.verdict, the real watchd
 import asyncio
 import signal
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmcluster.agent.hosting import KILL_WAIT_S, LocalInstance, VmHost
-from vmcluster.agent.watchdog import Verdict, verdict
 from vmcluster.agent.watchdoglink import WatchdogLink
 from vmcluster.clusterstate.vmrecords import ClusteredVm
 from vmcluster.errors import HypervisorError
 from vmcluster.hypervisor.process import ProcessId
 from vmcluster.logs import event, get_logger
+from vmcluster.sim.model import Guest
 
 if TYPE_CHECKING:
-    from vmcluster.sim.world import Host, World
+    from vmcluster.sim.model import Host, World
 
 log = get_logger(__name__)
 
 Key = tuple[str, int]
-
-
-class GuestState(StrEnum):
-    BOOTING = "booting"
-    RUNNING = "running"
-    PAUSED = "paused"  # stopped on an I/O error
-    DEAD = "dead"
-
-
-@dataclass(slots=True, kw_only=True)
-class Guest:
-    id: int
-    vm: str
-    generation: int
-    host: str
-    array: str
-    lun: str
-    started_at: float
-    state: GuestState = GuestState.BOOTING
-    frozen: bool = False
-    seq: int = 0  # the last record written
-    acked: list[int] = field(default_factory=list)
-    powering_off: bool = False
-    ended: str = ""  # how it ended
-
-    @property
-    def key(self) -> Key:
-        return (self.vm, self.generation)
-
-    @property
-    def executing(self) -> bool:
-        """Running guest code (booting or running, not frozen, not paused, not dead)."""
-        return self.state in (GuestState.BOOTING, GuestState.RUNNING) and not self.frozen
-
-    @property
-    def alive(self) -> bool:
-        return self.state is not GuestState.DEAD
-
-
-@dataclass(slots=True, kw_only=True)
-class Watchdog:
-    """The host's watchdog: the deadline (host clock) and what it watches."""
-
-    deadline: float | None = None
-    resiliency_s: float = 0.0
-    keys: frozenset[Key] = frozenset()
-    frozen: set[Key] = field(default_factory=set)
-    enabled: bool = True
-
-    def check(self, now: float) -> tuple[Verdict, frozenset[Key]]:
-        if self.deadline is None or not self.keys or not self.enabled:
-            return Verdict.KEEP, frozenset()
-        return verdict(now, self.deadline, self.resiliency_s), self.keys
 
 
 class SimHost(VmHost):

@@ -14,7 +14,7 @@ from vmcluster.agent.heartbeats import HeartbeatIO
 from vmcluster.protocols import heartbeat as hb
 
 if TYPE_CHECKING:
-    from vmcluster.sim.world import World
+    from vmcluster.sim.model import World
 
 CLUSTER_NETWORKS = ("cluster1", "cluster2")
 STORAGE_NETWORKS = ("storage-a", "storage-b")

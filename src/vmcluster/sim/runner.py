@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 from vmcluster.sim.checks import check_acks, check_converged
 from vmcluster.sim.faults import Injector
-from vmcluster.sim.world import SimOptions, Violation, World, captured_logs, cluster_setup, virtual_clocks
+from vmcluster.sim.model import SimOptions, Violation
+from vmcluster.sim.world import SimWorld, captured_logs, cluster_setup, virtual_clocks
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -28,7 +29,7 @@ class SimResult:
 
 
 def simulate(seed: int, options: SimOptions) -> SimResult:
-    world = World(seed, options)
+    world = SimWorld(seed, options)
     with virtual_clocks(world), captured_logs(world):
         try:
             for host in world.hosts.values():

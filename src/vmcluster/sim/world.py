@@ -20,13 +20,13 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from vmcluster.agent.agent import Agent, AgentIO
-from vmcluster.agent.config import AgentConfig, ArrayAccess, Secrets, Timings, VmSettings
+from vmcluster.agent.config import AgentConfig, ArrayAccess, Secrets, VmSettings
 from vmcluster.agent.watchdog import Verdict
 from vmcluster.clusterstate.fake import FakeStore
 from vmcluster.clusterstate.keys import Keys
@@ -34,81 +34,32 @@ from vmcluster.clusterstate.vmrecords import ClusteredVm
 from vmcluster.errors import VmclusterError
 from vmcluster.service import ha as ha_service
 from vmcluster.service import vms as vm_service
-from vmcluster.sim.arrays import SimArray, SimArrayDriver
+from vmcluster.sim.arrays import SimArrayDriver
+from vmcluster.sim.checks import check_one_writer, convergence_problem
 from vmcluster.sim.etcd import NodeStore, next_expiry
 from vmcluster.sim.loop import SimLoop, step
-from vmcluster.sim.machine import Guest, GuestState, SimHost, SimWatchdogLink, Watchdog
+from vmcluster.sim.machine import SimHost, SimWatchdogLink
+from vmcluster.sim.model import (
+    EPOCH,
+    Guest,
+    GuestState,
+    Host,
+    SimArray,
+    SimOptions,
+    Violation,
+)
 from vmcluster.sim.net import CLUSTER_NETWORKS, STORAGE_NETWORKS, Network, SimHeartbeats
 
-EPOCH = 1_800_000_000.0  # the simulated wall clock's zero
 CLUSTER = "sim"
 VM_MEMORY_MIB = 128
 NODE_MEMORY_MIB = 1024
 DISK_BYTES = 16 << 20
-PLANTED_BUGS = ("no-fence", "no-self-fence")
+WRITE_INTERVAL_S = 0.25  # a guest's writes while it is busy (it also has idle spells)
 # Agent log events that mean a bug, not a simulated fault: they fail the run.
 ERROR_EVENTS = ("vm.job.crashed",)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SimOptions:
-    nodes: int = 3
-    vms: int = 4
-    arrays: int = 1
-    witness: bool = False
-    duration_s: float = 60.0  # faults come during this time (after the warm-up)
-    settle_s: float = 45.0  # then everything is healed and the cluster must converge
-    warmup_s: float = 8.0
-    faults: bool = True
-    planted: frozenset[str] = frozenset()  # test-only bugs: PLANTED_BUGS
-    timings: Timings = field(default_factory=Timings)
-
-    def __post_init__(self) -> None:
-        unknown = sorted(self.planted - set(PLANTED_BUGS))
-        assert not unknown, unknown
-
-
-@dataclass(slots=True)
-class Violation:
-    invariant: str  # I1, I2, I3, I4, or "agent" (an agent failed with an exception)
-    at: float
-    text: str
-
-
-@dataclass(slots=True, kw_only=True)
-class Host:
-    """One simulated machine: a node (agent, etcd member, guests, watchdog) or the witness
-    (an etcd member only)."""
-
-    name: str
-    index: int
-    is_node: bool
-    rate: float  # its clock's rate against virtual time (drift)
-    offset: float  # its monotonic clock at virtual time 0
-    data_dir: Path
-    wall_offset: float = 0.0  # steps of its wall clock
-    alive: bool = True
-    hung: bool = False
-    agent: Agent | None = None
-    loop: SimLoop | None = None
-    store: NodeStore | None = None
-    vm_host: SimHost | None = None
-    guests: dict[tuple[str, int], Guest] = field(default_factory=dict)
-    watchdog: Watchdog = field(default_factory=Watchdog)
-    watchdog_ticking: bool = False
-    incarnations: int = 0
-
-    def clock(self, now: float) -> float:
-        return self.offset + self.rate * now
-
-    def global_time(self, local: float) -> float:
-        return (local - self.offset) / self.rate
-
-    def wall(self, now: float) -> float:
-        return EPOCH + now * self.rate + self.wall_offset
-
-
-class World:
+class SimWorld:
     def __init__(self, seed: int, options: SimOptions) -> None:
         self.seed = seed
         self.options = options
@@ -146,9 +97,14 @@ class World:
             )  # fmt: skip
         self._etcd_cache: tuple[int, frozenset[str]] | None = None
         self.topology = 0  # grows on every change of who reaches whom
+        self.dirty = True  # guests, exports or links changed: check the invariants
+        self._watchdog_tickets = 0
         self._graveyard: list[SimLoop] = []  # loops of dead agents, kept from the collector
         keys = Keys(CLUSTER)
-        self.guarded_prefixes = (f"{keys.prefix}vms/", keys.leader)  # I4: writes that need quorum
+        self.guarded_prefixes: tuple[str, ...] = (
+            f"{keys.prefix}vms/",
+            keys.leader,
+        )  # I4: writes that need quorum
 
     # ----- time and randomness -----
 
@@ -242,7 +198,9 @@ class World:
     # ----- agents -----
 
     def _config(self, host: Host) -> AgentConfig:
-        addresses = {net: f"10.{k + 1}.0.{host.index + 10}" for k, net in enumerate(CLUSTER_NETWORKS)}
+        addresses = {
+            net: f"10.{k + 1}.0.{host.index + 10}" for k, net in enumerate(CLUSTER_NETWORKS)
+        }
         arrays = {
             name: ArrayAccess(name=name, service=(f"10.8.0.{i + 1}:1", f"10.9.0.{i + 1}:1"),
                               nbd=(f"10.8.0.{i + 1}:2", f"10.9.0.{i + 1}:2"))
@@ -314,6 +272,7 @@ class World:
     # ----- guests -----
 
     def launch(self, host: Host, vm: ClusteredVm, generation: int) -> Guest:
+        self.dirty = True
         if host.store is None or not host.store.holds_live_lease():
             self.violated("I4", f"{host.name} launched {vm.spec.name} g{generation} without a "
                                 "live lease (no quorum)")  # fmt: skip
@@ -341,7 +300,11 @@ class World:
         array = self.arrays[guest.array]
         host = self.hosts[guest.host]
         lun = array.luns.get(guest.lun)
-        if lun is None or not self.reaches_array(host, array) or guest.generation not in lun.exports:
+        if (
+            lun is None
+            or not self.reaches_array(host, array)
+            or guest.generation not in lun.exports
+        ):
             self._io_error(guest, "its disk cannot be read at boot")
             return
         if array.hung:
@@ -353,13 +316,13 @@ class World:
         guest.seq = seq
         guest.state = GuestState.RUNNING
         self.note(guest.host, f"guest {guest.vm} g{guest.generation} booted, resumes after {seq}")
-        self.schedule(0.1, "write", partial(self._write, guest))
+        self.schedule(WRITE_INTERVAL_S, "write", partial(self._write, guest))
 
     def _write(self, guest: Guest) -> None:
         if not guest.alive or guest.state is GuestState.PAUSED:
             return
         if guest.frozen:
-            self.schedule(0.1, "write", partial(self._write, guest))
+            self.schedule(WRITE_INTERVAL_S, "write", partial(self._write, guest))
             return
         array = self.arrays[guest.array]
         lun = array.luns.get(guest.lun)
@@ -372,13 +335,13 @@ class World:
             return
         seq = guest.seq + 1
         if guest.generation < lun.mark:
-            self.violated("I1", f"{guest.vm}: g{guest.generation} on {guest.host} wrote record "
-                                f"{seq} after g{lun.mark} was fenced (a second writer)")  # fmt: skip
+            self.violated("I1", f"{guest.vm}: g{guest.generation} on {guest.host} wrote "
+                                f"record {seq} after g{lun.mark} was fenced")  # fmt: skip
         lun.data[seq] = guest.generation
         guest.seq = seq
         self.schedule(self.rng.uniform(0.001, 0.004), "ack", partial(self._acked, guest, seq))
-        pause = 0.1
-        if self.rng.random() < 0.02:
+        pause = WRITE_INTERVAL_S
+        if self.rng.random() < 0.05:
             pause = self.rng.uniform(1.0, 8.0)  # an idle spell
         self.schedule(pause, "write", partial(self._write, guest))
 
@@ -397,6 +360,7 @@ class World:
         self._tell_agent(guest, "io_error")
 
     def kill(self, guest: Guest, why: str) -> None:
+        self.dirty = True
         if not guest.alive:
             return
         guest.state = GuestState.DEAD
@@ -409,11 +373,13 @@ class World:
         self._tell_agent(guest, "guest_ended")
 
     def freeze(self, guest: Guest, why: str) -> None:
+        self.dirty = True
         if guest.alive and not guest.frozen:
             guest.frozen = True
             self.note(guest.host, f"qemu {guest.vm} g{guest.generation} {why}")
 
     def thaw(self, guest: Guest) -> None:
+        self.dirty = True
         if guest.alive and guest.frozen:
             guest.frozen = False
             self.note(guest.host, f"qemu {guest.vm} g{guest.generation} resumed")
@@ -434,14 +400,26 @@ class World:
     # ----- the watchdog -----
 
     def watchdog_told(self, host: Host) -> None:
-        if not host.watchdog_ticking:
-            host.watchdog_ticking = True
-            self.schedule(self.options.timings.watchdog_check_s, "watchdog",
-                          partial(self._watchdog_check, host))  # fmt: skip
+        """The agent gave its watchdog a deadline: it looks at every check period from then
+        (the simulator skips the looks that cannot find anything to do)."""
+        dog, period = host.watchdog, self.options.timings.watchdog_check_s
+        if dog.deadline is None or not dog.keys:
+            return
+        ahead = host.global_time(dog.deadline) - self.now
+        delay = period if ahead <= 0 else period * math.ceil(ahead / period)
+        if host.watchdog_ticking and host.watchdog_check_at <= self.now + delay:
+            return  # the look already scheduled comes first
+        host.watchdog_ticking = True
+        host.watchdog_check_at = self.now + delay
+        self._watchdog_tickets += 1
+        ticket = host.watchdog_ticket = self._watchdog_tickets
+        self.schedule(delay, "watchdog", partial(self._watchdog_check, host, ticket))
 
-    def _watchdog_check(self, host: Host) -> None:
+    def _watchdog_check(self, host: Host, ticket: int) -> None:
+        if host.watchdog_ticket != ticket:
+            return  # told since: a newer look is scheduled
+        host.watchdog_ticking = False
         if not host.alive:
-            host.watchdog_ticking = False
             return
         dog = host.watchdog
         action, keys = dog.check(host.clock(self.now))
@@ -456,16 +434,30 @@ class World:
             elif action is Verdict.FREEZE and key not in dog.frozen:
                 dog.frozen.add(key)
                 self.freeze(guest, "frozen by the watchdog")
-        self.schedule(self.options.timings.watchdog_check_s, "watchdog",
-                      partial(self._watchdog_check, host))  # fmt: skip
+        if action is not Verdict.KILL:  # look again: at the deadline, or at the kill
+            self.watchdog_told(host)
+            if action is Verdict.FREEZE:
+                kill_at = host.global_time(dog.deadline or 0.0) + dog.resiliency_s
+                host.watchdog_ticking = True
+                host.watchdog_check_at = max(kill_at, self.now + 0.001)
+                self._watchdog_tickets += 1
+                ticket = host.watchdog_ticket = self._watchdog_tickets
+                self.schedule(host.watchdog_check_at - self.now, "watchdog",
+                              partial(self._watchdog_check, host, ticket))  # fmt: skip
 
     # ----- running -----
 
     def run(self) -> None:
         """Run until the end, or the first violation."""
+        self._tick()
+        healed_at = self.options.warmup_s + self.options.duration_s
+        self.schedule(healed_at + 5.0, "converged?", self._converged)
+        expiry = (-1, math.inf)
         while not self.violations:
             t_world = self._queue[0][0] if self._queue else math.inf
-            t_lease = next_expiry(self.db)
+            if expiry[0] != self.db.lease_changes:
+                expiry = (self.db.lease_changes, next_expiry(self.db))
+            t_lease = expiry[1]
             best, t_best = None, math.inf
             for host in self.hosts.values():
                 if host.loop is None or host.hung:
@@ -484,19 +476,36 @@ class World:
             elif t_world <= t_best:
                 _, _, _, fn = heapq.heappop(self._queue)
                 fn()
+                self.dirty = True
             else:
-                assert best is not None and best.loop is not None
+                assert best is not None
+                assert best.loop is not None
                 self.current = best
                 try:
                     step(best.loop)
                 finally:
                     self.current = None
-            self.check()
+            if self.dirty:
+                self.dirty = False
+                check_one_writer(self)
 
-    def check(self) -> None:
-        from vmcluster.sim.checks import check_one_writer
+    def _converged(self) -> None:
+        """After the healing: end the run once the cluster has converged (looked at twice, a
+        second apart), or look again in a second."""
+        if convergence_problem(self) is None:
+            self._converged_looks += 1
+            if self._converged_looks >= 2:
+                self.end = self.now
+                return
+        else:
+            self._converged_looks = 0
+        self.schedule(1.0, "converged?", self._converged)
 
-        check_one_writer(self)
+    _converged_looks = 0
+
+    def _tick(self) -> None:
+        """Time alone can break the one-runner rule: look at least this often."""
+        self.schedule(0.1, "check", self._tick)
 
     def close(self) -> None:
         """Cancel what every loop still runs (dead agents' included), let it unwind, close."""
@@ -518,7 +527,7 @@ async def _never() -> None:
 
 
 @contextlib.contextmanager
-def virtual_clocks(world: World) -> Iterator[None]:
+def virtual_clocks(world: SimWorld) -> Iterator[None]:
     """While a world runs, the wall clock, the monotonic clock and the entropy that code reads
     directly (``time.time()``, event ids) come from it, so a seed decides everything."""
     saved = (time.time, time.time_ns, time.monotonic, os.urandom)
@@ -526,7 +535,7 @@ def virtual_clocks(world: World) -> Iterator[None]:
     time.time = world.wall
     time.time_ns = lambda: int(world.wall() * 1e9)
     time.monotonic = lambda: world.now
-    os.urandom = lambda n: rng.randbytes(n)
+    os.urandom = rng.randbytes
     try:
         yield
     finally:
@@ -534,7 +543,7 @@ def virtual_clocks(world: World) -> Iterator[None]:
 
 
 class _Timeline(logging.Handler):
-    def __init__(self, world: World) -> None:
+    def __init__(self, world: SimWorld) -> None:
         super().__init__(logging.INFO)
         self.world = world
 
@@ -546,7 +555,7 @@ class _Timeline(logging.Handler):
 
 
 @contextlib.contextmanager
-def captured_logs(world: World) -> Iterator[None]:
+def captured_logs(world: SimWorld) -> Iterator[None]:
     logger = logging.getLogger("vmcluster")
     handler = _Timeline(world)
     saved = (logger.level, logger.propagate, list(logger.handlers))
@@ -561,7 +570,7 @@ def captured_logs(world: World) -> Iterator[None]:
         logger.handlers[:] = saved[2]
 
 
-def cluster_setup(world: World) -> None:
+def cluster_setup(world: SimWorld) -> None:
     """At the end of the warm-up: HA thresholds out of the way of random faults, and the VMs,
     created through the service layer on the first node that can."""
     opts = world.options
@@ -569,7 +578,7 @@ def cluster_setup(world: World) -> None:
     async def setup(host: Host) -> None:
         assert host.agent is not None
         ctx = host.agent.context
-        for attempt in range(50):
+        for _attempt in range(50):
             try:
                 await ha_service.set_ha_settings(ctx, {"failover_threshold": 1000,
                                                        "restart_limit": 1000})  # fmt: skip
@@ -580,7 +589,7 @@ def cluster_setup(world: World) -> None:
         for i in range(opts.vms):
             body = {"name": f"vm{i + 1}", "memory_mib": VM_MEMORY_MIB, "disks": [DISK_BYTES],
                     "array": arrays[i % len(arrays)], "start": True}  # fmt: skip
-            for attempt in range(50):
+            for _attempt in range(50):
                 try:
                     await vm_service.create(ctx, body)
                     world.note(host.name, f"admin: created {body['name']}")
