@@ -28,27 +28,35 @@ class Injector:
     node_fault_until: float = 0.0
 
     def plan(self) -> None:
-        """Schedule the fault phase's faults, then the healing of everything."""
+        """Schedule the fault phase's faults, drawn from the seed."""
         opts = self.world.options
-        start = opts.warmup_s
         end = opts.warmup_s + opts.duration_s
-        at = start + self.world.rng.uniform(1.0, 4.0)
+        at = opts.warmup_s + self.world.rng.uniform(1.0, 4.0)
         while at < end:
             self.world.schedule(at - self.world.now, "fault", self.inject)
             at += self.world.rng.uniform(1.5, 6.0)
+
+    def plan_healing(self) -> None:
+        """Heal everything at the end of the fault phase."""
+        opts = self.world.options
+        end = opts.warmup_s + opts.duration_s
         self.world.schedule(end - self.world.now, "heal", self.heal_all)
 
     def _nodes(self) -> list[Host]:
         return [h for h in self.world.hosts.values() if h.is_node]
 
-    def inject(self) -> None:
+    def inject(
+        self, kind: str | None = None, host: Host | None = None, length: float | None = None
+    ) -> None:
+        """One fault: ``kind`` on ``host`` for ``length`` s (default: drawn from the seed)."""
         world, rng = self.world, self.world.rng
         kinds = list(OTHER_FAULTS)
         if world.now >= self.node_fault_until:
             kinds += list(NODE_FAULTS) * 2
-        kind = rng.choice(kinds)
-        host = rng.choice(self._nodes())
-        length = rng.uniform(1.0, 12.0)
+        drawn, target = rng.choice(kinds), rng.choice(self._nodes())
+        kind, host = kind or drawn, host or target
+        drawn_length = rng.uniform(1.0, 12.0)
+        length = drawn_length if length is None else length
         world.faults[kind] = world.faults.get(kind, 0) + 1
         if kind in NODE_FAULTS:
             self.node_fault_until = world.now + length + 3.0

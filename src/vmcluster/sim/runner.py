@@ -5,8 +5,10 @@ event for event (tests/sim checks that), so a failing seed is replayed with ``vm
 --seed S`` and the same options.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from vmcluster.clusterstate.keys import loads
 from vmcluster.sim.checks import check_acks, check_converged
 from vmcluster.sim.faults import Injector
 from vmcluster.sim.model import SimOptions, Violation
@@ -22,13 +24,19 @@ class SimResult:
     steps: int = 0
     virtual_s: float = 0.0
     failovers: int = 0  # instances launched beyond each VM's first
+    placements: dict[str, tuple[str | None, int, str]] = field(default_factory=dict)
+    # vm -> (owner, generation, phase) at the end
 
     @property
     def ok(self) -> bool:
         return not self.violations
 
 
-def simulate(seed: int, options: SimOptions) -> SimResult:
+def simulate(
+    seed: int, options: SimOptions, plan: Callable[[SimWorld, Injector], None] | None = None
+) -> SimResult:
+    """Run ``seed``. ``plan`` (tests) schedules faults of its own, with or without the random
+    ones (``options.faults``)."""
     world = SimWorld(seed, options)
     with virtual_clocks(world), captured_logs(world):
         try:
@@ -36,8 +44,12 @@ def simulate(seed: int, options: SimOptions) -> SimResult:
                 if host.is_node:
                     world.start_agent(host)
             cluster_setup(world)
+            injector = Injector(world)
             if options.faults:
-                Injector(world).plan()
+                injector.plan()
+            if plan is not None:
+                plan(world, injector)
+            injector.plan_healing()
             world.run()
             if not world.violations:
                 check_acks(world)
@@ -45,6 +57,7 @@ def simulate(seed: int, options: SimOptions) -> SimResult:
                 check_converged(world)
         finally:
             timeline = tuple(world.timeline)
+            placements = _placements(world)
             world.close()
     launched: dict[str, int] = {}
     for guest in world.guests:
@@ -52,5 +65,16 @@ def simulate(seed: int, options: SimOptions) -> SimResult:
     return SimResult(
         seed=seed, violations=tuple(world.violations), timeline=timeline,
         faults=dict(sorted(world.faults.items())), steps=world.steps, virtual_s=world.now,
-        failovers=sum(n - 1 for n in launched.values()),
+        failovers=sum(n - 1 for n in launched.values()), placements=placements,
     )  # fmt: skip
+
+
+def _placements(world: SimWorld) -> dict[str, tuple[str | None, int, str]]:
+    found = {}
+    for vm in (f"vm{i + 1}" for i in range(world.options.vms)):
+        entry = world.db._data.get(world.keys.vm(vm, "placement"))
+        if entry is not None:
+            record = loads(entry.value)
+            found[vm] = (record.get("owner"), int(record.get("generation", 0)),
+                         str(record.get("phase")))  # fmt: skip
+    return found

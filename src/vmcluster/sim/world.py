@@ -100,7 +100,7 @@ class SimWorld:
         self.dirty = True  # guests, exports or links changed: check the invariants
         self._watchdog_tickets = 0
         self._graveyard: list[SimLoop] = []  # loops of dead agents, kept from the collector
-        keys = Keys(CLUSTER)
+        self.keys = keys = Keys(CLUSTER)
         self.guarded_prefixes: tuple[str, ...] = (
             f"{keys.prefix}vms/",
             keys.leader,

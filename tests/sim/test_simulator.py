@@ -1,0 +1,171 @@
+"""The simulator itself: a seed decides a run, every fault kind happens and has its effect, the
+checkers find the bugs planted for them, and the scheduler's loops keep asyncio's semantics."""
+
+import asyncio
+import math
+from functools import partial
+
+import pytest
+
+from vmcluster.sim.faults import FAULT_KINDS, NODE_FAULTS, Injector
+from vmcluster.sim.loop import SimLoop, step
+from vmcluster.sim.model import SimOptions
+from vmcluster.sim.runner import SimResult, simulate
+from vmcluster.sim.world import SimWorld
+
+pytestmark = pytest.mark.timeout(300)
+
+SHORT = SimOptions(duration_s=15.0)
+
+
+def test_the_same_seed_gives_the_same_run_event_for_event() -> None:
+    first, again = simulate(11, SHORT), simulate(11, SHORT)
+    assert first.ok, first.violations
+    assert first.timeline == again.timeline
+    assert (first.steps, first.faults, first.placements) == \
+        (again.steps, again.faults, again.placements)  # fmt: skip
+    other = simulate(12, SHORT)
+    assert other.timeline != first.timeline
+
+
+def _owner_of(world: SimWorld, vm: str) -> str:
+    owners = [h for h in world.hosts.values()
+              for g in h.guests.values() if g.vm == vm and g.alive]  # fmt: skip
+    assert len(owners) == 1, owners
+    return owners[0].name
+
+
+def _with(kind: str, seed: int = 5) -> tuple[SimResult, str]:
+    """A run without random faults: ``kind`` for 10 s on vm1's node once every VM runs."""
+    options = SimOptions(duration_s=20.0, faults=False)
+    victim: list[str] = []
+
+    def plan(world: SimWorld, injector: Injector) -> None:
+        def fault() -> None:
+            victim.append(_owner_of(world, "vm1"))
+            injector.inject(kind, world.hosts[victim[0]], length=10.0)
+
+        world.schedule(options.warmup_s + 6.0, "test fault", fault)
+
+    result = simulate(seed, options, plan=partial(plan))
+    assert victim, "the fault was never injected"
+    return result, victim[0]
+
+
+# What each fault kind leaves in the timeline: proof that it happened and took effect.
+EFFECTS = {
+    "crash": "qemu vm1 g1 ended: the host crashed",
+    "hang": "qemu vm1 g1 ended: killed by the watchdog",
+    "agent-restart": "agent started (incarnation 2)",
+    "isolate": "-> isolated",
+    "storage-cut": "vm.instance.lost-disk vm=vm1 generation=1",
+    "link": "link.down",
+    "one-way": "link.down",
+    "array-down": "paused: write failed",
+    "array-hang": "answers again",
+    "qemu-crash": "ended: crashed",
+    "clock-step": "wall clock steps",
+    "lossy": "datagrams for 10.0 s",
+    "etcd-election": "etcd elects a new leader",
+}
+
+
+@pytest.mark.parametrize("kind", FAULT_KINDS)
+def test_each_fault_kind_happens_takes_effect_and_the_cluster_comes_through(kind: str) -> None:
+    assert set(EFFECTS) == set(FAULT_KINDS)
+    result, victim = _with(kind)
+    text = "\n".join(result.timeline)
+    assert result.ok, (result.violations, text[-6000:])
+    assert "FAULT" in text
+    assert EFFECTS[kind] in text, text[-6000:]
+    owner, generation, phase = result.placements["vm1"]
+    assert phase == "running"
+    if kind in ("crash", "hang", "isolate", "storage-cut"):
+        assert generation > 1, "vm1 should have been restarted elsewhere"
+        assert any(f"-> {owner}" in line and "vm1" in line for line in result.timeline)
+    if kind in ("link", "clock-step", "etcd-election"):
+        assert generation == 1, "a fault the cluster rides out moves nothing"
+
+
+def test_random_runs_inject_every_kind_of_fault() -> None:
+    seen: dict[str, int] = {}
+    for seed in range(1, 16):
+        result = simulate(seed, SHORT)
+        assert result.ok, (seed, result.violations)
+        for kind, count in result.faults.items():
+            seen[kind] = seen.get(kind, 0) + count
+    assert set(seen) == set(FAULT_KINDS), sorted(set(FAULT_KINDS) - set(seen))
+    assert all(kind in seen for kind in NODE_FAULTS)
+
+
+def _first_violation(planted: str, seeds: range) -> SimResult | None:
+    options = SimOptions(duration_s=30.0, planted=frozenset({planted}))
+    for seed in seeds:
+        result = simulate(seed, options)
+        if not result.ok:
+            return result
+    return None
+
+
+def test_without_the_storage_fence_the_simulator_finds_two_writers() -> None:
+    found = _first_violation("no-fence", range(1, 11))
+    assert found is not None, "no seed found the planted bug"
+    violation = found.violations[0]
+    assert violation.invariant == "I1"
+    assert "was fenced" in violation.text or "instances can write" in violation.text
+    assert any("VIOLATED" in line for line in found.timeline)
+
+
+def test_without_the_self_fence_the_simulator_finds_a_vm_running_twice() -> None:
+    found = _first_violation("no-self-fence", range(1, 41))
+    assert found is not None, "no seed found the planted bug"
+    violation = found.violations[0]
+    assert violation.invariant == "I1"
+    assert "still runs" in violation.text
+
+
+def test_a_witness_cluster_of_two_nodes_runs() -> None:
+    result = simulate(3, SimOptions(nodes=2, witness=True, vms=3, duration_s=15.0))
+    assert result.ok, result.violations
+    assert set(result.placements) == {"vm1", "vm2", "vm3"}
+
+
+# ----- the loops -----
+
+
+def test_loops_run_in_virtual_time_each_on_its_own_clock() -> None:
+    now = [0.0]
+    fast = SimLoop(lambda: now[0] * 2.0, "fast")  # its clock runs twice as fast
+    slow = SimLoop(lambda: now[0], "slow")
+    seen: list[tuple[str, float]] = []
+
+    async def sleeper(name: str) -> None:
+        for _ in range(2):
+            await asyncio.sleep(1.0)
+            seen.append((name, now[0]))
+
+    fast.create_task(sleeper("fast"))
+    slow.create_task(sleeper("slow"))
+    for _ in range(100):
+        at = {loop: loop.next_at() for loop in (fast, slow)}
+        when = {fast: at[fast] / 2.0, slow: at[slow]}
+        loop = min(when, key=lambda lp: (when[lp], lp.name))
+        if when[loop] == math.inf:
+            break
+        now[0] = max(now[0], when[loop])
+        step(loop)
+    assert seen == [("fast", 0.5), ("fast", 1.0), ("slow", 1.0), ("slow", 2.0)]
+    for loop in (fast, slow):
+        loop.close()
+
+
+def test_a_loop_that_is_not_stepped_runs_nothing() -> None:
+    loop = SimLoop(lambda: 0.0, "hung")
+    ran: list[int] = []
+    loop.call_soon(ran.append, 1)
+    assert loop.next_at() == -math.inf
+    assert ran == []
+    step(loop)
+    assert ran == [1]
+    assert loop.next_at() == math.inf
+    loop.close()
