@@ -4,6 +4,7 @@ command's input and output."""
 import json
 
 import pytest
+
 from tests.support import run_cli
 
 pytestmark = pytest.mark.timeout(900)

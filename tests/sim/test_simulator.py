@@ -73,7 +73,7 @@ EFFECTS = {
 @pytest.mark.parametrize("kind", FAULT_KINDS)
 def test_each_fault_kind_happens_takes_effect_and_the_cluster_comes_through(kind: str) -> None:
     assert set(EFFECTS) == set(FAULT_KINDS)
-    result, victim = _with(kind)
+    result, _victim = _with(kind)
     text = "\n".join(result.timeline)
     assert result.ok, (result.violations, text[-6000:])
     assert "FAULT" in text

@@ -63,7 +63,7 @@ class ControllerLoop:
                     continue
                 stored = self.records.stored()
                 snapshot = self.records.snapshot(self.membership_view(), stored,
-                                                 self.executor.pending())  # fmt: skip
+                                                 self.executor.pending(stored))  # fmt: skip
                 decision = decide(snapshot, self.wall())
                 if decision.reason != last_reason:
                     log.info(event("controller.cycle", reason=decision.reason))
@@ -112,7 +112,13 @@ class ControllerLoop:
             expect = {self.keys.leader: leader_revision,
                       self.keys.view: view_entry.mod_revision if view_entry else 0}  # fmt: skip
             if not await self.store.commit(Commit(expect=expect, puts=puts, deletes=deletes)):
-                log.info(event("controller.deposed", node=self.node))
+                leader = self.cache.entries.get(self.keys.leader)
+                if leader is not None and leader.mod_revision == leader_revision:
+                    # This cycle ran before the cache had the previous cycle's commit: the
+                    # next one decides on it.
+                    log.debug(event("controller.commit.stale", node=self.node))
+                else:
+                    log.info(event("controller.deposed", node=self.node))
             await self.events.trim()
         except StoreError as exc:
             log.info(event("controller.commit.failed", reason=str(exc)))

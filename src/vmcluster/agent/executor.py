@@ -7,8 +7,10 @@ the placement's revision *and* the leader key's. A deposed leader's commit fails
 already made is harmless (the generation it fenced is owned by nobody).
 
 Jobs run off the decision loop: an array that hangs delays only the VMs on it. One job per VM
-at a time; while it runs, the controller decides on the record the job will write
-(:meth:`VmExecutor.pending`). Every job is cancelled when this node stops leading.
+at a time; while it runs, and after it has committed until this node's cache shows the commit,
+the controller decides on the record the job writes (:meth:`VmExecutor.pending`), so that
+nothing is decided, fenced or committed twice. Every job is cancelled when this node stops
+leading.
 """
 
 import asyncio
@@ -77,9 +79,21 @@ class VmExecutor:
             lambda name: array_driver(arrays, node, name)
         )
         self._jobs: dict[str, _Job] = {}
+        # Jobs that committed: vm -> (the placement revision they were decided on, the record
+        # they wrote), until the cache shows a newer placement.
+        self._committed: dict[str, tuple[int, VmRecord]] = {}
 
-    def pending(self) -> dict[str, VmRecord]:
-        return {name: job.record for name, job in self._jobs.items()}
+    def pending(self, stored: Mapping[str, StoredVm]) -> dict[str, VmRecord]:
+        """The records VMs have once the jobs in flight, or done but not yet seen in
+        ``stored`` (the cache's VMs), are carried out."""
+        found = {name: job.record for name, job in self._jobs.items()}
+        for name, (basis, record) in list(self._committed.items()):
+            vm = stored.get(name)
+            if vm is None or vm.revisions.get("placement", 0) != basis:
+                del self._committed[name]  # the cache has the commit (or the VM is gone)
+            else:
+                found.setdefault(name, record)
+        return found
 
     def submit(
         self,
@@ -90,7 +104,7 @@ class VmExecutor:
     ) -> None:
         for action in actions:
             vm = stored.get(action.vm)
-            if vm is None or action.vm in self._jobs:
+            if vm is None or action.vm in self._jobs or action.vm in self._committed:
                 continue
             now = self.wall()
             record = applied(vm.record, action, now, settings)
@@ -114,6 +128,7 @@ class VmExecutor:
                                  return_exceptions=True)  # fmt: skip
 
     async def cancel_all(self) -> None:
+        self._committed.clear()
         tasks = [job.task for job in self._jobs.values()]
         for task in tasks:
             task.cancel()
@@ -137,7 +152,9 @@ class VmExecutor:
                   event_key: Put(value=event_value)},
         )  # fmt: skip
         try:
-            if not await self.store.commit(commit):
+            if await self.store.commit(commit):
+                self._committed[vm.name] = (vm.revisions.get("placement", 0), record)
+            else:
                 log.info(event("vm.placement.conflict", vm=vm.name))
         except StoreError as exc:
             log.info(event("vm.placement.failed", vm=vm.name, reason=str(exc)))
