@@ -12,8 +12,8 @@ pytestmark = pytest.mark.timeout(900)
 
 @pytest.mark.parametrize(
     ("args", "seeds"),
-    [(["--seeds", "500", "--duration", "15s"], 500),
-     (["--seeds", "60", "--duration", "15s", "--nodes", "2", "--witness", "--vms", "3"], 60)],
+    [(["--seeds", "500", "--duration", "12s"], 500),
+     (["--seeds", "40", "--duration", "12s", "--nodes", "2", "--witness", "--vms", "3"], 40)],
     ids=["3-nodes", "2-nodes-and-a-witness"],
 )  # fmt: skip
 def test_random_seeds_break_no_invariant(args: list[str], seeds: int) -> None:

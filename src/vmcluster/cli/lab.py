@@ -3,11 +3,12 @@
 import datetime
 import os
 import sys
+from typing import Any
 
 import click
 
 from vmcluster.cli.common import data_dir, output_option, print_json, print_table, stdout
-from vmcluster.errors import NotFound
+from vmcluster.errors import InvalidInput, NotFound
 from vmcluster.lab import faults as lab_faults
 from vmcluster.lab.lab import Lab, list_labs, resolve_lab
 from vmcluster.lab.plan import parse_network
@@ -114,6 +115,87 @@ def check(name: str | None, vm_names: tuple[str, ...], output: str) -> None:
                 stdout.print(f"  {r.vm}: {example}", markup=False)
     if not all(r.ok for r in results):
         sys.exit(1)
+
+
+@lab.command()
+@name_option
+@click.option("--duration", default="10m", show_default=True,
+              help="How long faults and operations come (90s, 10m, 1h).")  # fmt: skip
+@click.option("--seed", type=click.IntRange(min=0), default=None,
+              help="Seed of the plan (default: random, printed to repeat the run).")  # fmt: skip
+@click.option("--vms", "vm_count", type=int, default=3, show_default=True,
+              help="Probe VMs to create (128 MiB, 16M disk) if the cluster has none.")  # fmt: skip
+@click.option("--converge-timeout", default="120s", show_default=True,
+              help="How long to wait, after healing, for the cluster to converge.")  # fmt: skip
+@output_option
+def chaos(name: str | None, duration: str, seed: int | None, vm_count: int,
+          converge_timeout: str, output: str) -> None:  # fmt: skip
+    """Random faults and admin operations, one at a time; then heal, converge and check.
+
+    Faults: crash and restart of a node, a link down, a partition, a frozen agent, a crash and
+    restart of an array, a slow link; operations: vm stop/start, node drain --wait/resume.
+    Exits 1 (with the reason) unless the cluster converged and the probe check found no lost
+    ACK and no stale write.
+    """
+    import secrets
+
+    from vmcluster.core.units import parse_duration
+    from vmcluster.lab import chaos as lab_chaos
+
+    duration_s = lab_chaos.parse_chaos_duration(duration)
+    lab_chaos.check_vm_count(vm_count)
+    converge_s = parse_duration(converge_timeout, what="--converge-timeout")
+    if not 1 <= converge_s <= 3600:
+        raise InvalidInput(f"invalid --converge-timeout {converge_timeout!r}: use 1 s to 1 h")
+    the_lab = resolve_lab(data_dir(), name)
+    the_lab.load()  # a lab that does not exist: one line, before anything else
+    seed = secrets.randbelow(1_000_000) if seed is None else seed
+    progress = lab_chaos.Progress(sys.stderr)
+    repeat = lab_chaos.repeat_command(the_lab.name, duration, seed, vm_count)
+    progress.note(f"chaos: seed {seed}; repeat with: {repeat}")
+    report = lab_chaos.run_chaos(the_lab, duration_s=duration_s, seed=seed, vm_count=vm_count,
+                                 converge_timeout_s=converge_s, progress=progress)  # fmt: skip
+    report["repeat"] = repeat
+    if output == "json":
+        print_json(report)
+    else:
+        _print_chaos(report)
+    if not report["passed"]:
+        click.echo(f"error: chaos run failed: {report['reason']}", err=True)
+        sys.exit(1)
+
+
+def _print_chaos(report: dict[str, Any]) -> None:
+    from vmcluster.lab import chaos as lab_chaos
+
+    vms = report["vms"]
+    which = (f"created {', '.join(vms['created'])}" if vms["created"]
+             else f"existing {', '.join(vms['existing'])}")  # fmt: skip
+    stdout.print(f"chaos on lab {report['lab']}: seed {report['seed']}, "
+                 f"{report['duration_s']:g} s, {report['steps_run']} of "
+                 f"{report['planned_steps']} planned steps, VMs {which}", markup=False)  # fmt: skip
+    print_table(["T (s)", "STEP", "HELD (s)", "REACTION"], lab_chaos.print_order(report))
+    heal = report["heal"]
+    stdout.print(f"heal at {heal['at_s']:.1f} s: {heal['did'] or '-'}; "
+                 f"{heal['reaction']['summary']}", markup=False)  # fmt: skip
+    conv = report["convergence"]
+    if conv["converged"]:
+        stdout.print(f"converged {conv['after_s']:.1f} s after healing: nodes "
+                     f"{', '.join(f'{n} {s}' for n, s in conv['nodes'].items())}, leader "
+                     f"{conv['leader']}", markup=False)  # fmt: skip
+    else:
+        stdout.print(f"NOT converged after {conv['after_s']:.1f} s: "
+                     f"{'; '.join(conv['problems'])}", markup=False)  # fmt: skip
+    check = report["check"]
+    if check is not None:
+        print_table(["VM", "ACKED", "ON DISK", "GENERATIONS", "LOST ACKS", "STALE WRITES", "OK"],
+                    [(v["vm"], v["highest_acked"], v["highest_on_disk"],
+                      ",".join(map(str, v["generations"])), v["lost_acks"], v["stale_writes"],
+                      "yes" if v["ok"] else "NO") for v in check["vms"]])  # fmt: skip
+    for error in report["errors"]:
+        stdout.print(f"error during the run: {error}", markup=False)
+    stdout.print(f"verdict: {'PASS' if report['passed'] else 'FAIL'}: {report['reason']}",
+                 markup=False)  # fmt: skip
 
 
 @lab.command("list")

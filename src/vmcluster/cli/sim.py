@@ -5,6 +5,7 @@ import os
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import click
@@ -15,6 +16,7 @@ from vmcluster.errors import InvalidInput
 from vmcluster.sim.faults import FAULT_KINDS
 from vmcluster.sim.model import SimOptions
 from vmcluster.sim.runner import SimResult, simulate
+from vmcluster.sim.scenario import compare
 
 MAX_NODES = 16
 MAX_VMS = 200
@@ -148,3 +150,26 @@ def _print_summary(summary: dict[str, Any]) -> None:
     for r in summary["failed"]:
         stdout.print(f"seed {r['seed']}: {r['invariant']} at {r['at_s']:g} s: {r['violation']}; "
                      f"replay: {r['replay']}", markup=False)  # fmt: skip
+
+
+@sim.command("scenario")
+@click.argument("directories", nargs=-1, required=True,
+                type=click.Path(file_okay=False, path_type=Path))  # fmt: skip
+@click.option("--update", is_flag=True,
+              help="Write each log as the new expected log (review the diff).")  # fmt: skip
+def sim_scenario(directories: tuple[Path, ...], update: bool) -> None:
+    """Run golden scenarios (a directory each, with cmds and expected) and compare their logs.
+
+    Exit 1 if any log differs from its expected log or breaks an invariant (the difference is
+    shown); --update writes the logs instead."""
+    _same_hashes()
+    failed = 0
+    for directory in directories:
+        passed, lines = compare(directory, update)
+        failed += not passed
+        for line in lines if not passed else lines[:1]:
+            stdout.print(line, markup=False)
+    if len(directories) > 1:
+        stdout.print(f"{len(directories) - failed} of {len(directories)} scenarios passed",
+                     markup=False)  # fmt: skip
+    sys.exit(1 if failed else 0)

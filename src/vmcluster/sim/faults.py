@@ -57,12 +57,23 @@ class Injector:
         kind, host = kind or drawn, host or target
         drawn_length = rng.uniform(1.0, 12.0)
         length = drawn_length if length is None else length
+        self.apply(kind, host, length)
+
+    def apply(self, kind: str, host: Host, length: float, network: str | None = None) -> None:
+        """Fault ``kind`` on ``host``, healed after ``length`` s (``network``: the link's)."""
+        world = self.world
         world.faults[kind] = world.faults.get(kind, 0) + 1
         if kind in NODE_FAULTS:
             self.node_fault_until = world.now + length + 3.0
-        undo = getattr(self, "_" + kind.replace("-", "_"))(host, length)
+        if kind == "link" and network is not None:
+            undo = self._link_on(host, length, network)
+        else:
+            undo = getattr(self, "_" + kind.replace("-", "_"))(host, length)
         if undo is not None:
             world.schedule(length, f"heal {kind}", undo)
+
+    def power_on(self, host: Host) -> None:
+        self._power_on(host)
 
     # ----- node faults -----
 
@@ -136,7 +147,11 @@ class Injector:
     # ----- other faults -----
 
     def _link(self, host: Host, length: float) -> Callable[[], None] | None:
-        network = self.world.rng.choice(CLUSTER_NETWORKS + STORAGE_NETWORKS)
+        return self._link_on(
+            host, length, self.world.rng.choice(CLUSTER_NETWORKS + STORAGE_NETWORKS)
+        )
+
+    def _link_on(self, host: Host, length: float, network: str) -> Callable[[], None] | None:
         self.world.note("sim", f"FAULT {host.name} link on {network} down for {length:.1f} s")
         others = self.world.arrays if network in STORAGE_NETWORKS else self.world.hosts
         self.world.net.cut_host(host.name, others, network)

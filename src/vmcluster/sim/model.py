@@ -37,9 +37,10 @@ class SimOptions:
     witness: bool = False
     duration_s: float = 60.0  # faults come during this time (after the warm-up)
     settle_s: float = 30.0  # then everything is healed and the cluster must converge by then
-    warmup_s: float = 8.0
+    warmup_s: float = 5.0
     faults: bool = True
     planted: frozenset[str] = frozenset()  # test-only bugs: PLANTED_BUGS
+    failed_ok: bool = False  # a VM the failover threshold gave up on counts as converged
     timings: Timings = field(default_factory=Timings)
 
     def __post_init__(self) -> None:
@@ -206,3 +207,4 @@ class World(Protocol):
     def thaw(self, guest: Guest) -> None: ...
     def power_button(self, guest: Guest) -> None: ...
     def watchdog_told(self, host: Host) -> None: ...
+    def vm_names(self) -> list[str]: ...

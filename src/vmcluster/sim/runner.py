@@ -7,6 +7,7 @@ event for event (tests/sim checks that), so a failing seed is replayed with ``vm
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from vmcluster.clusterstate.keys import loads
 from vmcluster.sim.checks import check_acks, check_converged
@@ -26,6 +27,7 @@ class SimResult:
     failovers: int = 0  # instances launched beyond each VM's first
     placements: dict[str, tuple[str | None, int, str]] = field(default_factory=dict)
     # vm -> (owner, generation, phase) at the end
+    events: list[dict[str, Any]] = field(default_factory=list)  # as committed, oldest first
 
     @property
     def ok(self) -> bool:
@@ -33,17 +35,23 @@ class SimResult:
 
 
 def simulate(
-    seed: int, options: SimOptions, plan: Callable[[SimWorld, Injector], None] | None = None
+    seed: int,
+    options: SimOptions,
+    plan: Callable[[SimWorld, Injector], None] | None = None,
+    *,
+    creates: list[dict[str, Any]] | None = None,
+    ha: dict[str, Any] | None = None,
 ) -> SimResult:
-    """Run ``seed``. ``plan`` (tests) schedules faults of its own, with or without the random
-    ones (``options.faults``)."""
+    """Run ``seed``. ``plan`` (tests, scenarios) schedules faults of its own, with or without
+    the random ones (``options.faults``); ``creates`` and ``ha`` replace the default VMs and
+    HA settings (vmcluster.sim.world.cluster_setup)."""
     world = SimWorld(seed, options)
     with virtual_clocks(world), captured_logs(world):
         try:
             for host in world.hosts.values():
                 if host.is_node:
                     world.start_agent(host)
-            cluster_setup(world)
+            cluster_setup(world, creates, ha)
             injector = Injector(world)
             if options.faults:
                 injector.plan()
@@ -58,6 +66,7 @@ def simulate(
         finally:
             timeline = tuple(world.timeline)
             placements = _placements(world)
+            events = _events(world)
             world.close()
     launched: dict[str, int] = {}
     for guest in world.guests:
@@ -65,13 +74,18 @@ def simulate(
     return SimResult(
         seed=seed, violations=tuple(world.violations), timeline=timeline,
         faults=dict(sorted(world.faults.items())), steps=world.steps, virtual_s=world.now,
-        failovers=sum(n - 1 for n in launched.values()), placements=placements,
+        failovers=sum(n - 1 for n in launched.values()), placements=placements, events=events,
     )  # fmt: skip
+
+
+def _events(world: SimWorld) -> list[dict[str, Any]]:
+    prefix = world.keys.events_prefix
+    return [loads(e.value) for k, e in sorted(world.db._data.items()) if k.startswith(prefix)]
 
 
 def _placements(world: SimWorld) -> dict[str, tuple[str | None, int, str]]:
     found = {}
-    for vm in (f"vm{i + 1}" for i in range(world.options.vms)):
+    for vm in world.vm_names():
         entry = world.db._data.get(world.keys.vm(vm, "placement"))
         if entry is not None:
             record = loads(entry.value)

@@ -451,7 +451,7 @@ class SimWorld:
         """Run until the end, or the first violation."""
         self._tick()
         healed_at = self.options.warmup_s + self.options.duration_s
-        self.schedule(healed_at + 5.0, "converged?", self._converged)
+        self.schedule(healed_at + 2.0, "converged?", self._converged)
         expiry = (-1, math.inf)
         while not self.violations:
             t_world = self._queue[0][0] if self._queue else math.inf
@@ -506,6 +506,12 @@ class SimWorld:
     def _tick(self) -> None:
         """Time alone can break the one-runner rule: look at least this often."""
         self.schedule(0.1, "check", self._tick)
+
+    def vm_names(self) -> list[str]:
+        """The VMs whose spec is in the database."""
+        prefix = self.keys.vms_prefix
+        return sorted({k[len(prefix):].split("/", 1)[0] for k in self.db._data
+                       if k.startswith(prefix) and k.endswith("/spec")})  # fmt: skip
 
     def close(self) -> None:
         """Cancel what every loop still runs (dead agents' included), let it unwind, close."""
@@ -570,25 +576,36 @@ def captured_logs(world: SimWorld) -> Iterator[None]:
         logger.handlers[:] = saved[2]
 
 
-def cluster_setup(world: SimWorld) -> None:
-    """At the end of the warm-up: HA thresholds out of the way of random faults, and the VMs,
-    created through the service layer on the first node that can."""
+def default_vms(count: int) -> list[dict[str, Any]]:
+    return [{"name": f"vm{i + 1}", "memory_mib": VM_MEMORY_MIB, "disks": [DISK_BYTES],
+             "start": True} for i in range(count)]  # fmt: skip
+
+
+RANDOM_RUN_HA = {"failover_threshold": 1000, "restart_limit": 1000}
+
+
+def cluster_setup(
+    world: SimWorld, creates: list[dict[str, Any]] | None, ha: dict[str, Any] | None
+) -> None:
+    """At the end of the warm-up, through the service layer on n1: the HA settings (by
+    default the thresholds out of the way of random faults) and the VMs (by default
+    ``options.vms`` of them, their disks spread over the arrays)."""
     opts = world.options
+    bodies = default_vms(opts.vms) if creates is None else creates
+    settings = RANDOM_RUN_HA if ha is None else ha
 
     async def setup(host: Host) -> None:
         assert host.agent is not None
         ctx = host.agent.context
-        for _attempt in range(50):
+        for _attempt in range(50 if settings else 0):
             try:
-                await ha_service.set_ha_settings(ctx, {"failover_threshold": 1000,
-                                                       "restart_limit": 1000})  # fmt: skip
+                await ha_service.set_ha_settings(ctx, settings)
                 break
             except VmclusterError:
                 await asyncio.sleep(0.5)
         arrays = sorted(world.arrays)
-        for i in range(opts.vms):
-            body = {"name": f"vm{i + 1}", "memory_mib": VM_MEMORY_MIB, "disks": [DISK_BYTES],
-                    "array": arrays[i % len(arrays)], "start": True}  # fmt: skip
+        for i, fields in enumerate(bodies):
+            body = {"array": arrays[i % len(arrays)], **fields}
             for _attempt in range(50):
                 try:
                     await vm_service.create(ctx, body)
