@@ -5,8 +5,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tests.support import run_cli
 
+from tests.support import run_cli
 from vmcluster.errors import InvalidInput, NotFound
 from vmcluster.sim.scenario import compare, parse
 
@@ -37,7 +37,7 @@ def test_a_changed_log_fails_with_the_difference_and_update_rewrites_it(tmp_path
     failed = run_cli("sim", "scenario", str(directory))
     assert failed.code == 1, failed.err
     assert "the log differs from expected" in failed.out
-    assert "-" in failed.out and "+" in failed.out and "restart a somewhere on" in failed.out
+    assert "restart a somewhere on" in failed.out
     updated = run_cli("sim", "scenario", str(directory), "--update")
     assert updated.code == 0, updated.err
     assert expected.read_text() == good
