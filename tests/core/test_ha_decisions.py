@@ -1438,3 +1438,44 @@ def test_a_stopped_instance_of_a_vm_that_should_run_is_started_afresh(phase: VmP
     assert "vm1 stopped on n1; starting again" in action.reason
     after = replace(vm, phase=VmPhase.STOPPED, owner=None)
     assert isinstance(only(decide(three(), after)), StartVm)
+
+
+# --- the arrays each node reaches ---------------------------------------------------------------
+
+
+def _reach(nodes: dict[str, NodeInfo], **arrays: frozenset[str] | None) -> dict[str, NodeInfo]:
+    return {name: replace(info, arrays=arrays.get(name, info.arrays))
+            for name, info in nodes.items()}  # fmt: skip
+
+
+A1 = frozenset({"a1"})
+
+
+def test_a_crash_on_an_owner_that_cannot_reach_the_disk_fails_over_at_once() -> None:
+    """The owner lost its storage paths (the crash is the guest's lost disk): restarting it
+    there would fail again; it goes where the array is reachable (the scenario storage-cut
+    showed a restart in place first)."""
+    nodes = _reach(three(), n1=frozenset(), n2=A1, n3=A1)
+    decision = decide(nodes, crashed("vm1", "n1", arrays=A1))
+    assert bare(decision.actions) == [start("vm1", "n2", StartKind.FAILOVER)]
+    assert "n1, which cannot reach array a1" in only(decision).reason
+
+
+def test_placement_skips_nodes_that_cannot_reach_the_vms_arrays() -> None:
+    """n1 has the most memory but cannot reach a1; n3 reaches it but n2 does not."""
+    nodes = _reach(three(), n1=frozenset({"a2"}), n2=frozenset({"a2"}), n3=frozenset({"a1", "a2"}))
+    decision = decide(nodes, stopped("vm1", arrays=A1))
+    assert bare(decision.actions) == [start("vm1", "n3", StartKind.START)]
+
+
+def test_a_vm_no_node_can_reach_is_pending_with_the_reason() -> None:
+    nodes = _reach(three(), n1=frozenset(), n2=frozenset(), n3=frozenset())
+    decision = decide(nodes, stopped("vm1", arrays=A1))
+    action = only(decision)
+    assert isinstance(action, SetPending)
+    assert "n1 cannot reach array a1" in action.reason
+
+
+def test_nodes_that_have_not_reported_their_arrays_are_not_held_back() -> None:
+    decision = decide(three(), stopped("vm1", arrays=A1))  # arrays None: not reported yet
+    assert bare(decision.actions) == [start("vm1", "n1", StartKind.START)]

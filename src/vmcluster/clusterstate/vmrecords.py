@@ -113,6 +113,7 @@ def vm_record(
             instance=None if instance is None else Instance(
                 node=str(instance["node"]), generation=int(instance["generation"]),
                 status=InstanceStatus(instance["status"])),
+            arrays=frozenset(str(p["array"]) for p in spec.get("storage", [])),
         )  # fmt: skip
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"VM {name}: malformed record: {exc!r}") from None

@@ -152,6 +152,7 @@ def ha_view(snapshot: Snapshot, view: ClusterView) -> HaView:
         nodes[name] = NodeInfo(
             name=name, state=node.state, memory_mib=facts.memory_mib,
             draining=facts.draining, failback_until=facts.failback_until,
+            arrays=facts.arrays if facts.arrays_known else None,
         )  # fmt: skip
     return HaView(nodes=nodes, vms=snapshot.vms, armed=snapshot.armed, settings=snapshot.settings)
 

@@ -91,6 +91,7 @@ class VmRecord:
     failovers: tuple[float, ...] = ()  # when it failed over (wall clock)
     restarts: tuple[float, ...] = ()  # when it was restarted in place after a crash
     instance: Instance | None = None
+    arrays: frozenset[str] = frozenset()  # the arrays that hold its disks
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -103,6 +104,14 @@ class NodeInfo:
     # that prefer this node to their current owner fail back to it, whatever their failback
     # policy and even while HA is disarmed.
     failback_until: float | None = None
+    arrays: frozenset[str] | None = None  # the arrays it reaches (None: not reported yet)
+
+    def cannot_reach(self, arrays: frozenset[str]) -> str | None:
+        """The first of ``arrays`` this node reports it cannot reach, or None."""
+        if self.arrays is None:
+            return None
+        missing = sorted(arrays - self.arrays)
+        return missing[0] if missing else None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -286,7 +295,9 @@ def _judge(vm: VmRecord, view: HaView, now: float) -> VmAction | _Move | None:
     if instance is not None and instance.status is InstanceStatus.CRASHED:
         if not view.armed:
             return None
-        can_restart = owner_state is NodeState.UP and not (owner and owner.draining)
+        unreachable = owner.cannot_reach(vm.arrays) if owner is not None else None
+        can_restart = (owner_state is NodeState.UP and not (owner and owner.draining)
+                       and unreachable is None)  # fmt: skip
         if (
             can_restart
             and _recent(vm.restarts, now, settings.restart_period_s) < settings.restart_limit
@@ -301,8 +312,12 @@ def _judge(vm: VmRecord, view: HaView, now: float) -> VmAction | _Move | None:
             return None  # the owner's state is unclear (joining, no quorum): wait
         if (failed := _over_threshold(vm, view, now)) is not None:
             return failed
-        why = (f"QEMU crashed again on {vm.owner}" if owner_state is NodeState.UP
-               else f"QEMU crashed on {vm.owner}, which is {owner_state}")  # fmt: skip
+        if unreachable is not None:
+            why = f"QEMU crashed on {vm.owner}, which cannot reach array {unreachable}"
+        elif owner_state is NodeState.UP:
+            why = f"QEMU crashed again on {vm.owner}"
+        else:
+            why = f"QEMU crashed on {vm.owner}, which is {owner_state}"
         return _Move(kind=StartKind.FAILOVER, avoid=frozenset({vm.owner}), why=why)
     if owner is not None and owner.draining and owner_state is NodeState.PAUSED:
         # A drain is an admin action: it runs even while HA is disarmed.
@@ -383,14 +398,16 @@ def _placements(view: HaView, moves: dict[str, _Move]) -> list[VmAction]:
         if vm.owner in free and holding and move.kind is not StartKind.FAILBACK:
             free[vm.owner] += vm.memory_mib
     candidates = {n.name: Candidate(name=n.name, state=n.state, memory_free_mib=free[n.name],
-                                    classes=classes[n.name], hard_classes=hard[n.name])
+                                    classes=classes[n.name], hard_classes=hard[n.name],
+                                    arrays=n.arrays)
                   for n in view.nodes.values()}  # fmt: skip
     actions: list[VmAction] = []
     # Failbacks only improve where a VM runs: they get what the VMs that need a node leave.
     for failbacks in (False, True):
         batch = {n: m for n, m in moves.items() if (m.kind is StartKind.FAILBACK) == failbacks}
         demands = {name: VmDemand(name=name, memory_mib=view.vms[name].memory_mib,
-                                  policy=_for_placement(view.vms[name].policy, move))
+                                  policy=_for_placement(view.vms[name].policy, move),
+                                  arrays=view.vms[name].arrays)
                    for name, move in batch.items()}  # fmt: skip
         avoid = {name: move.avoid for name, move in batch.items()}
         for placement in place_all(list(demands.values()), list(candidates.values()), avoid=avoid):

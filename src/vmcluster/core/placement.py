@@ -2,7 +2,9 @@
 
 Rules, in order:
 1. Only nodes that are Up can take a VM (not down, paused, isolated, joining, quarantined or
-   without quorum), and only its *possible owners* when it has any.
+   without quorum), only its *possible owners* when it has any, and only nodes that reach
+   every array holding its disks (as each node reports; a node that has not reported yet is
+   not held back).
 2. A node needs the VM's memory free.
 3. *Hard* anti-affinity: never on a node that runs a VM of the same class; and no VM of a class
    joins a node where a VM of that class runs with hard anti-affinity (the hard VM's promise
@@ -107,6 +109,7 @@ class Candidate:
     memory_free_mib: int
     classes: frozenset[str] = frozenset()  # anti-affinity classes of the VMs it runs
     hard_classes: frozenset[str] = frozenset()  # those of them held with hard anti-affinity
+    arrays: frozenset[str] | None = None  # the arrays it reaches (None: not reported)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -114,6 +117,7 @@ class VmDemand:
     name: str
     memory_mib: int
     policy: PlacementPolicy = field(default_factory=PlacementPolicy)
+    arrays: frozenset[str] = frozenset()  # the arrays that hold its disks
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -129,6 +133,8 @@ def _rejection(vm: VmDemand, node: Candidate) -> str | None:
         return f"{node.name} is {node.state}"
     if policy.possible and node.name not in policy.possible:
         return f"{node.name} is not a possible owner"
+    if node.arrays is not None and not vm.arrays <= node.arrays:
+        return f"{node.name} cannot reach array {min(vm.arrays - node.arrays)}"
     if node.memory_free_mib < vm.memory_mib:
         return (f"{node.name} has {node.memory_free_mib} MiB free, "
                 f"{vm.memory_mib} MiB needed")  # fmt: skip
