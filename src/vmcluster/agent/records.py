@@ -42,37 +42,53 @@ class ClusterRecords:
         self.keys = keys
         self.quarantine = QuarantineSettings()
         self._stored: tuple[int, dict[str, StoredVm]] | None = None
+        # vm -> (the revisions of its parts, what they parsed to), for the next read
+        self._parsed: dict[str, tuple[tuple[tuple[str, int], ...], StoredVm | None]] = {}
 
     def stored(self) -> dict[str, StoredVm]:
         """Every clustered VM with a readable spec (a malformed one is logged and skipped).
-        Read once per version of the cache: callers must not change it."""
+        Read once per version of the cache, and each VM parsed again only when one of its
+        parts changed: callers must not change what it returns."""
         if self._stored is not None and self._stored[0] == self.cache.version:
             return self._stored[1]
-        parts: dict[str, dict[str, dict[str, Any]]] = {}
         revisions: dict[str, dict[str, int]] = {}
         for key, entry in self.cache.entries.items():
             split = self.keys.split_vm_key(key)
-            if split is None:
-                continue
-            value = self.cache.json(key)
-            if value is not None:
-                parts.setdefault(split[0], {})[split[1]] = value
+            if split is not None:
                 revisions.setdefault(split[0], {})[split[1]] = entry.mod_revision
         found = {}
-        for name, vm_parts in parts.items():
-            if "spec" not in vm_parts:
-                continue
-            try:
-                spec = ClusteredVm.from_dict(vm_parts["spec"])
-                record = vm_record(name, vm_parts["spec"], vm_parts.get("intent"),
-                                   vm_parts.get("placement"), vm_parts.get("instance"))  # fmt: skip
-            except (VmclusterError, ValueError) as exc:
-                log.warning(event("vm.record.invalid", vm=name, reason=str(exc)))
-                continue
-            found[name] = StoredVm(name=name, spec=spec, record=record,
-                                   revisions=revisions[name], parts=vm_parts)  # fmt: skip
+        memo: dict[str, tuple[tuple[tuple[str, int], ...], StoredVm | None]] = {}
+        for name, vm_revisions in revisions.items():
+            basis = tuple(sorted(vm_revisions.items()))
+            before = self._parsed.get(name)
+            vm = before[1] if before is not None and before[0] == basis else self._parse(name)
+            memo[name] = (basis, vm)
+            if vm is not None:
+                found[name] = vm
+        self._parsed = memo
         self._stored = (self.cache.version, found)
         return found
+
+    def _parse(self, name: str) -> StoredVm | None:
+        vm_parts: dict[str, dict[str, Any]] = {}
+        revisions: dict[str, int] = {}
+        for part in ("spec", "intent", "placement", "instance"):
+            key = self.keys.vm(name, part)
+            value = self.cache.json(key)
+            if value is not None:
+                vm_parts[part] = value
+                revisions[part] = self.cache.entries[key].mod_revision
+        if "spec" not in vm_parts:
+            return None
+        try:
+            spec = ClusteredVm.from_dict(vm_parts["spec"])
+            record = vm_record(name, vm_parts["spec"], vm_parts.get("intent"),
+                               vm_parts.get("placement"), vm_parts.get("instance"))  # fmt: skip
+        except (VmclusterError, ValueError) as exc:
+            log.warning(event("vm.record.invalid", vm=name, reason=str(exc)))
+            return None
+        return StoredVm(name=name, spec=spec, record=record, revisions=revisions,
+                        parts=vm_parts)  # fmt: skip
 
     def armed(self) -> bool:
         return bool((self.cache.json(self.keys.ha) or {}).get("armed", True))
