@@ -43,7 +43,10 @@ def _with(kind: str, seed: int = 5) -> tuple[SimResult, str]:
     def plan(world: SimWorld, injector: Injector) -> None:
         def fault() -> None:
             victim.append(_owner_of(world, "vm1"))
-            injector.inject(kind, world.hosts[victim[0]], length=10.0)
+            if kind == "link":  # a cluster network, where the loss shows
+                injector.apply(kind, world.hosts[victim[0]], 10.0, network="cluster1")
+            else:
+                injector.inject(kind, world.hosts[victim[0]], length=10.0)
 
         world.schedule(options.warmup_s + 6.0, "test fault", fault)
 
@@ -67,6 +70,8 @@ EFFECTS = {
     "clock-step": "wall clock steps",
     "lossy": "datagrams for 10.0 s",
     "etcd-election": "etcd elects a new leader",
+    "admin-restart": "admin: start vm",
+    "admin-drain": "admin: drain n",
 }
 
 
@@ -76,13 +81,15 @@ def test_each_fault_kind_happens_takes_effect_and_the_cluster_comes_through(kind
     result, _victim = _with(kind)
     text = "\n".join(result.timeline)
     assert result.ok, (result.violations, text[-6000:])
-    assert "FAULT" in text
+    assert "FAULT" in text or "ADMIN" in text
     assert EFFECTS[kind] in text, text[-6000:]
     owner, generation, phase = result.placements["vm1"]
     assert phase == "running"
     if kind in ("crash", "hang", "isolate", "storage-cut"):
         assert generation > 1, "vm1 should have been restarted elsewhere"
         assert any(f"-> {owner}" in line and "vm1" in line for line in result.timeline)
+    if kind == "admin-drain":
+        assert any("admin: resume" in line for line in result.timeline)
     if kind in ("link", "clock-step", "etcd-election"):
         assert generation == 1, "a fault the cluster rides out moves nothing"
 

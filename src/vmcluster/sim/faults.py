@@ -8,17 +8,22 @@ duplicating network, an etcd leader election. Each lasts a seeded while, then he
 fault phase everything is healed.
 """
 
+import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
+from vmcluster.errors import VmclusterError
+from vmcluster.service import nodes as node_service
+from vmcluster.service import vms as vm_service
 from vmcluster.sim.model import Host
 from vmcluster.sim.net import CLUSTER_NETWORKS, STORAGE_NETWORKS
 from vmcluster.sim.world import SimWorld
 
 NODE_FAULTS = ("crash", "hang", "agent-restart", "isolate", "storage-cut")
 OTHER_FAULTS = ("link", "one-way", "array-down", "array-hang", "qemu-crash", "clock-step",
-                "lossy", "etcd-election")  # fmt: skip
+                "lossy", "etcd-election", "admin-restart", "admin-drain")  # fmt: skip
+ADMIN_RETRIES = 40  # an admin operation is tried again every 0.5 s while no node can do it
 FAULT_KINDS = NODE_FAULTS + OTHER_FAULTS
 
 
@@ -26,6 +31,8 @@ FAULT_KINDS = NODE_FAULTS + OTHER_FAULTS
 class Injector:
     world: SimWorld
     node_fault_until: float = 0.0
+    stopped: set[str] = field(default_factory=set)  # VMs an admin stopped, started at the end
+    drained: set[str] = field(default_factory=set)  # nodes drained, resumed at the end
 
     def plan(self) -> None:
         """Schedule the fault phase's faults, drawn from the seed."""
@@ -232,6 +239,79 @@ class Injector:
         self.world.etcd_down_until = self.world.now + pause
         return None
 
+    # ----- admin operations -----
+
+    def _admin_restart(self, host: Host, length: float) -> Callable[[], None] | None:
+        vms = sorted(set(self.world.vm_names()) - self.stopped)
+        if not vms:
+            return None
+        vm = self.world.rng.choice(vms)
+        self.world.note("sim", f"ADMIN vm stop {vm}, start again in {length:.1f} s")
+        self.stopped.add(vm)
+        self.admin("stop", vm)
+
+        def again() -> None:
+            if vm in self.stopped:
+                self.stopped.discard(vm)
+                self.admin("start", vm)
+
+        return again
+
+    def _admin_drain(self, host: Host, length: float) -> Callable[[], None] | None:
+        if host.name in self.drained:
+            return None
+        self.world.note("sim", f"ADMIN node drain {host.name}, resume in {length:.1f} s")
+        self.drained.add(host.name)
+        self.admin("drain", host.name)
+
+        def resume() -> None:
+            if host.name in self.drained:
+                self.drained.discard(host.name)
+                self.admin("resume", host.name, "failback")
+
+        return resume
+
+    def admin(self, verb: str, *args: str) -> None:
+        """An admin operation through the service layer, on the first node with quorum, tried
+        again while none can do it (as an admin would)."""
+        world = self.world
+
+        async def attempt(host: Host) -> bool:
+            assert host.agent is not None
+            ctx = host.agent.context
+            try:
+                if verb in ("stop", "start"):
+                    await vm_service.set_intent(ctx, args[0], verb == "start")
+                elif verb == "drain":
+                    await node_service.set_paused(ctx, args[0], True, drain=True)
+                elif verb == "resume":
+                    await node_service.set_paused(ctx, args[0], False,
+                                                  failback=args[1:] == ("failback",))  # fmt: skip
+                else:
+                    raise AssertionError(verb)
+            except VmclusterError as exc:
+                world.note(host.name, f"admin: {verb} {' '.join(args)} failed: {exc}")
+                return False
+            world.note(host.name, f"admin: {verb} {' '.join(args)}")
+            return True
+
+        def go(tries: int) -> None:
+            host = next((h for h in world.hosts.values() if h.agent is not None and not h.hung
+                         and h.loop is not None and h.agent.has_quorum()), None)  # fmt: skip
+            if host is None or host.loop is None:
+                if tries > 0:
+                    world.schedule(0.5, "admin", lambda: go(tries - 1))
+                return
+
+            async def run() -> None:
+                if not await attempt(host) and tries > 0:
+                    world.schedule(0.5, "admin", lambda: go(tries - 1))
+                await asyncio.sleep(0)
+
+            host.loop.create_task(run())
+
+        go(ADMIN_RETRIES)
+
     # ----- the end of the fault phase -----
 
     def heal_all(self) -> None:
@@ -249,3 +329,9 @@ class Injector:
                 self._power_on(host)
             elif host.is_node and host.agent is None:
                 world.start_agent(host)
+        for vm in sorted(self.stopped):
+            self.admin("start", vm)
+        for node in sorted(self.drained):
+            self.admin("resume", node)
+        self.stopped.clear()
+        self.drained.clear()

@@ -23,7 +23,6 @@ writes the log as the new ``expected`` (after a change of behaviour made on purp
 the diff).
 """
 
-import asyncio
 import json
 import math
 import shlex
@@ -32,11 +31,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from vmcluster.errors import InvalidInput, NotFound, VmclusterError
-from vmcluster.service import nodes as node_service
-from vmcluster.service import vms as vm_service
+from vmcluster.errors import InvalidInput, NotFound
 from vmcluster.sim.faults import Injector
-from vmcluster.sim.model import EPOCH, Host, SimOptions
+from vmcluster.sim.model import EPOCH, SimOptions
 from vmcluster.sim.runner import simulate
 from vmcluster.sim.world import DISK_BYTES, VM_MEMORY_MIB, SimWorld
 
@@ -189,11 +186,7 @@ def _carry_out(world: SimWorld, injector: Injector, step: Step) -> Callable[[], 
                 injector.apply(step.verb, host, float(args[1]) if len(args) > 1 else default)
             return
         world.note("sim", f"STEP {step.verb} {' '.join(args)}")
-        admin = _admin_host(world)
-        if admin is None or admin.loop is None or admin.agent is None:
-            world.note("sim", f"STEP {step.verb}: no node has quorum")
-            return
-        admin.loop.create_task(_admin(world, admin, step))
+        injector.admin(step.verb, *args)
 
     return go
 
@@ -201,29 +194,6 @@ def _carry_out(world: SimWorld, injector: Injector, step: Step) -> Callable[[], 
 def _array_up(world: SimWorld, name: str) -> None:
     world.arrays[name].up = True
     world.note("sim", f"HEAL array {name} up")
-
-
-def _admin_host(world: SimWorld) -> Host | None:
-    for host in world.hosts.values():
-        if host.agent is not None and not host.hung and host.agent.has_quorum():
-            return host
-    return None
-
-
-async def _admin(world: SimWorld, host: Host, step: Step) -> None:
-    assert host.agent is not None
-    ctx = host.agent.context
-    verb, args = step.verb, step.args
-    try:
-        if verb in ("stop", "start"):
-            await vm_service.set_intent(ctx, args[0], verb == "start")
-        elif verb == "drain":
-            await node_service.set_paused(ctx, args[0], True, drain=True)
-        elif verb == "resume":
-            await node_service.set_paused(ctx, args[0], False, failback=args[1:] == ("failback",))
-    except VmclusterError as exc:
-        world.note(host.name, f"admin: {verb} failed: {exc}")
-    await asyncio.sleep(0)
 
 
 def _log(timeline: tuple[str, ...], events: list[dict[str, Any]]) -> list[str]:
