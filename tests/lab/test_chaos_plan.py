@@ -368,6 +368,19 @@ def test_a_vm_stopped_by_an_admin_and_started_again() -> None:
     assert r["writing_again_at_s"] == 9.0
 
 
+def test_acks_of_a_guest_that_is_shutting_down_are_not_writing_again() -> None:
+    obs = _series((0.0, _seen(acked=5)), (0.5, _seen(acked=6)),
+                  (1.0, _seen(state="stopping", acked=7, intent="stopped")),
+                  (1.5, _seen(state="stopping", acked=8, intent="stopped")),
+                  (2.0, _seen(state="stopped", owner=None, acked=0, intent="stopped")),
+                  (6.0, _seen(state="running", owner="n1", generation=2, acked=0)),
+                  (9.0, _seen(state="running", owner="n1", generation=2, acked=9)))  # fmt: skip
+    [r] = vm_reactions(obs, start_s=0.6, end_s=12.0)
+    assert (r["how"], r["from"], r["to"], r["moved"]) == ("down", "n1 g1", "n1 g2", False)
+    assert r["running_again_at_s"] == 6.0
+    assert r["writing_again_at_s"] == 9.0
+
+
 def test_no_reaction_reads_as_such() -> None:
     assert summarize_reaction([]) == "no VM disturbed"
 

@@ -53,7 +53,6 @@ from vmcluster.logs import event, get_logger
 
 log = get_logger(__name__)
 
-DEFAULT_DURATION = "10m"
 MIN_DURATION_S, MAX_DURATION_S = 10.0, 24 * 3600.0
 DEFAULT_VMS = 3
 VM_MEMORY_MIB = 128
@@ -73,10 +72,6 @@ class StepKind(StrEnum):
     VM_STOP = "vm-stop"  # admin: vm stop (waits until stopped), then vm start
     DRAIN = "drain"  # admin: node drain --wait, then node resume
 
-
-FAULT_KINDS = (StepKind.CRASH, StepKind.LINK, StepKind.PARTITION, StepKind.FREEZE,
-               StepKind.ARRAY_CRASH, StepKind.SLOW)  # fmt: skip
-ADMIN_KINDS = (StepKind.VM_STOP, StepKind.DRAIN)
 
 FIRST_GAP_S = (1.0, 5.0)
 GAP_S = (2.0, 10.0)  # after the previous step was undone
@@ -343,9 +338,10 @@ def vm_reactions(
         down = next((p for p in later if _went_down(before.seen, p.seen)), None)
         running = None if down is None else next((p for p in later if p.t >= down.t
                                                   and p.seen.running), None)  # fmt: skip
-        writing = next((p for p in points[hit + 1 :] if p.rose), None)
-        if at.rose and _went_down(before.seen, at.seen):  # moved and wrote between two polls
-            writing = at
+        # Writing again: a new ACK while it runs (a guest that is shutting down still writes).
+        writing = next((p for p in points[hit + 1 :] if p.rose and p.seen.running), None)
+        if at.rose and at.seen.running and _went_down(before.seen, at.seen):
+            writing = at  # moved and wrote between two polls
         last = points[-1]
         stopped_at = before.last_rise_t if before.last_rise_t is not None else before.t
         out.append({
@@ -514,12 +510,13 @@ class ChaosRun:
 
     def __init__(
         self, lab: Lab, plan: ChaosPlan, *, api: ApiClient, vms: Mapping[str, list[str]],
-        converge_timeout_s: float, progress: Progress,
+        should_run: Sequence[str], converge_timeout_s: float, progress: Progress,
     ) -> None:  # fmt: skip
         self.lab = lab
         self.plan = plan
         self.api = api
         self.vms = vms  # "created", "existing"
+        self.should_run = frozenset(should_run)  # intent running at the start
         self.converge_timeout_s = converge_timeout_s
         self.progress = progress
         self.t0 = 0.0  # loop time at the run's start
@@ -567,13 +564,13 @@ class ChaosRun:
         self.t0, self.wall_t0 = loop.time(), time.time()
         log.info(event("lab.chaos.start", lab=self.lab.name, seed=self.plan.seed,
                        duration_s=self.plan.duration_s, steps=len(self.plan.steps)))  # fmt: skip
+        await self._relax_policy()  # a failure here is the run's error, nothing was done yet
         async with asyncio.TaskGroup() as group:
             group.create_task(self._poll_vms(), name="chaos-poll-vms")
             group.create_task(self._poll_events(), name="chaos-poll-events")
             group.create_task(self._show_progress(), name="chaos-progress")
             try:
-                await self._relax_policy()
-                await self._steps()
+                await self._steps()  # each step reports its own errors
             finally:
                 await self._heal()  # also when interrupted: the lab is left healed
             convergence = await self._converge()
@@ -625,6 +622,11 @@ class ChaosRun:
                     result.undid = await self._undo(step)
                 except OPERATIONAL as exc:
                     result.errors.append(f"{step.describe_undo()}: {exc}")
+            if result.errors:  # whatever the failed step left in place: one fault at a time
+                try:
+                    result.undid += await asyncio.to_thread(faults.heal, self.lab)
+                except OPERATIONAL as exc:
+                    result.errors.append(f"heal after the failed step: {exc}")
             result.undone_at_s = round(self.now_s(), 1)
             self.current = None
 
@@ -674,9 +676,9 @@ class ChaosRun:
 
     async def _stop_vm(self, vm: str, result: StepResult) -> str:
         started = self.now_s()
-        await self.api.request("POST", _path("vms", vm, "/stop"))
-        result.placed = True
+        result.placed = True  # started again even if the answer to the stop is lost
         self.stopped_vms.add(vm)
+        await self.api.request("POST", _path("vms", vm, "/stop"))
         while True:
             seen = await self._get(_path("vms", vm))
             if seen["state"] == "stopped":
@@ -688,9 +690,9 @@ class ChaosRun:
 
     async def _drain(self, node: str, result: StepResult) -> str:
         started = self.now_s()
-        await self.api.request("POST", _path("nodes", node, "/drain"))
-        result.placed = True
+        result.placed = True  # resumed even if the answer to the drain is lost
         self.drained_nodes.add(node)
+        await self.api.request("POST", _path("nodes", node, "/drain"))
         while True:
             vms = await self._get("/v1/vms")
             left = [v["name"] for v in vms if v["owner"] == node
@@ -780,6 +782,9 @@ class ChaosRun:
             entry = {"state": vm["state"], "owner": owner, "generation": generation,
                      "intent": vm["intent"], "instances": runs}  # fmt: skip
             shown[name] = entry
+            if vm["intent"] != "running" and name in self.should_run:
+                problems.append(f"{name} should run, but its intent is {vm['intent']}")
+                continue
             if vm["intent"] != "running":
                 if vm["state"] != "stopped" or runs:
                     problems.append(f"{name} should be stopped: it is {vm['state']}, QEMU on "
@@ -1045,7 +1050,8 @@ async def _chaos(
                   f"(warm-up took {warmup_s:g} s)")  # fmt: skip
     existing = [] if created else names
     run = ChaosRun(lab, plan, api=api, vms={"created": created, "existing": existing},
-                   converge_timeout_s=converge_timeout_s, progress=progress)  # fmt: skip
+                   should_run=running, converge_timeout_s=converge_timeout_s,
+                   progress=progress)  # fmt: skip
     report = await run.run()
     report["warmup_s"] = warmup_s
     report["plan"] = [s.to_json() for s in plan.steps]
