@@ -94,6 +94,31 @@ def test_each_fault_kind_happens_takes_effect_and_the_cluster_comes_through(kind
         assert generation == 1, "a fault the cluster rides out moves nothing"
 
 
+def test_a_guest_paused_while_its_agent_was_away_is_not_adopted_as_running() -> None:
+    """Seed 67 of a CI run: the array went down while vm1's agent restarted; the guest paused
+    on the I/O error with no agent to see it, and the new agent adopted it as running, for
+    ever. The real agent kills a QEMU that is not running at adoption (hosting._register);
+    the simulated host must too, and the VM then runs again."""
+    options = SimOptions(duration_s=20.0, faults=False)
+
+    def plan(world: SimWorld, injector: Injector) -> None:
+        def fault() -> None:
+            host = world.hosts[_owner_of(world, "vm1")]
+            injector.apply("agent-restart", host, 2.0)  # the agent is away for 2 s
+            injector.apply("array-down", host, 4.0)
+            guest = next(g for g in host.guests.values() if g.vm == "vm1")
+            # Its next write fails now (whatever idle spell the seed gave it): it pauses.
+            world.schedule(0.1, "write", lambda: world._write(guest))
+
+        world.schedule(options.warmup_s + 6.0, "test fault", fault)
+
+    result = simulate(5, options, plan=plan)
+    text = "\n".join(result.timeline)
+    assert result.ok, (result.violations, text[-4000:])
+    assert "vm.instance.unadoptable vm=vm1" in text
+    assert result.placements["vm1"][2] == "running"
+
+
 def test_random_runs_inject_every_kind_of_fault() -> None:
     seen: dict[str, int] = {}
     for seed in range(1, 16):

@@ -24,7 +24,7 @@ from vmcluster.clusterstate.vmrecords import ClusteredVm
 from vmcluster.errors import HypervisorError
 from vmcluster.hypervisor.process import ProcessId
 from vmcluster.logs import event, get_logger
-from vmcluster.sim.model import Guest
+from vmcluster.sim.model import Guest, GuestState
 
 if TYPE_CHECKING:
     from vmcluster.sim.model import Host, World
@@ -94,9 +94,9 @@ class SimHost(VmHost):
             else:
                 log.warning(event("vm.instance.found", vm=vm.spec.name, generation=generation))
             await asyncio.sleep(self.world.qmp_delay())
-            if not guest.alive or guest.frozen:
+            if not guest.alive or guest.frozen or guest.state is GuestState.PAUSED:
                 if guest.alive:
-                    self.world.kill(guest, "killed: it did not answer QMP")
+                    self.world.kill(guest, "killed: not running when registered")
                 raise HypervisorError(f"VM {vm.spec.name}: QEMU did not come up")
             instance = self._instance(guest)
         finally:
@@ -113,8 +113,10 @@ class SimHost(VmHost):
             if owned(key) and guest.frozen:
                 self.world.thaw(guest)
                 log.warning(event("vm.instance.resumed", vm=guest.vm, generation=guest.generation))
-            if guest.frozen:  # a frozen QEMU does not answer QMP: killed
-                self.world.kill(guest, "killed: it did not answer QMP at adoption")
+            # As hosting's _register: a frozen QEMU does not answer QMP, and one paused on an
+            # I/O error (while no agent watched it) is not running: either is killed.
+            if guest.frozen or guest.state is GuestState.PAUSED:
+                self.world.kill(guest, "killed: not running at adoption")
                 log.warning(event("vm.instance.unadoptable", vm=guest.vm,
                                   generation=guest.generation))  # fmt: skip
                 continue
