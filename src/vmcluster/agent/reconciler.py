@@ -4,8 +4,9 @@ Runs QEMU for each placement this node owns at the placement's generation, on th
 exports of that generation; kills instances of any other generation; stops VMs whose placement
 is stopping; and reports each instance (running, crashed, stopped) in ``vms/<vm>/instance``,
 bound to the lease and committed only while the placement is the one it read. Starts and stops
-run as tasks (one per instance); nothing starts unless the lease is known valid, checked again
-just before QEMU launches.
+run as tasks (one per instance); nothing starts unless the placement read from the database
+itself (not the cache) still names this node at that generation, and the lease is known valid,
+checked again just before QEMU launches.
 """
 
 import asyncio
@@ -17,10 +18,10 @@ from vmcluster.agent.cache import ClusterCache
 from vmcluster.agent.hosting import LocalInstance, VmHost
 from vmcluster.agent.lease import QuorumState
 from vmcluster.agent.records import ClusterRecords, StoredVm
-from vmcluster.clusterstate.keys import Keys, dumps
+from vmcluster.clusterstate.keys import Keys, dumps, loads
 from vmcluster.clusterstate.store import Commit, Put, Store, StoreError
 from vmcluster.clusterstate.vmrecords import instance_to_json
-from vmcluster.core.ha import Instance, InstanceStatus
+from vmcluster.core.ha import RUNS, Instance, InstanceStatus
 from vmcluster.core.reconcile import (
     ForgetEnded,
     KillInstance,
@@ -141,10 +142,34 @@ class Reconciler:
             log.info(event("vm.instance.deferred", vm=vm.name, generation=generation,
                            reason="no quorum"))  # fmt: skip
             return  # the next reconcile with quorum starts it
+        if not await self._still_placed(vm.name, generation):
+            log.info(event("vm.instance.deferred", vm=vm.name, generation=generation,
+                           reason="the database places it elsewhere now"))  # fmt: skip
+            return  # the cache was behind (an agent that hung): the next reconcile sees why
         log.info(event("vm.instance.starting", vm=vm.name, generation=generation))
         if await self.host.start(vm.spec, generation, may_launch=self._may_launch) is None:
             log.info(event("vm.instance.deferred", vm=vm.name, generation=generation,
                            reason="no quorum at launch"))  # fmt: skip
+
+    async def _still_placed(self, vm: str, generation: int) -> bool:
+        """Whether the placement, read from the database itself and not the cache, still has
+        this node run ``generation`` of ``vm``. An agent that hung for a while acts on a cache
+        that may be seconds behind; the VM may have failed over to another node meanwhile,
+        and starting its retired generation here would run it twice (its disk is fenced, but
+        its guest would run until its first write)."""
+        try:
+            entry = await self.store.get(self.keys.vm(vm, "placement"))
+        except StoreError:
+            return False  # asked again at the next reconcile
+        if entry is None:
+            return False
+        try:
+            placement = loads(entry.value)
+            return (placement.get("owner") == self.me
+                    and int(placement.get("generation", -1)) == generation
+                    and placement.get("phase") in RUNS)  # fmt: skip
+        except (ValueError, TypeError):
+            return False
 
     def _may_launch(self) -> bool:
         """Just before QEMU launches: the lease is still known valid, and the watchdog knows
