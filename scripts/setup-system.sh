@@ -10,7 +10,9 @@ packages=(
     iproute2             # namespaces, bridges, taps (the lab)
     nftables             # the lab's network partitions
     python3-venv         # the project's virtual environment
-    libnbd-bin           # nbdinfo, a real NBD client for tests
+    libnbd-bin           # nbdinfo, nbdcopy: real NBD clients for tests
+    nbdkit               # a second NBD server for the forwarder's tests
+    fio                  # I/O load through the forwarder (its nbd engine)
     curl                 # API tests over unix sockets
     ca-certificates
 )

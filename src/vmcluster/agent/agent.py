@@ -46,6 +46,7 @@ from vmcluster.agent.lease import (
     previous_incarnation,
 )
 from vmcluster.agent.membership import Membership
+from vmcluster.agent.paths import PathWatch
 from vmcluster.agent.records import ClusterRecords
 from vmcluster.agent.vms import VmService
 from vmcluster.agent.watchdoglink import WatchdogLink
@@ -55,6 +56,7 @@ from vmcluster.clusterstate.keys import Keys
 from vmcluster.clusterstate.store import Store
 from vmcluster.core.cluster import ClusterView, NodeState, NodeView
 from vmcluster.core.controller import effective_view
+from vmcluster.forwarder.client import ForwarderClient
 from vmcluster.logs import event, get_logger
 from vmcluster.service.context import NodeContext
 
@@ -141,6 +143,11 @@ class Agent:
             array=driver,
             consoles=self.vms.host.consoles,
         )  # fmt: skip
+        self.paths = PathWatch(
+            node=me, keys=self.keys, store=store, quorum=self.quorum,
+            has_quorum=self.has_quorum, emit_later=self.events.emit_later,
+            client=ForwarderClient(Path(config.storage.forwarder_socket)),
+        )  # fmt: skip
         self.ready = asyncio.Event()
 
     def _spec(self) -> dict[str, Any]:
@@ -186,6 +193,8 @@ class Agent:
                     tg.create_task(serve(self.context), name="api")
                 tg.create_task(self.events.run(), name="events")
                 tg.create_task(self.vms.run(), name="vms")
+                if self.config.storage.forwarder:
+                    tg.create_task(self.paths.run(), name="paths")
                 self.ready.set()
         finally:
             await self.vms.close()

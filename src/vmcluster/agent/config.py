@@ -36,6 +36,15 @@ run_dir = "/run/vmcluster"                 # QMP sockets
 images_dir = "/var/lib/vmcluster/images"   # guest images (kernel + initramfs)
 accel = "auto"                             # auto (probe KVM, else TCG), kvm or tcg
 
+[storage]                                  # how QEMU reaches the arrays (docs/forwarder.md)
+forwarder = true                           # through the node's block forwarder (multipath)
+forwarder_socket = "/run/vmcluster/forwarder.sock"
+multipath_policy = "failover"              # or round-robin
+paths = ["storage-a", "storage-b"]         # names of the paths, in the order of the portals
+no_path_timeout_s = 20                     # requests wait this long for a path, then fail
+probe_interval_s = 0.1                     # a probe read on every path this often
+probe_timeout_s = 0.05                     # a path whose probe takes longer is failed
+
 [arrays.a1]                                # an array, over each storage network (both paths):
 service = ["10.0.11.101:10810", "10.0.12.101:10810"]   # its array service (management)
 nbd = ["10.0.11.101:10809", "10.0.12.101:10809"]       # its NBD portals (data)
@@ -141,10 +150,11 @@ def _is_number(value: object) -> TypeGuard[float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _seconds(name: str, value: object, low: float, high: float, extra: str = "") -> None:
+def _seconds(name: str, value: object, low: float, high: float, extra: str = "", *,
+             section: str = "timings") -> None:  # fmt: skip
     """Refuse ``value`` unless it is a number of seconds from ``low`` to ``high``."""
     if not (_is_number(value) and low <= value <= high):
-        raise InvalidInput(f"timings.{name} must be {low:g} to {high:g} seconds{extra}")
+        raise InvalidInput(f"{section}.{name} must be {low:g} to {high:g} seconds{extra}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -216,6 +226,38 @@ class VmSettings:
             raise InvalidInput(f"vms.accel {self.accel!r}: use auto, kvm or tcg")
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageSettings:
+    """How this node's QEMU reaches the arrays: through the node's block forwarder (multipath
+    over every storage path, docs/forwarder.md), or, with ``forwarder = false``, straight to
+    each array's first NBD portal (one path, no failover: for hosts without the forwarder)."""
+
+    forwarder: bool = True
+    forwarder_socket: str = "/run/vmcluster/forwarder.sock"
+    multipath_policy: str = "failover"
+    paths: tuple[str, ...] = ()  # names of the storage paths, in the order of the portals
+    no_path_timeout_s: float = 20.0
+    probe_interval_s: float = 0.1
+    probe_timeout_s: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.forwarder, bool):
+            raise InvalidInput("storage.forwarder must be true or false")
+        if self.multipath_policy not in ("failover", "round-robin"):
+            raise InvalidInput(f"storage.multipath_policy {self.multipath_policy!r}: use "
+                               "failover or round-robin")  # fmt: skip
+        for name in self.paths:
+            check_name(name, what="storage path")
+        if len(set(self.paths)) != len(self.paths):
+            raise InvalidInput("storage.paths: a path name is listed twice")
+        _seconds("no_path_timeout_s", self.no_path_timeout_s, 0.1, 3600, section="storage")
+        _seconds("probe_interval_s", self.probe_interval_s, 0.01, 10, section="storage")
+        _seconds("probe_timeout_s", self.probe_timeout_s, 0.005, 10, section="storage")
+
+    def path_name(self, index: int) -> str:
+        return self.paths[index] if index < len(self.paths) else f"path{index + 1}"
+
+
 def _check_addresses(array: str, key: str, what: str, addresses: tuple[str, ...]) -> None:
     if not addresses:
         raise InvalidInput(f"arrays.{array}: {key} needs at least one HOST:PORT {what}")
@@ -261,6 +303,7 @@ class AgentConfig:
     heartbeat_port: int = 7946
     timings: Timings = field(default_factory=Timings)
     vms: VmSettings = field(default_factory=VmSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
     arrays: Mapping[str, ArrayAccess] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -317,6 +360,14 @@ class AgentConfig:
         lines += ["", "[vms]", f"memory_mib = {v.memory_mib}",
                   f"run_dir = {json.dumps(v.run_dir)}", f"images_dir = {json.dumps(v.images_dir)}",
                   f"accel = {json.dumps(v.accel)}"]  # fmt: skip
+        st = self.storage
+        lines += ["", "[storage]", f"forwarder = {json.dumps(st.forwarder)}",
+                  f"forwarder_socket = {json.dumps(st.forwarder_socket)}",
+                  f"multipath_policy = {json.dumps(st.multipath_policy)}",
+                  f"paths = {json.dumps(list(st.paths))}",
+                  f"no_path_timeout_s = {st.no_path_timeout_s}",
+                  f"probe_interval_s = {st.probe_interval_s}",
+                  f"probe_timeout_s = {st.probe_timeout_s}"]  # fmt: skip
         for name, array in self.arrays.items():
             lines += ["", f"[arrays.{name}]", f"service = {json.dumps(list(array.service))}",
                       f"nbd = {json.dumps(list(array.nbd))}"]  # fmt: skip
@@ -331,7 +382,8 @@ def load_config(path: Path) -> AgentConfig:
     except tomllib.TOMLDecodeError as exc:
         raise InvalidInput(f"agent config {path}: {exc}") from None
     known = {"cluster", "node", "site", "data_dir", "secrets_file", "etcd", "api_listen",
-             "api_socket", "heartbeat_port", "networks", "timings", "vms", "arrays"}  # fmt: skip
+             "api_socket", "heartbeat_port", "networks", "timings", "vms", "storage",
+             "arrays"}  # fmt: skip
     unknown = sorted(set(data) - known)
     if unknown:
         raise InvalidInput(f"agent config {path}: unknown setting {unknown[0]!r}")
@@ -341,6 +393,12 @@ def load_config(path: Path) -> AgentConfig:
     try:
         timings = Timings(**data.get("timings", {}))
         vms = VmSettings(**data.get("vms", {}))
+        raw_storage = dict(data.get("storage", {}))
+        if "paths" in raw_storage:
+            if not isinstance(raw_storage["paths"], list):
+                raise InvalidInput(f"agent config {path}: storage.paths must be a list of names")
+            raw_storage["paths"] = tuple(raw_storage["paths"])
+        storage = StorageSettings(**raw_storage)
         arrays = {name: _array_access(path, name, a)
                   for name, a in dict(data.get("arrays", {})).items()}  # fmt: skip
         return AgentConfig(
@@ -350,7 +408,8 @@ def load_config(path: Path) -> AgentConfig:
             etcd=tuple(data["etcd"]) if isinstance(data["etcd"], list) else (),
             api_listen=data.get("api_listen"), api_socket=data.get("api_socket"),
             heartbeat_port=data.get("heartbeat_port", 7946),
-            networks=dict(data["networks"]), timings=timings, vms=vms, arrays=arrays,
+            networks=dict(data["networks"]), timings=timings, vms=vms, storage=storage,
+            arrays=arrays,
         )  # fmt: skip
     except KeyError as exc:
         raise InvalidInput(f"agent config {path}: {exc.args[0]!r} is missing") from None

@@ -24,13 +24,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmcluster.agent.config import ArrayAccess, VmSettings
+from vmcluster.agent.config import ArrayAccess, StorageSettings, VmSettings
+from vmcluster.agent.storage import DiskAttacher
 from vmcluster.clusterstate.vmrecords import ClusteredVm
 from vmcluster.errors import HypervisorError, VmclusterError
-from vmcluster.guest.image import get_image
+from vmcluster.guest.image import ImageInfo, get_image
 from vmcluster.hypervisor import process
 from vmcluster.hypervisor.accel import choose_accel, qemu_binary
-from vmcluster.hypervisor.cmdline import Accel, Launch, NbdDisk, build_argv
+from vmcluster.hypervisor.cmdline import Accel, DiskSource, Launch, build_argv
 from vmcluster.hypervisor.qmp import QmpSession
 from vmcluster.logs import event, get_logger
 
@@ -73,12 +74,14 @@ class VmHost:
         settings: VmSettings,
         arrays: dict[str, ArrayAccess],
         on_exit: Callable[[LocalInstance], None],
+        storage: StorageSettings | None = None,
     ) -> None:
         self.node = node
         self.data_dir = data_dir
         self.settings = settings
         self.arrays = arrays
         self.on_exit = on_exit
+        self.disks = DiskAttacher(node=node, settings=storage or StorageSettings(), arrays=arrays)
         self.instances: dict[tuple[str, int], LocalInstance] = {}
         self.launching: dict[tuple[str, int], Path] = {}  # (vm, generation) -> QEMU's pid file
         self._accel: Accel | None = None
@@ -122,15 +125,11 @@ class VmHost:
         valid then, not only when the start was decided): None if it says no."""
         spec = vm.spec
         image = get_image(Path(self.settings.images_dir), spec.image)
-        disks = []
         for placement in vm.storage:
-            array = self.arrays.get(placement.array)
-            if array is None:
+            if placement.array not in self.arrays:
                 raise VmclusterError(
                     f"VM {spec.name}: node {self.node} has no access to array {placement.array}"
                 )
-            host, port = array.portal(0)
-            disks.append(NbdDisk(host=host, port=port, export=f"{placement.lun}.g{generation}"))
         vm_dir = self.vm_dir(spec.name)
         vm_dir.mkdir(parents=True, exist_ok=True)
         pidfile = vm_dir / f"g{generation}.pid"
@@ -144,8 +143,28 @@ class VmHost:
         socket_path = self._qmp_socket(spec.name, generation)
         socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         socket_path.unlink(missing_ok=True)
+        disks = await self.disks.attach(vm, generation)
+        instance = None
+        try:
+            instance = await self._launch(vm, generation, image, disks, pidfile, socket_path,
+                                          may_launch)  # fmt: skip
+            return instance
+        finally:
+            # Detached again unless a QEMU uses them (one launched, even if this task was
+            # cancelled meanwhile, keeps its disks: it is adopted or killed, then released).
+            launched = instance is not None or process.qemu_from_pidfile(
+                pidfile, spec.name, generation) is not None  # fmt: skip
+            if not launched:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.disks.release(spec.name, generation))
+
+    async def _launch(
+        self, vm: ClusteredVm, generation: int, image: ImageInfo, disks: tuple[DiskSource, ...],
+        pidfile: Path, socket_path: Path, may_launch: Callable[[], bool],
+    ) -> LocalInstance | None:  # fmt: skip
+        spec = vm.spec
         launch = Launch(
-            spec=spec, kernel=image.kernel, initrd=image.initrd, disk_files=tuple(disks),
+            spec=spec, kernel=image.kernel, initrd=image.initrd, disk_files=disks,
             qmp_socket=socket_path, console_log=self.console_log(spec.name, generation),
             pidfile=pidfile, accel=await asyncio.to_thread(self.accel), generation=generation,
         )  # fmt: skip
@@ -237,7 +256,7 @@ class VmHost:
                 path.unlink(missing_ok=True)
                 continue
             found[(path.parent.name, generation)] = (proc, float(data.get("started_at", 0.0)))
-        adopted = []
+        adopted: list[LocalInstance] = []
         for (vm, generation), (proc, started_at) in sorted(found.items()):
             if owned((vm, generation)) and process.is_stopped(proc):
                 process.send_signal(proc, signal.SIGCONT)
@@ -250,6 +269,9 @@ class VmHost:
                 continue
             log.warning(event("vm.instance.adopted", vm=vm, generation=generation, pid=proc.pid))
             adopted.append(instance)
+        detached = await self.disks.collect(i.key for i in adopted)
+        if detached:
+            log.warning(event("vm.disks.collected", count=detached))
         return adopted
 
     # ----- watch -----
@@ -275,6 +297,7 @@ class VmHost:
             await session.close()
         instance.exited.set()
         self._forget(instance)
+        await self.disks.release(instance.vm, instance.generation)
         log.info(event("vm.instance.exited", vm=instance.vm, generation=instance.generation,
                        requested=instance.stop_requested,
                        guest_powered_off=instance.guest_powered_off))  # fmt: skip

@@ -53,7 +53,7 @@ class VmService:
 
         self.host = host(
             node=config.node, data_dir=Path(config.data_dir), settings=config.vms,
-            arrays=dict(config.arrays), on_exit=self._exited,
+            arrays=dict(config.arrays), on_exit=self._exited, storage=config.storage,
         )  # fmt: skip
         self.watchdog = watchdog(config=config, host=self.host, quorum=quorum)
         self.reconciler = Reconciler(

@@ -28,6 +28,8 @@ _NODE = {
             "additionalProperties": {"enum": ["up", "partitioned", "down", "unknown"]},
         },
         "leader": {"type": "boolean"},
+        "storage": {"type": "object", "description": "the node's block forwarder and the "
+                    "paths of its attached disks (forwarder: up, down or unknown)"},
         "site": {"type": "string"},
         "addresses": {"type": "object", "additionalProperties": {"type": "string"}},
         "paused": {"type": "boolean"},
@@ -169,6 +171,10 @@ OPENAPI: dict[str, Any] = {
                                                           "404": _json(_ERROR, "no such node"),
                                                           "503": _json(_ERROR, "no quorum"),
                                                           **_ERRORS}}},
+        "/v1/paths": {"get": {"summary": "Every node's storage paths, per attached disk",
+                              "responses": {"200": _json({"type": "array",
+                                                          "items": {"type": "object"}}),
+                                            **_ERRORS}}},
         "/v1/vms": {
             "get": {"summary": "Every clustered VM",
                     "responses": {"200": _json({"type": "array", "items": _VM}), **_ERRORS}},

@@ -216,7 +216,43 @@ def _node_json(ctx: NodeContext, name: str) -> dict[str, Any]:
         "addresses": spec.get("addresses", {}),
         "paused": bool(parts.get("admin", {}).get("paused")),
         "incarnation": parts.get("alive", {}).get("incarnation"),
+        "storage": _storage_json(parts.get("paths")),
     }
+
+
+def _storage_json(published: dict[str, Any] | None) -> dict[str, Any]:
+    """A node's forwarder and its disks' paths, as the node last published them."""
+    if published is None:
+        return {"forwarder": "unknown", "reason": "not published", "disks": []}
+    return {"forwarder": published.get("forwarder", "unknown"),
+            "reason": published.get("reason", ""), "disks": published.get("disks", []),
+            "at": published.get("at")}  # fmt: skip
+
+
+async def _paths(request: web.Request) -> web.Response:
+    """Every node's storage paths: one row per (node, disk, path)."""
+    ctx = request.app[CONTEXT_KEY]
+    rows = []
+    for name in sorted(ctx.view().nodes):
+        storage = _storage_json(ctx.cache.nodes().get(name, {}).get("paths"))
+        for disk in storage["disks"]:
+            for path in disk.get("paths", []):
+                rows.append(
+                    {
+                        "node": name,
+                        "disk": disk.get("disk"),
+                        "generation": disk.get("generation"),
+                        "disk_state": disk.get("state"),
+                        "policy": disk.get("policy"),
+                        "path": path.get("name"),
+                        "address": path.get("address"),
+                        "state": path.get("state"),
+                        "since": path.get("since"),
+                        "reason": path.get("reason"),
+                        "failures": path.get("failures"),
+                    }
+                )
+    return web.json_response(rows)  # fmt: skip
 
 
 async def _cluster(request: web.Request) -> web.Response:
@@ -386,6 +422,7 @@ def make_app(ctx: NodeContext) -> web.Application:
     app.router.add_post("/v1/nodes/{node}/pause", _pause)
     app.router.add_post("/v1/nodes/{node}/resume", _resume)
     app.router.add_post("/v1/nodes/{node}/drain", _drain)
+    app.router.add_get("/v1/paths", _paths)
     app.router.add_get("/v1/vms", _vms)
     app.router.add_post("/v1/vms", _vm_create)
     app.router.add_get("/v1/vms/{vm}", _vm)

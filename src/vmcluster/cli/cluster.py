@@ -132,7 +132,21 @@ def show(name: str, via: str | None, output: str) -> None:
         ("paused", data["paused"]), ("site", data["site"]),
         ("networks", _network_cell(data["networks"])),
         ("addresses", " ".join(f"{k}={v}" for k, v in sorted(data["addresses"].items()))),
+        ("forwarder", _forwarder_cell(data.get("storage", {}))),
     ])  # fmt: skip
+    disks = data.get("storage", {}).get("disks", [])
+    if disks:
+        out.print("")
+        print_table(["DISK", "GEN", "STATE", "PATHS"],
+                    [(d["disk"], str(d["generation"]), d["state"],
+                      " ".join(f"{p['name']}={p['state']}" for p in d.get("paths", [])))
+                     for d in disks])  # fmt: skip
+
+
+def _forwarder_cell(storage: dict[str, Any]) -> str:
+    state = storage.get("forwarder", "unknown")
+    reason = storage.get("reason")
+    return f"{state} ({reason})" if reason and state != "up" else str(state)
 
 
 @node.command()

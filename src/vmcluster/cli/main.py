@@ -9,8 +9,10 @@ from vmcluster import __version__, logs
 from vmcluster.cli.agent import agent
 from vmcluster.cli.array import array
 from vmcluster.cli.cluster import cluster, events, node
+from vmcluster.cli.forwarder import forwarder
 from vmcluster.cli.image import image
 from vmcluster.cli.lab import lab
+from vmcluster.cli.path import path
 from vmcluster.cli.sim import sim
 from vmcluster.cli.vm import vm
 from vmcluster.errors import VmclusterError
@@ -55,6 +57,8 @@ cli.add_command(cluster)
 cli.add_command(node)
 cli.add_command(events)
 cli.add_command(sim)
+cli.add_command(forwarder)
+cli.add_command(path)
 
 
 def main() -> None:

@@ -42,7 +42,7 @@ class Keys:
         return f"{self.prefix}nodes/"
 
     def node(self, node: str, part: str) -> str:
-        assert part in ("spec", "alive", "status", "admin"), part
+        assert part in ("spec", "alive", "status", "admin", "paths"), part
         return f"{self.nodes_prefix}{node}/{part}"
 
     @property

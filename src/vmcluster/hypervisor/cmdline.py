@@ -28,7 +28,15 @@ class NbdDisk:
     export: str
 
 
-DiskSource = Path | NbdDisk
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NbdUnixDisk:
+    """A disk served over NBD on a local unix socket: the node's block forwarder."""
+
+    socket: Path
+    export: str
+
+
+DiskSource = Path | NbdDisk | NbdUnixDisk
 
 
 class Accel(StrEnum):
@@ -101,6 +109,11 @@ def _disk_file(source: DiskSource) -> dict[str, object]:
         # and werror/rerror=stop pause the guest; it never writes through a newer generation.
         server = {"type": "inet", "host": source.host, "port": str(source.port)}
         return {"driver": "nbd", "export": source.export, "server": server}
+    if isinstance(source, NbdUnixDisk):
+        # The forwarder keeps this socket up across path failures; when the array fences the
+        # generation, the forwarder answers EIO and the guest pauses, as above.
+        unix = {"type": "unix", "path": str(source.socket)}
+        return {"driver": "nbd", "export": source.export, "server": unix}
     return {"driver": "file", "filename": str(source)}
 
 

@@ -17,7 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vmcluster.agent.config import AgentConfig, ArrayAccess, Secrets, VmSettings
+from vmcluster.agent.config import (
+    AgentConfig,
+    ArrayAccess,
+    Secrets,
+    StorageSettings,
+    VmSettings,
+)
 from vmcluster.api.client import ApiClient, ClusterTarget
 from vmcluster.arrays.qsd import ArrayConfig, QsdArray
 from vmcluster.arrays.serviceconfig import ServiceConfig
@@ -312,6 +318,8 @@ class Lab:
             api_socket=str(self.api_socket(host.name)),
             vms=VmSettings(memory_mib=NODE_VM_MEMORY_MIB, run_dir=str(self.run_dir / host.name),
                            images_dir=str(self.data.images), accel=self._accel()),
+            storage=StorageSettings(forwarder_socket=str(self.forwarder_socket(host.name)),
+                                    paths=tuple(str(n) for n in STORAGE_NETWORKS)),
             arrays={a.name: self.array_access(a) for a in plan.arrays},
         )  # fmt: skip
         path = self.host_dir(host.name) / "agent.toml"
@@ -334,7 +342,22 @@ class Lab:
         image = build_image(self.data.images, DEFAULT_IMAGE)
         return str(choose_accel(self.data.accel_file, image).accel)
 
+    def forwarder_socket(self, node: str) -> Path:
+        return self.run_dir / f"{node}-forwarder.sock"
+
+    def _forwarder_tracked(self, host: Host) -> Tracked:
+        """The node's block forwarder: started before its agent, restarted with the host."""
+        argv = (sys.executable, "-m", "vmcluster", "forwarder", "serve",
+                "--socket", str(self.forwarder_socket(host.name)),
+                "--run-dir", str(self.run_dir / host.name / "fwd"))  # fmt: skip
+        return Tracked(role="forwarder", host=host.name, argv=argv, namespace=host.namespace,
+                       log_path=str(self.host_dir(host.name) / "forwarder.log"),
+                       pidfile=str(self.run_dir / f"{host.name}-forwarder.pid"))  # fmt: skip
+
     def _start_agents(self, plan: LabPlan, state: LabState) -> None:
+        for host in plan.nodes:
+            self.host_dir(host.name).mkdir(parents=True, exist_ok=True)
+            self._start(state, self._forwarder_tracked(host))
         for host in plan.nodes:
             self._start(state, self._agent_tracked(plan, host))
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from vmcluster.agent.agent import Agent, AgentIO
-from vmcluster.agent.config import AgentConfig, ArrayAccess, Secrets, VmSettings
+from vmcluster.agent.config import AgentConfig, ArrayAccess, Secrets, StorageSettings, VmSettings
 from vmcluster.agent.watchdog import Verdict
 from vmcluster.clusterstate.fake import FakeStore
 from vmcluster.clusterstate.keys import Keys
@@ -212,6 +212,8 @@ class SimWorld:
             api_socket=str(host.data_dir / "api.sock"), timings=self.options.timings,
             vms=VmSettings(memory_mib=NODE_MEMORY_MIB, run_dir=str(host.data_dir / "run"),
                            images_dir="/sim/images", accel="tcg"),
+            # The simulated hosts attach no disks: their guests' I/O is the world's model.
+            storage=StorageSettings(forwarder=False),
             arrays=arrays,
         )  # fmt: skip
 

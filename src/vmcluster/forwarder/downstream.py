@@ -1,0 +1,105 @@
+"""One local client's NBD connection to a forwarded disk (QEMU, qemu-img, nbdinfo, ...).
+
+An asyncio protocol around the sans-IO server codec, on the disk's unix socket. Requests go to
+the disk (:class:`vmcluster.forwarder.disk.ForwardedDisk`); a request the codec refused was
+answered by the codec already. Malformed input drops this connection only.
+"""
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Protocol, cast
+
+from vmcluster.logs import event, get_logger
+from vmcluster.protocols.nbdserver import (
+    Disconnect,
+    Ready,
+    Refused,
+    Request,
+    ServerConnection,
+    StartTls,
+)
+from vmcluster.protocols.nbdwire import ExportInfo, NbdError
+
+log = get_logger(__name__)
+
+
+class RequestSink(Protocol):
+    def handle(self, session: "Session", request: Request) -> None: ...
+    def session_closed(self, session: "Session") -> None: ...
+
+
+class Session(asyncio.Protocol):
+    def __init__(self, *, disk: str, lookup: Callable[[str], ExportInfo | None],
+                 names: Callable[[], list[str]], sink: RequestSink) -> None:  # fmt: skip
+        self.disk = disk
+        self.codec = ServerConnection(lookup, names=names)
+        self.sink = sink
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.structured = False
+        self.contexts: dict[int, str] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        self.transport.set_write_buffer_limits(high=1 << 24)
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            events = self.codec.receive_data(data)
+        except NbdError as exc:
+            log.warning(event("forwarder.client.protocol-error", disk=self.disk, reason=str(exc)))
+            self.flush()
+            self._drop()
+            return
+        for ev in events:
+            if isinstance(ev, Request):
+                self.sink.handle(self, ev)
+            elif isinstance(ev, Ready):
+                self.structured, self.contexts = ev.structured, ev.contexts
+            elif isinstance(ev, Refused):
+                log.info(event("forwarder.request.refused", disk=self.disk, cookie=ev.cookie,
+                               error=ev.error.name, reason=ev.reason))  # fmt: skip
+            elif isinstance(ev, Disconnect):
+                self.flush()
+                self._close()
+                return
+            elif isinstance(ev, StartTls):  # the policy is NONE: never acknowledged
+                self._drop()
+                return
+        self.flush()
+
+    def flush(self) -> None:
+        out = self.codec.data_to_send()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed:
+            self.closed = True
+            self.sink.session_closed(self)
+
+    def pause(self) -> None:
+        if self.transport is not None and not self.closed:
+            with contextlib.suppress(RuntimeError):
+                self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.transport is not None and not self.closed:
+            with contextlib.suppress(RuntimeError):
+                self.transport.resume_reading()
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _drop(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def drop(self) -> None:
+        """Detach: the disk goes away under this client."""
+        self._drop()
