@@ -3,8 +3,10 @@
 #   1. a lab cluster: 3 nodes and 2 NBD arrays as network namespaces, etcd, a node agent per node;
 #   2. two highly available probe VMs (their disks are LUNs on array a1, reached over NBD); each
 #      writes a durable record every 100 ms and prints ACK <seq> only once it is on disk;
-#   3. a network link fails: the cluster sees it and keeps going on the other network;
-#   4. the node of one VM is power-cut: the VM is fenced at the array and runs again on another
+#   3. multipath: the storage paths of web's node are cut one after the other (storage-a, then
+#      storage-b); its block forwarder switches paths in milliseconds and the probe writes on;
+#   4. a network link fails: the cluster sees it and keeps going on the other network;
+#   5. the node of one VM is power-cut: the VM is fenced at the array and runs again on another
 #      node within seconds; the probe checker proves that no acknowledged write was lost and
 #      that the dead instance wrote nothing after it was fenced.
 # Without KEEP=1 nothing is left behind.
@@ -47,6 +49,30 @@ for _ in $(seq 1 100); do
 done
 vmcluster vm console web | grep -v '^ACK ' | tail -n 4 || true
 vmcluster vm console web | grep '^ACK ' | tail -n 3
+
+last_ack() { vmcluster vm console web | grep '^ACK ' | tail -n 1 | cut -d' ' -f2; }
+wait_path() {  # node path state
+    for _ in $(seq 1 100); do
+        vmcluster path list --node "$1" -o json | python3 -c "import json,sys; sys.exit(0 if any(r['path'] == '$2' and r['state'] == '$3' for r in json.load(sys.stdin)) else 1)" && return 0
+        sleep 0.2
+    done
+    echo "demo: path $2 of $1 is not $3" >&2
+    return 1
+}
+step "multipath: web's disk goes through $owner's block forwarder, over storage-a and storage-b"
+vmcluster path list --node "$owner"
+for net in storage-a storage-b; do
+    before=$(last_ack)
+    step "cut $owner's $net link under web (last ACK: $before)"
+    vmcluster lab fault link "$owner" "$net" down
+    wait_path "$owner" "$net" down
+    sleep 2
+    vmcluster path list --node "$owner"
+    echo "web's probe went on: ACK $before -> $(last_ack) with $net down"
+    vmcluster lab fault link "$owner" "$net" up
+    wait_path "$owner" "$net" up
+done
+vmcluster events --limit 8
 
 survivor=$( [ "$owner" = n1 ] && echo n2 || echo n1 )
 step "cut node $survivor's cluster1 link: cluster1 is partitioned for it, it stays up via cluster2"

@@ -65,6 +65,11 @@ class Policy(StrEnum):
 
 
 EIO = 5
+# A timer that fires this much after its time means the process was not running (a loaded
+# host): a timeout seen then is looked at again RECHECK_S later, after the input that may have
+# arrived meanwhile has been read (an event loop may run due timers before it polls for input).
+LATE_WAKE_S = 0.02
+RECHECK_S = 0.005
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -163,6 +168,7 @@ class _Path:
     inflight: dict[int, float] = field(default_factory=dict)  # request -> sent at, in order
     failures: int = 0
     connecting: bool = False  # DOWN: a reconnect is under way
+    late_check_at: float | None = None  # a probe timeout seen on a late wake-up, looked at again
 
 
 @dataclass(slots=True)
@@ -260,7 +266,7 @@ class Multipath:
                 times.append(p.deadline)
             if p.state in (PathState.UP, PathState.STANDBY):
                 if p.probe_sent_at is not None:
-                    times.append(p.probe_sent_at + t.probe_timeout_s)
+                    times.append(p.late_check_at or p.probe_sent_at + t.probe_timeout_s)
                 else:
                     times.append(p.next_probe_at)
             if p.inflight:  # the oldest is first: requests are added as they are sent
@@ -322,6 +328,7 @@ class Multipath:
         if p.state not in (PathState.UP, PathState.STANDBY):
             return
         p.probe_sent_at = None
+        p.late_check_at = None
         interval = (
             self.timings.busy_probe_interval_s if p.inflight else self.timings.probe_interval_s
         )
@@ -370,6 +377,14 @@ class Multipath:
                     self._actions.append(Connect(p.name))
             elif p.state in (PathState.UP, PathState.STANDBY):
                 if p.probe_sent_at is not None and now - p.probe_sent_at >= t.probe_timeout_s:
+                    late = now - (p.probe_sent_at + t.probe_timeout_s)
+                    if late > LATE_WAKE_S and p.late_check_at is None:
+                        # This wake-up came late: the process did not run for a while, and the
+                        # answer may be waiting unread. Look again once input has been read.
+                        p.late_check_at = now + RECHECK_S
+                        continue
+                    if p.late_check_at is not None and now < p.late_check_at:
+                        continue
                     self._fail(p, f"probe not answered within {t.probe_timeout_s * 1000:.0f} ms",
                                now)  # fmt: skip
                     continue
@@ -428,6 +443,7 @@ class Multipath:
         t = self.timings
         p.failures += 1
         p.connecting = False
+        p.late_check_at = None
         p.probe_sent_at = None
         p.backoff_s = min(t.reconnect_max_s, max(t.reconnect_interval_s, p.backoff_s * 2))
         p.deadline = now + p.backoff_s

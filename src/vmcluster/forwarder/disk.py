@@ -111,6 +111,8 @@ class ForwardedDisk:
         self._next_id = 1
         self._probe_cookie = 1
         self._sessions: set[Session] = set()
+        self._dirty_links: set[Upstream] = set()
+        self._dirty_sessions: set[Session] = set()
         self._paused = False
         self._in_flight_bytes = 0
         self._server: asyncio.AbstractServer | None = None
@@ -189,6 +191,9 @@ class ForwardedDisk:
         self.core.submit(request_id, writes=request.command in WRITING_COMMANDS,
                          offset=request.offset, length=request.length,
                          now=self._loop.time())  # fmt: skip
+
+    def batch_done(self) -> None:
+        """A client's read, or an upstream read, was handled: act and send, once for all."""
         self._run()
 
     def session_closed(self, session: Session) -> None:
@@ -230,7 +235,7 @@ class ForwardedDisk:
             if req.command is Cmd.WRITE:
                 self.stats["bytes_written"] += req.length
             session.codec.reply(req.cookie)
-        session.flush()
+        self._dirty_sessions.add(session)
 
     def _context_name(self, upstream_id: int) -> str:
         for name, cid in self._upstream_contexts.items():
@@ -248,7 +253,6 @@ class ForwardedDisk:
         entry = self._finish(reply.cookie)
         if entry is not None:
             self._answer(entry, reply.error, reply)
-        self._run()
 
     def _probe_reply(self, path: str, epoch: int, reply: Reply) -> None:
         if self._links[path].epoch != epoch:
@@ -258,7 +262,6 @@ class ForwardedDisk:
                              self._loop.time())  # fmt: skip
         else:
             self.core.probe_answered(path, self._loop.time())
-        self._run()
 
     def _ready(self, path: str, epoch: int, which: str, negotiated: Negotiated) -> None:
         link = self._links[path]
@@ -309,6 +312,7 @@ class ForwardedDisk:
                     on_ready=functools.partial(self._ready, path, epoch, which),
                     on_reply=functools.partial(on_reply, path, epoch),
                     on_lost=functools.partial(self._lost, path, epoch),
+                    on_batch=self._run,
                 )  # fmt: skip
                 link = self._links[path]
                 if link.epoch != epoch:
@@ -335,12 +339,22 @@ class ForwardedDisk:
     # ----- the core's actions -----
 
     def _run(self) -> None:
+        """Carry out the core's actions, then send everything queued (one write per
+        connection), note the core's events and set the timer."""
         while True:
             actions = self.core.actions()
             if not actions:
                 break
             for action in actions:
                 self._act(action)
+        if self._dirty_links:
+            links, self._dirty_links = self._dirty_links, set()
+            for upstream in links:
+                upstream.flush()
+        if self._dirty_sessions:
+            sessions, self._dirty_sessions = self._dirty_sessions, set()
+            for session in sessions:
+                session.flush()
         self._drain_events()
         self._arm()
 
@@ -348,7 +362,10 @@ class ForwardedDisk:
         if isinstance(action, Send):
             entry = self._entries.get(action.request)
             link = self._links[action.path]
-            if entry is None or link.data is None:
+            if entry is None:
+                return
+            if link.data is None:  # cannot happen to a usable path; if it did: re-send
+                self.core.failed(action.path, "no data connection", self._loop.time())
                 return
             if action.resend:
                 self.stats["resent"] += 1
@@ -356,11 +373,12 @@ class ForwardedDisk:
             try:
                 link.data.send(req.command, req.offset, req.length, flags=req.flags,
                                data=req.data, cookie=action.request)  # fmt: skip
+                self._dirty_links.add(link.data)
             except LocalProtocolError as exc:  # the array's export does not allow it
                 self.core.forget(action.request)
                 self._finish(action.request)
                 entry.session.codec.reply_error(req.cookie, Errno.EINVAL, str(exc))
-                entry.session.flush()
+                self._dirty_sessions.add(entry.session)
         elif isinstance(action, Probe):
             link = self._links[action.path]
             if link.probe is None or self.upstream is None:
@@ -370,6 +388,7 @@ class ForwardedDisk:
                 length = 0
             self._probe_cookie += 1
             link.probe.send(Cmd.READ, 0, length, flags=0, data=b"", cookie=self._probe_cookie)
+            self._dirty_links.add(link.probe)
         elif isinstance(action, Connect):
             link = self._links[action.path]
             self._drop_link(action.path, link)

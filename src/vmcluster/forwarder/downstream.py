@@ -26,6 +26,7 @@ log = get_logger(__name__)
 
 class RequestSink(Protocol):
     def handle(self, session: "Session", request: Request) -> None: ...
+    def batch_done(self) -> None: ...
     def session_closed(self, session: "Session") -> None: ...
 
 
@@ -55,9 +56,11 @@ class Session(asyncio.Protocol):
             self.flush()
             self._drop()
             return
+        requests = False
         for ev in events:
             if isinstance(ev, Request):
                 self.sink.handle(self, ev)
+                requests = True
             elif isinstance(ev, Ready):
                 self.structured, self.contexts = ev.structured, ev.contexts
             elif isinstance(ev, Refused):
@@ -66,16 +69,19 @@ class Session(asyncio.Protocol):
             elif isinstance(ev, Disconnect):
                 self.flush()
                 self._close()
-                return
+                break
             elif isinstance(ev, StartTls):  # the policy is NONE: never acknowledged
                 self._drop()
-                return
+                break
+        if requests:
+            self.sink.batch_done()  # the requests of this read go upstream in one write
         self.flush()
 
     def flush(self) -> None:
-        out = self.codec.data_to_send()
+        out = self.codec.chunks_to_send()
         if out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(out)
+            # One vectored write (uvloop: writev, no copy; asyncio joins them): one segment.
+            self.transport.writelines(out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed:

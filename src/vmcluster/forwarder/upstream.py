@@ -50,11 +50,13 @@ class Upstream(asyncio.Protocol):
         on_ready: Callable[[Negotiated], None],
         on_reply: Callable[[Reply], None],
         on_lost: Callable[[str, bool], None],
+        on_batch: Callable[[], None] = lambda: None,
     ) -> None:
         self.codec = ClientConnection(export, contexts=(BASE_ALLOCATION,))
         self._on_ready = on_ready
         self._on_reply = on_reply
         self._on_lost = on_lost
+        self._on_batch = on_batch
         self.transport: asyncio.Transport | None = None
         self._sock: socket.socket | None = None
         self._lost = False
@@ -69,9 +71,11 @@ class Upstream(asyncio.Protocol):
         on_ready: Callable[[Negotiated], None],
         on_reply: Callable[[Reply], None],
         on_lost: Callable[[str, bool], None],
+        on_batch: Callable[[], None] = lambda: None,
     ) -> "Upstream":
         loop = asyncio.get_running_loop()
-        protocol = cls(export, on_ready=on_ready, on_reply=on_reply, on_lost=on_lost)
+        protocol = cls(export, on_ready=on_ready, on_reply=on_reply, on_lost=on_lost,
+                       on_batch=on_batch)  # fmt: skip
         async with asyncio.timeout(timeout_s):
             await loop.create_connection(lambda: protocol, address.host, address.port)
         return protocol
@@ -114,6 +118,8 @@ class Upstream(asyncio.Protocol):
                 self._on_ready(ev)
             else:  # StartTls / Described / Listed: this client never asks for them
                 self._lose(f"unexpected handshake event {ev!r}", refused=False)
+        if events:
+            self._on_batch()  # every reply of this read handled: the owner sends what it has
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lose(f"connection lost: {exc}" if exc else "the array closed the connection",
@@ -124,13 +130,17 @@ class Upstream(asyncio.Protocol):
     def send(
         self, command: Cmd, offset: int, length: int, *, flags: int, data: bytes, cookie: int
     ) -> None:
+        """Queue a request; :meth:`flush` sends what is queued in one write."""
         self.codec.request(command, offset, length, flags=flags, data=data, cookie=cookie)
+
+    def flush(self) -> None:
         self._flush()
 
     def _flush(self) -> None:
-        out = self.codec.data_to_send()
+        out = self.codec.chunks_to_send()
         if out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(out)
+            # One vectored write (uvloop: writev, no copy; asyncio joins them): one segment.
+            self.transport.writelines(out)
 
     def abort(self) -> None:
         """Drop the connection at once with a reset; no callback follows."""

@@ -185,6 +185,11 @@ class ClientConnection:
         self._out.clear()
         return data
 
+    def chunks_to_send(self) -> list[bytes]:
+        """What :meth:`data_to_send` gives, unjoined (for a vectored write: no copy)."""
+        out, self._out = self._out, []
+        return out
+
     @property
     def ready(self) -> bool:
         return self._state is _State.TRANSMISSION
@@ -458,7 +463,9 @@ class ClientConnection:
         if cookie in self._inflight:
             raise LocalProtocolError(f"cookie {cookie:#x} already in flight")
         header = REQUEST.pack(REQUEST_MAGIC, flags, command, cookie, offset, length)
-        self._out.append(header + data if data else header)
+        self._out.append(header)
+        if data:
+            self._out.append(data)  # not joined: a vectored write sends both without a copy
         if command is Cmd.DISC:
             self._state = _State.DONE
             return cookie

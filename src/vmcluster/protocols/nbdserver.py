@@ -190,6 +190,11 @@ class ServerConnection:
         self._out.clear()
         return data
 
+    def chunks_to_send(self) -> list[bytes]:
+        """What :meth:`data_to_send` gives, unjoined (for a vectored write: no copy)."""
+        out, self._out = self._out, []
+        return out
+
     @property
     def closed(self) -> bool:
         return self._state is _State.CLOSED
@@ -540,7 +545,8 @@ class ServerConnection:
         if pending.command is not Cmd.READ or len(data) != pending.length:
             raise LocalProtocolError(f"read reply of {len(data)} bytes to {pending}")
         if not self.structured:
-            self._out.append(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie) + data)
+            self._out.append(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
+            self._out.append(data)
         elif not data:
             self._out.append(STRUCTURED_HEADER.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE,
                                                     ReplyType.NONE, cookie, 0))  # fmt: skip
@@ -548,7 +554,8 @@ class ServerConnection:
             header = STRUCTURED_HEADER.pack(
                 STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ReplyType.OFFSET_DATA, cookie, 8 + len(data)
             )
-            self._out.append(header + U64.pack(pending.offset) + data)  # fmt: skip
+            self._out.append(header + U64.pack(pending.offset))
+            self._out.append(data)  # fmt: skip
 
     def reply_block_status(self, cookie: int, extents: dict[int, list[tuple[int, int]]]) -> None:
         """One chunk per negotiated context: (length, status flags) extents from the offset."""
