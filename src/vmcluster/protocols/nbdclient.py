@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from enum import Enum, auto
 
 from vmcluster.protocols.nbdwire import (
+    ALLOWED_FLAGS,
     ERROR_CHUNK,
     EXPORT_NAME_REPLY,
     EXPORT_NAME_ZEROES,
@@ -175,6 +176,7 @@ class ClientConnection:
         self._next_cookie = 1
         self._fast: dict[Cmd, tuple[int, int]] = {}
         self._align = 0
+        self._disconnecting = False
 
     # ----- I/O edges -----
 
@@ -224,9 +226,9 @@ class ClientConnection:
             elif state is _State.EXPORT_NAME:
                 if not self._export_name_step(events):
                     break
-            else:
-                if state is _State.DONE and len(self._in):
-                    raise RemoteProtocolError("NBD server sent data after the session ended")
+            else:  # AWAIT_TLS: the rest is TLS's; DONE (after ABORT): the ACK, then nothing
+                if state is _State.DONE:
+                    self._in.skip(len(self._in))
                 break
         return events
 
@@ -446,14 +448,13 @@ class ClientConnection:
         export = self.export
         if self._state is not _State.TRANSMISSION or export is None:
             raise LocalProtocolError("NBD request before the handshake is done")
-        fast = self._fast.get(command)
+        fast = None if self._disconnecting else self._fast.get(command)
         if (
             fast is None
             or flags & ~fast[0]
-            or (command is not Cmd.FLUSH and (offset < 0 or length < 0
-                                              or offset + length > export.size
-                                              or (offset | length) & self._align
-                                              or length > fast[1]))
+            or ((offset | length) if command is Cmd.FLUSH
+                else (offset < 0 or length < 0 or offset + length > export.size
+                      or (offset | length) & self._align or length > fast[1]))
             or (len(data) != length if command is Cmd.WRITE else bool(data))
         ):  # fmt: skip
             self._check(export, command, flags, offset, length, data)
@@ -466,8 +467,8 @@ class ClientConnection:
         self._out.append(header)
         if data:
             self._out.append(data)  # not joined: a vectored write sends both without a copy
-        if command is Cmd.DISC:
-            self._state = _State.DONE
+        if command is Cmd.DISC:  # replies to what is in flight still come; nothing new goes
+            self._disconnecting = True
             return cookie
         self._inflight[cookie] = _InFlight(command, offset, length)
         return cookie
@@ -482,11 +483,20 @@ class ClientConnection:
             if cmd in WRITING_COMMANDS and export.read_only:
                 continue
             mask = 0xFFFF if export.flags & TransmissionFlag.SEND_FUA else ~int(CmdFlag.FUA)
-            longest = export.max_payload if cmd in (Cmd.READ, Cmd.WRITE) else 1 << 64
+            longest = export.max_payload if cmd in (Cmd.READ, Cmd.WRITE) else 0xFFFFFFFF
             self._fast[cmd] = (mask, longest)
 
     def _check(self, export: ExportInfo, command: Cmd, flags: int, offset: int, length: int,
                data: bytes) -> None:  # fmt: skip
+        if self._disconnecting:
+            raise LocalProtocolError(f"{command.name} after NBD_CMD_DISC")
+        if not 0 <= flags <= 0xFFFF:
+            raise LocalProtocolError(f"{command.name}: flags {flags:#x} out of range")
+        if not 0 <= length <= 0xFFFFFFFF or not 0 <= offset < 1 << 64:
+            raise LocalProtocolError(f"{command.name} at {offset}+{length} is beyond the export "
+                                     "(out of the protocol's range)")  # fmt: skip
+        if flags & ~int(ALLOWED_FLAGS[command]):
+            raise LocalProtocolError(f"flags {flags:#x} not valid for {command.name}")
         if not export.allows(command):
             raise LocalProtocolError(f"the export does not support {command.name}")
         if command in WRITING_COMMANDS and export.read_only:
@@ -500,8 +510,10 @@ class ClientConnection:
         if data and command is not Cmd.WRITE:
             raise LocalProtocolError(f"{command.name} carries no data")
         if command in (Cmd.FLUSH, Cmd.DISC):
+            if offset or length:
+                raise LocalProtocolError(f"{command.name} takes no offset or length")
             return
-        if offset < 0 or length < 0 or offset + length > export.size:
+        if offset + length > export.size:
             raise LocalProtocolError(f"{command.name} at {offset}+{length} is beyond the export")
         if offset % export.min_block or length % export.min_block:
             raise LocalProtocolError(f"{command.name} not aligned to {export.min_block} bytes")
@@ -560,7 +572,7 @@ class ClientConnection:
             return False
         start = pos + _CHUNK_SIZE
         if (
-            kind == _OFFSET_DATA and flags & _DONE and pending.data is None
+            kind == _OFFSET_DATA and flags & _DONE and pending.data is None and length > 8
             and length - 8 == pending.length and pending.command is Cmd.READ
             and _unpack_u64(buf.data, start)[0] == pending.offset and not pending.error
         ):  # fmt: skip

@@ -16,6 +16,7 @@ answered (bad magic, an option or payload too large to be anything but an attack
 in flight) raises :class:`RemoteProtocolError`: the shell hard-disconnects.
 """
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum, auto
@@ -242,7 +243,7 @@ class ServerConnection:
             return False
         self._in.skip(CLIENT_FLAGS.size)
         (flags,) = values
-        if flags & ~_KNOWN_CLIENT_FLAGS:
+        if flags & ~int(_KNOWN_CLIENT_FLAGS):
             raise RemoteProtocolError(f"NBD client sent unknown client flags {flags:#x}")
         self._no_zeroes = bool(flags & ClientFlag.NO_ZEROES)
         self._state = _State.OPTIONS
@@ -333,10 +334,11 @@ class ServerConnection:
         if export is None:  # no way to answer an error here: the protocol says drop it
             self._close(events, f"unknown export {name!r} asked through NBD_OPT_EXPORT_NAME")
             return
+        self._neg.structured = False  # EXPORT_NAME clients get simple replies (what they expect)
+        export = self._shown(export)
         self._out.append(EXPORT_NAME_REPLY.pack(export.size, export.flags))
         if not self._no_zeroes:
             self._out.append(bytes(EXPORT_NAME_ZEROES))
-        self._neg.structured = False  # EXPORT_NAME clients get simple replies (what they expect)
         self._enter_transmission(export, {}, events)
 
     def _info_or_go(self, option: int, data: bytes, events: list[ServerEvent]) -> None:
@@ -349,6 +351,7 @@ class ServerConnection:
         if export is None:
             self._error(option, Rep.ERR_UNKNOWN, f"no export named {name!r}")
             return
+        export = self._shown(export)
         self._reply(option, Rep.INFO, INFO_EXPORT.pack(Info.EXPORT, export.size, export.flags))
         block_sizes = INFO_BLOCK_SIZE.pack(Info.BLOCK_SIZE, export.min_block,
                                            export.preferred_block, export.max_payload)  # fmt: skip
@@ -436,9 +439,9 @@ class ServerConnection:
         if (
             fast is None
             or flags & ~fast[1]
-            or (command != _FLUSH and (offset + length > self._size
-                                       or (offset | length) & self._align
-                                       or length > fast[2]))
+            or ((offset | length) if command == _FLUSH
+                else (offset + length > self._size or (offset | length) & self._align
+                      or length > fast[2]))
         ):  # fmt: skip
             problem = self._check(command, flags, offset, length)
             if problem is not None:
@@ -473,7 +476,7 @@ class ServerConnection:
             mask = int(ALLOWED_FLAGS[cmd]) & (
                 negotiated | ~int(CmdFlag.FUA | CmdFlag.DF | CmdFlag.FAST_ZERO)
             )
-            longest = export.max_payload if cmd in (Cmd.READ, Cmd.WRITE) else 1 << 64
+            longest = export.max_payload if cmd in (Cmd.READ, Cmd.WRITE) else 0xFFFFFFFF
             self._fast[int(cmd)] = (cmd, mask, longest)  # fmt: skip
 
     def _check(
@@ -484,7 +487,7 @@ class ServerConnection:
         if command not in Cmd._value2member_map_:
             return Errno.EINVAL, f"unknown command {command}"
         cmd = Cmd(command)
-        if flags & ~ALLOWED_FLAGS[cmd]:
+        if flags & ~int(ALLOWED_FLAGS[cmd]):
             return Errno.EINVAL, f"flags {flags:#x} not valid for {cmd.name}"
         for flag, needs in ((CmdFlag.FUA, TransmissionFlag.SEND_FUA),
                             (CmdFlag.DF, TransmissionFlag.SEND_DF),
@@ -498,9 +501,11 @@ class ServerConnection:
         if cmd in WRITING_COMMANDS and export.read_only:
             return Errno.EPERM, "the export is read-only"
         if cmd is Cmd.FLUSH:
+            if offset or length:
+                return Errno.EINVAL, "FLUSH with a nonzero offset or length"
             return None
         if offset + length > export.size:
-            error = Errno.ENOSPC if cmd is Cmd.WRITE else Errno.EINVAL
+            error = Errno.ENOSPC if cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Errno.EINVAL
             return error, f"{cmd.name} at {offset}+{length} is beyond the end ({export.size})"
         if cmd in _ALIGNED and (offset % export.min_block or length % export.min_block):
             return Errno.EINVAL, f"{cmd.name} not aligned to {export.min_block} bytes"
@@ -508,8 +513,14 @@ class ServerConnection:
             return Errno.EINVAL, f"{cmd.name} of {length} bytes exceeds {export.max_payload}"
         return None
 
-    def _pop(self, cookie: int) -> _Pending:
-        pending = self._pending.pop(cookie, None)
+    def _shown(self, export: ExportInfo) -> ExportInfo:
+        """The export as this client sees it: SEND_DF only with structured replies."""
+        if self._neg.structured or not export.flags & TransmissionFlag.SEND_DF:
+            return export
+        return dataclasses.replace(export, flags=export.flags & ~int(TransmissionFlag.SEND_DF))
+
+    def _pending_of(self, cookie: int) -> _Pending:
+        pending = self._pending.get(cookie)
         if pending is None:
             raise LocalProtocolError(f"reply to cookie {cookie:#x}, which is not in flight")
         return pending
@@ -529,21 +540,24 @@ class ServerConnection:
 
     def reply(self, cookie: int) -> None:
         """Success for any request but READ and BLOCK_STATUS."""
-        pending = self._pop(cookie)
+        pending = self._pending_of(cookie)
         if pending.command in (Cmd.READ, Cmd.BLOCK_STATUS):
             raise LocalProtocolError(f"{pending.command.name} needs reply_read/reply_block_status")
+        del self._pending[cookie]
         self._out.append(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
 
     def reply_error(self, cookie: int, error: Errno, message: str = "") -> None:
-        pending = self._pop(cookie)
+        pending = self._pending_of(cookie)
         if error == 0:
             raise LocalProtocolError("reply_error with error 0")
+        del self._pending[cookie]
         self._send_error(cookie, pending.command, error, message)
 
     def reply_read(self, cookie: int, data: bytes) -> None:
-        pending = self._pop(cookie)
+        pending = self._pending_of(cookie)
         if pending.command is not Cmd.READ or len(data) != pending.length:
             raise LocalProtocolError(f"read reply of {len(data)} bytes to {pending}")
+        del self._pending[cookie]
         if not self.structured:
             self._out.append(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
             self._out.append(data)
@@ -559,13 +573,14 @@ class ServerConnection:
 
     def reply_block_status(self, cookie: int, extents: dict[int, list[tuple[int, int]]]) -> None:
         """One chunk per negotiated context: (length, status flags) extents from the offset."""
-        pending = self._pop(cookie)
+        pending = self._pending_of(cookie)
         if pending.command is not Cmd.BLOCK_STATUS or set(extents) != set(self.contexts):
             raise LocalProtocolError("block status reply must cover every negotiated context")
         items = sorted(extents.items())
+        if any(not ranges or any(n <= 0 for n, _ in ranges) for _, ranges in items):
+            raise LocalProtocolError("block status needs nonzero extents")
+        del self._pending[cookie]
         for index, (context_id, ranges) in enumerate(items):
-            if not ranges or any(length <= 0 for length, _ in ranges):
-                raise LocalProtocolError("block status needs nonzero extents")
             body = U32.pack(context_id) + b"".join(EXTENT.pack(n, f) for n, f in ranges)
             flags = ReplyFlag.DONE if index == len(items) - 1 else 0
             self._out.append(
