@@ -1438,3 +1438,15 @@ def test_an_eight_byte_data_chunk_is_a_remote_error_even_for_a_zero_length_read(
     client, cookie = read_in_flight(length=0)
     with pytest.raises(RemoteProtocolError):
         client.receive_data(chunk(cookie, ReplyType.OFFSET_DATA, U64.pack(8192)))
+
+
+def test_a_refused_reply_keeps_its_request_in_flight_for_the_right_one() -> None:
+    # Fixed: a reply the codec refused (wrong length) used to forget the cookie, so the right
+    # reply could not be sent afterwards.
+    server = transmission_server()
+    server.receive_data(request(Cmd.READ, 0, 512, cookie=9))
+    with pytest.raises(LocalProtocolError):
+        server.reply_read(9, bytes(100))
+    server.reply_read(9, bytes(512))
+    assert server.in_flight == 0
+    assert len(server.data_to_send()) > 512
