@@ -281,6 +281,9 @@ class Multipath:
 
     def submit(self, request: int, *, writes: bool, offset: int, length: int, now: float) -> None:
         assert request not in self._requests
+        if self.fenced:
+            self._actions.append(Fail(request, EIO, "the array refused this generation (fenced)"))
+            return
         self._requests[request] = _Request(writes, offset, length, now)
         self._waiting.append(request)
         self._drain_waiting(now)

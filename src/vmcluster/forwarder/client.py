@@ -11,7 +11,7 @@ from vmcluster.forwarder.control import MAX_LINE_BYTES, attach_request, encode
 from vmcluster.forwarder.disk import DiskSpec
 
 TIMEOUT_S = 10.0
-START_WAIT_S = 5.0
+START_WAIT_S = 30.0  # a forwarder starting with its host (the lab starts many processes)
 
 
 class ForwarderUnavailable(VmclusterError):

@@ -17,6 +17,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from vmcluster.core.multipath import DiskState
 from vmcluster.forwarder.control import (
     MAX_LINE_BYTES,
     Attach,
@@ -133,6 +134,9 @@ class Forwarder:
         key = (spec.disk, spec.generation)
         existing = self.disks.get(key)
         if existing is not None:
+            if existing.core.state is DiskState.FENCED:
+                return {"ok": False, "kind": "fenced", "error": f"disk {spec.disk}: export "
+                        f"{spec.export} is refused by the array (fenced)"}  # fmt: skip
             if existing.spec != spec:
                 return {
                     "ok": False,

@@ -347,7 +347,7 @@ class Lab:
 
     def _forwarder_tracked(self, host: Host) -> Tracked:
         """The node's block forwarder: started before its agent, restarted with the host."""
-        argv = (sys.executable, "-m", "vmcluster", "forwarder", "serve",
+        argv = (sys.executable, "-m", "vmcluster.forwarder",
                 "--socket", str(self.forwarder_socket(host.name)),
                 "--run-dir", str(self.run_dir / host.name / "fwd"))  # fmt: skip
         return Tracked(role="forwarder", host=host.name, argv=argv, namespace=host.namespace,
