@@ -176,7 +176,7 @@ class _Request:
     writes: bool
     offset: int
     length: int
-    submitted_at: float
+    waiting_since: float  # when it last began to wait for a path (submitted, or moved)
     path: str | None = None
     sent_at: float = 0.0
     resent: bool = False
@@ -271,8 +271,8 @@ class Multipath:
                     times.append(p.next_probe_at)
             if p.inflight:  # the oldest is first: requests are added as they are sent
                 times.append(next(iter(p.inflight.values())) + t.request_timeout_s)
-        if self._waiting:
-            oldest = min(self._requests[r].submitted_at for r in self._waiting)
+        if self._waiting and not self._usable():
+            oldest = min(self._requests[r].waiting_since for r in self._waiting)
             times.append(oldest + t.no_path_timeout_s)
         times.extend(u.until for u in self._uncertain)
         return min(times) if times else None
@@ -379,20 +379,18 @@ class Multipath:
                     p.deadline = now + t.connect_timeout_s
                     self._actions.append(Connect(p.name))
             elif p.state in (PathState.UP, PathState.STANDBY):
-                if p.probe_sent_at is not None and now - p.probe_sent_at >= t.probe_timeout_s:
+                if p.probe_sent_at is not None and now >= p.probe_sent_at + t.probe_timeout_s:
                     late = now - (p.probe_sent_at + t.probe_timeout_s)
                     if late > LATE_WAKE_S and p.late_check_at is None:
                         # This wake-up came late: the process did not run for a while, and the
                         # answer may be waiting unread. Look again once input has been read.
                         p.late_check_at = now + RECHECK_S
+                    elif p.late_check_at is None or now >= p.late_check_at:
+                        reason = f"probe not answered within {t.probe_timeout_s * 1000:.0f} ms"
+                        self._fail(p, reason, now)
                         continue
-                    if p.late_check_at is not None and now < p.late_check_at:
-                        continue
-                    self._fail(p, f"probe not answered within {t.probe_timeout_s * 1000:.0f} ms",
-                               now)  # fmt: skip
-                    continue
                 oldest = next(iter(p.inflight.values()), None)
-                if oldest is not None and now - oldest >= t.request_timeout_s:
+                if oldest is not None and now >= oldest + t.request_timeout_s:
                     self._fail(p, f"request not answered within {t.request_timeout_s:g} s", now)
                     continue
                 if p.probe_sent_at is None and now >= p.next_probe_at:
@@ -401,14 +399,16 @@ class Multipath:
                 if p.state is PathState.STANDBY and now >= p.deadline:
                     self._set(p, PathState.UP, "probes passed", now)
         self._uncertain = [u for u in self._uncertain if u.until > now]
-        while self._waiting:
-            first = self._requests[self._waiting[0]]
-            if now - first.submitted_at < t.no_path_timeout_s:
-                break
-            request = self._waiting.popleft()
-            del self._requests[request]
-            reason = f"no storage path for {t.no_path_timeout_s:g} s"
-            self._actions.append(Fail(request, EIO, reason))
+        if self._waiting and not self._usable():
+            kept: deque[int] = deque()
+            for request in self._waiting:
+                if now >= self._requests[request].waiting_since + t.no_path_timeout_s:
+                    del self._requests[request]
+                    reason = f"no storage path for {t.no_path_timeout_s:g} s"
+                    self._actions.append(Fail(request, EIO, reason))
+                else:
+                    kept.append(request)
+            self._waiting = kept
         self._drain_waiting(now)
 
     # ----- inside -----
@@ -458,6 +458,7 @@ class Multipath:
             req = self._requests[request]
             req.path = None
             req.resent = True
+            req.waiting_since = now
             if req.writes:
                 until = now + t.stale_write_guard_s
                 self._uncertain.append(_Uncertain(request, req.offset, req.offset + req.length,
@@ -480,7 +481,9 @@ class Multipath:
         return usable[self._rr]
 
     def _held(self, request: int, req: _Request, now: float) -> bool:
-        if not req.writes:
+        """A new write over blocks a re-sent write may still land on waits; re-sent requests
+        themselves never wait (they were in flight together: no order among them)."""
+        if not req.writes or req.resent:
             return False
         end = req.offset + req.length
         return any(
