@@ -368,7 +368,8 @@ class Forwarder:
 @contextlib.contextmanager
 def _forwarder(work: Path, loop: str, tag: str) -> Iterator[Forwarder]:
     ctl, run_dir, log_path = work / f"fwd-{tag}.sock", work / f"fwd-{tag}", work / f"fwd-{tag}.log"
-    argv = [str(VMCLUSTER), "forwarder", "serve", "--socket", str(ctl), "--run-dir",
+    # As the lab and systemd start it: the forwarder alone, not the whole CLI.
+    argv = [sys.executable, "-m", "vmcluster.forwarder", "--socket", str(ctl), "--run-dir",
             str(run_dir), "--loop", loop]  # fmt: skip
     with contextlib.ExitStack() as stack:
         fwd = Forwarder(_spawn(stack, argv, log_path), ctl, log_path)

@@ -676,6 +676,7 @@ def test_a_held_write_fails_at_its_no_path_deadline_behind_a_younger_re_sent_req
     m.handle_timer(21.5)
     assert m.actions() == [Fail(2, EIO, NO_PATH)]
     assert m.next_deadline() > 21.5  # type: ignore[operator]
+    assert unreachable(m, 22.0) == [(22.0, Fail(3, EIO, NO_PATH))]  # moved at 2.0
 
 
 def test_a_request_moved_by_a_late_failure_waits_its_full_no_path_timeout() -> None:
@@ -1095,3 +1096,15 @@ def test_invariants_hold_with_default_timings_overlapping_writes_and_late_submit
     """The default (decimal) timings and clock steps, whose sums round; writes that share
     blocks, so the stale-write guard holds some; requests submitted after the fence."""
     run_state_machine_as_test(EveryInput, settings=PROPERTIES)
+
+
+def test_a_fence_drops_a_reconnect_under_way_too() -> None:
+    # Fixed (failed before): refused() aborted only the paths that were not down, so a down
+    # path's reconnect attempt under way stayed open until detach.
+    m = attached("a", "b")
+    m.failed("a", "reset", 1.0)
+    assert m.actions() == [Abort("a", "reset")]
+    m.handle_timer(1.25)  # the reconnect is due (backoff 0.125 s)
+    assert Connect("a") in m.actions()
+    m.refused("b", "export not found", 1.3)
+    assert sorted(m.actions(), key=repr) == [Abort("a", "fenced"), Abort("b", "fenced")]

@@ -354,8 +354,9 @@ class Multipath:
             return
         self.fenced = True
         for p in self._paths.values():
-            if p.state is not PathState.DOWN:
+            if p.state is not PathState.DOWN or p.connecting:
                 self._actions.append(Abort(p.name, "fenced"))
+            p.connecting = False
             p.inflight.clear()
             self._set(p, PathState.DOWN, f"fenced: {reason}", now)
         for request in sorted(self._requests):
