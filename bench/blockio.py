@@ -98,8 +98,8 @@ PREFIX = "vmcb-"
 NETNS = f"{PREFIX}array"
 NFT_TABLE = f"{PREFIX}cut"
 NBD_PORT = 10809
-EXPORT = "lun0"
 GENERATION = 1
+EXPORT = f"lun0.g{GENERATION}"  # an export of one generation, as the fence names them
 MEMORY_LUN_MIB = 64
 MEMORY_SIZES = (64 * KIB, MIB)
 MEMORY_DEPTH = 32
@@ -314,6 +314,11 @@ class Array:
 
     def unix_opts(self, export: str) -> str:
         return _unix_opts(self.unix_path, export)
+
+
+def _mem(index: int) -> str:
+    """The export of the memory figure's disk ``index``."""
+    return f"mem{index}.g{GENERATION}"
 
 
 def _unix_opts(path: Path | str, export: str) -> str:
@@ -858,14 +863,14 @@ def _stall(array: Array, work: Path, lun_bytes: int, args: argparse.Namespace) -
 def _memory(work: Path, disks: int, size: int, seconds: float) -> dict[str, Any]:
     with _forwarder(work, "uvloop", f"mem{size // KIB}k") as fwd, contextlib.ExitStack() as stack:
         start_kib = _status_kib(fwd.pid)["VmRSS"]
-        sockets = [fwd.attach(f"mem{i}", f"mem{i}") for i in range(disks)]
+        sockets = [fwd.attach(f"mem{i}", _mem(i)) for i in range(disks)]
         idle_kib = _status_kib(fwd.pid)["VmRSS"]
         before = fwd.bytes_written()
         writers = []
         for i, sock in enumerate(sockets):
             argv = ["qemu-img", "bench", "-w", "-t", "none", "-s", str(size), "-d",
                     str(MEMORY_DEPTH), "-c", "100000000", f"--pattern={WRITE_PATTERN}",
-                    "--image-opts", _unix_opts(sock, f"mem{i}")]  # fmt: skip
+                    "--image-opts", _unix_opts(sock, _mem(i))]  # fmt: skip
             writers.append(_spawn(stack, argv, work / f"mem-writer{i}.log"))
         started = time.monotonic()
         samples: list[int] = []
@@ -1032,7 +1037,7 @@ def _run_all(args: argparse.Namespace, work: Path, stack: contextlib.ExitStack) 
     started = time.monotonic()
     environment = _environment(args, args.lun_mib)
     lun_bytes = args.lun_mib * MIB
-    luns = {EXPORT: args.lun_mib, **{f"mem{i}": MEMORY_LUN_MIB for i in range(args.disks)}}
+    luns = {EXPORT: args.lun_mib, **{_mem(i): MEMORY_LUN_MIB for i in range(args.disks)}}
     _log(f"array: {NETNS}, {len(luns)} exports, paths {', '.join(p.name for p in PATHS)}")
     array = Array(stack, work, luns)
     loads = _loads(lun_bytes, args.quick)

@@ -68,6 +68,8 @@ def test_every_setting_is_read_and_written_back(tmp_path: Path) -> None:
         ('paths = "storage-a"', "storage.paths must be a list"),
         ('paths = ["a", "a"]', "listed twice"),
         ('paths = ["Bad Name"]', "storage path"),
+        ('paths = ["path2"]', "not pathN"),
+        ('paths = ["a-very-long-storage-path-name-over-32"]', "at most 32"),
         ("no_path_timeout_s = 0", "storage.no_path_timeout_s must be"),
         ("probe_timeout_s = -1", "storage.probe_timeout_s must be"),
         ("probe_interval_s = 100", "storage.probe_interval_s must be"),

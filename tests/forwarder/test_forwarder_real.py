@@ -192,7 +192,7 @@ def _nbdkit(procs: Processes, *args: str) -> Array:
     port = _free_port()
     proc = procs.start("nbdkit", ["nbdkit", "--exit-with-parent", "-f", "-p", str(port), *args])
     _wait_listening(port, proc, "nbdkit")
-    return Array(port=port, export="mem")
+    return Array(port=port, export="mem.g1")  # nbdkit serves any name: one of generation 1
 
 
 # ----- the forwarder -----
@@ -924,7 +924,7 @@ def test_reattach_of_a_still_attached_fenced_generation_answers_fenced(
 
 def test_attach_of_an_unknown_export_is_fenced(qsd: Array, forwarder: Forwarder) -> None:
     with pytest.raises(InvalidState, match=r"fenced"):
-        forwarder.attach(qsd.two_paths(), export="web1-root.g9")
+        forwarder.attach(qsd.two_paths(), export="web1-root.g9", generation=9)
     assert forwarder.status() == []
     assert "forwarder.attach.failed" in forwarder.log()
 
@@ -974,7 +974,15 @@ def test_malformed_control_requests_get_one_line_invalid_answers(forwarder: Forw
         (line({**attach, "paths": [{"name": "a", "address": "nohost"}]}), "HOST:PORT"),
         (line({**attach, "paths": []}), "paths"),
         (line({**attach, "policy": "random"}), "policy"),
-        (line({**attach, "timings": {"probe_timeout_s": -1}}), "positive"),
+        (line({**attach, "timings": {"probe_timeout_s": -1}}), "more than 0"),
+        (
+            b'{"op": "attach", "disk": "web1.root", "generation": 1, "export": "web1-root.g1", '
+            b'"paths": [{"name": "a", "address": "127.0.0.1:1"}], '
+            b'"timings": {"probe_timeout_s": NaN}}\n',
+            "more than 0",
+        ),
+        (line({**attach, "timings": {"probe_timeout_s": 10**400}}), "control request"),
+        (line({**attach, "export": "web1-root.g7"}), "not generation 1's"),
         (line({**attach, "timings": {"warp_s": 1}}), "unknown timing"),
         (line({"op": "detach", "disk": DISK, "generation": 1, "force": True}), "unknown field"),
     ]

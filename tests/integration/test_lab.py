@@ -105,7 +105,7 @@ def test_up_status_down_leaves_nothing(home: DataDir) -> None:
     assert f"lab {name} is up" in up.out
     the_lab = Lab(home, name)
     pids = _tracked_pids(the_lab)
-    assert len(pids) == 10  # 3 etcd members, 2 arrays (daemon + service each), 3 agents
+    assert len(pids) == 13  # 3 etcd members, 2 arrays (daemon, service), 3 forwarders, 3 agents
 
     status = run_cli("lab", "status", "-o", "json").json()  # the current lab, no --name
     assert isinstance(status, dict)
@@ -125,7 +125,7 @@ def test_up_status_down_leaves_nothing(home: DataDir) -> None:
 
     down = run_cli("lab", "down")
     assert down.code == 0, down.err
-    assert "10 processes stopped, 7 namespaces deleted" in down.out
+    assert "13 processes stopped, 7 namespaces deleted" in down.out
     _assert_gone(name, pids)
     assert not the_lab.dir.exists()
     again = run_cli("lab", "down", "--name", name)

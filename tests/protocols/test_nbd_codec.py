@@ -1450,3 +1450,16 @@ def test_a_refused_reply_keeps_its_request_in_flight_for_the_right_one() -> None
     server.reply_read(9, bytes(512))
     assert server.in_flight == 0
     assert len(server.data_to_send()) > 512
+
+
+def test_a_read_reply_that_does_not_cover_the_read_is_a_protocol_error() -> None:
+    # Fixed (failed before): 4 KiB of data then NONE/DONE for an 8 KiB read succeeded, the rest
+    # read as zeros; the protocol says the chunks MUST cover the whole region.
+    client = with_requests()
+    cookie = client.request(Cmd.READ, 0, 8192)
+    data = STRUCTURED_HEADER.pack(STRUCTURED_REPLY_MAGIC, 0, ReplyType.OFFSET_DATA, cookie,
+                                  8 + 4096) + U64.pack(0) + bytes(4096)  # fmt: skip
+    done = STRUCTURED_HEADER.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ReplyType.NONE,
+                                  cookie, 0)  # fmt: skip
+    with pytest.raises(RemoteProtocolError, match="covers 4096 of 8192"):
+        client.receive_data(data + done)

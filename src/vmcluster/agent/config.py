@@ -56,6 +56,7 @@ older configs (a node driving the array's daemon itself) are refused with the fi
 import ipaddress
 import json
 import os
+import re
 import secrets
 import stat
 import tomllib
@@ -248,6 +249,9 @@ class StorageSettings:
                                "failover or round-robin")  # fmt: skip
         for name in self.paths:
             check_name(name, what="storage path")
+            if len(name) > 32 or re.fullmatch(r"path\d+", name):
+                raise InvalidInput(f"storage.paths: {name!r} must be at most 32 characters "
+                                   "and not pathN (the names given to unnamed paths)")  # fmt: skip
         if len(set(self.paths)) != len(self.paths):
             raise InvalidInput("storage.paths: a path name is listed twice")
         _seconds("no_path_timeout_s", self.no_path_timeout_s, 0.1, 3600, section="storage")
@@ -281,6 +285,9 @@ class ArrayAccess:
         check_name(self.name, what="array")
         _check_addresses(self.name, "service", "address", self.service)
         _check_addresses(self.name, "nbd", "portal", self.nbd)
+        if len(self.nbd) > 8:
+            raise InvalidInput(f"arrays.{self.name}: nbd lists {len(self.nbd)} portals; at "
+                               "most 8 (the block forwarder's paths)")  # fmt: skip
 
     def portal(self, index: int = 0) -> tuple[str, int]:
         host, _, port = self.nbd[index].rpartition(":")

@@ -156,7 +156,7 @@ class VmHost:
                 pidfile, spec.name, generation) is not None  # fmt: skip
             if not launched:
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(self.disks.release(spec.name, generation))
+                    await asyncio.shield(self.release_disks(spec.name, generation))
 
     async def _launch(
         self, vm: ClusteredVm, generation: int, image: ImageInfo, disks: tuple[DiskSource, ...],
@@ -297,11 +297,20 @@ class VmHost:
             await session.close()
         instance.exited.set()
         self._forget(instance)
-        await self.disks.release(instance.vm, instance.generation)
         log.info(event("vm.instance.exited", vm=instance.vm, generation=instance.generation,
                        requested=instance.stop_requested,
                        guest_powered_off=instance.guest_powered_off))  # fmt: skip
-        self.on_exit(instance)
+        try:
+            self.on_exit(instance)  # first: the end is known before anything else may await
+        finally:
+            await self.release_disks(instance.vm, instance.generation)
+
+    async def release_disks(self, vm: str, generation: int) -> None:
+        """Detach (vm, generation)'s disks unless a QEMU of it runs or is being started here."""
+        key = (vm, generation)
+        if key in self.instances or key in self.launching:
+            return
+        await self.disks.release(vm, generation)
 
     async def _read_events(self, instance: LocalInstance, session: QmpSession) -> None:
         with contextlib.suppress(HypervisorError):

@@ -11,6 +11,7 @@ agent that restarts finds its instances' disks still attached (the forwarder is 
 process) and detaches only those of instances that no longer run (:meth:`DiskAttacher.collect`).
 """
 
+import asyncio
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -71,16 +72,16 @@ class DiskAttacher:
                 sources.append(NbdDisk(host=host, port=port,
                                        export=f"{placement.lun}.g{generation}"))  # fmt: skip
             return tuple(sources)
-        attached: list[DiskSpec] = []
+        tried: list[DiskSpec] = []
         sources = []
         try:
             for spec in self.spec(vm, generation):
+                tried.append(spec)  # detached again on failure even if its answer never came
                 status = await self.client.attach(spec)
-                attached.append(spec)
                 sources.append(NbdUnixDisk(socket=Path(status["socket"]), export=spec.export))
         except BaseException:
-            for spec in attached:
-                await self._detach(spec.disk, spec.generation)
+            for spec in tried:
+                await asyncio.shield(self._detach(spec.disk, spec.generation))
             raise
         return tuple(sources)
 
@@ -90,7 +91,7 @@ class DiskAttacher:
             return
         try:
             disks = await self.client.status()
-        except VmclusterError as exc:
+        except Exception as exc:  # (an instance's end must not be held up)
             log.warning(event("vm.disks.release-failed", vm=vm, generation=generation,
                               reason=str(exc)))  # fmt: skip
             return
@@ -105,7 +106,7 @@ class DiskAttacher:
         keep = {(disk_id(vm, ""), generation) for vm, generation in running}
         try:
             disks = await self.client.status()
-        except VmclusterError as exc:
+        except Exception as exc:  # (adoption goes on without it)
             log.warning(event("vm.disks.collect-failed", reason=str(exc)))
             return 0
         count = 0
@@ -119,6 +120,6 @@ class DiskAttacher:
     async def _detach(self, disk: str, generation: int) -> None:
         try:
             await self.client.detach(disk, generation)
-        except VmclusterError as exc:
+        except Exception as exc:  # (logged; a restarted agent collects it)
             log.warning(event("vm.disk.detach-failed", disk=disk, generation=generation,
                               reason=str(exc)))  # fmt: skip

@@ -179,6 +179,7 @@ class _Request:
     waiting_since: float  # when it last began to wait for a path (submitted, or moved)
     path: str | None = None
     sent_at: float = 0.0
+    first_sent_at: float | None = None  # its first sending: how long the array may hold it
     resent: bool = False
 
 
@@ -455,15 +456,28 @@ class Multipath:
         moved = sorted(p.inflight)
         p.inflight.clear()
         self._set(p, PathState.DOWN, reason, now)
+        kept = []
         for request in moved:
             req = self._requests[request]
+            first = req.first_sent_at if req.first_sent_at is not None else now
+            if now >= first + 2 * t.request_timeout_s:
+                # Twice request_timeout_s in flight, over more than one path: the array does
+                # not carry it out. Failed, not re-sent again (it would bounce for ever).
+                del self._requests[request]
+                reason = f"request not answered within {2 * t.request_timeout_s:g} s on any path"
+                self._actions.append(Fail(request, EIO, reason))
+                continue
+            kept.append(request)
             req.path = None
             req.resent = True
             req.waiting_since = now
             if req.writes:
-                until = now + t.stale_write_guard_s
+                # The first copy may land as late as it has already been held, so the guard
+                # lasts at least that long.
+                until = now + max(t.stale_write_guard_s, now - first)
                 self._uncertain.append(_Uncertain(request, req.offset, req.offset + req.length,
                                                   until))  # fmt: skip
+        moved = kept
         # Re-sent first, in submission order, ahead of anything that was waiting.
         self._waiting = deque([*moved, *self._waiting])
         self._drain_waiting(now)
@@ -512,6 +526,8 @@ class Multipath:
                 self._waiting.clear()
                 break
             req.path, req.sent_at = p.name, now
+            if req.first_sent_at is None:
+                req.first_sent_at = now
             if not p.inflight and p.probe_sent_at is None:
                 p.next_probe_at = min(p.next_probe_at, now + self.timings.busy_probe_interval_s)
             p.inflight[request] = now

@@ -11,7 +11,7 @@ from vmcluster.forwarder.control import MAX_LINE_BYTES, attach_request, encode
 from vmcluster.forwarder.disk import DiskSpec
 
 TIMEOUT_S = 10.0
-START_WAIT_S = 30.0  # a forwarder starting with its host (the lab starts many processes)
+START_WAIT_S = 2.0  # a forwarder just started may not listen yet
 
 
 class ForwarderUnavailable(VmclusterError):
@@ -19,14 +19,15 @@ class ForwarderUnavailable(VmclusterError):
 
 
 class ForwarderClient:
-    def __init__(self, socket_path: Path) -> None:
+    def __init__(self, socket_path: Path, *, start_wait_s: float = START_WAIT_S) -> None:
         self.socket_path = socket_path
+        self.start_wait_s = start_wait_s
 
     async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Connect; a forwarder still starting (no socket yet, or not listening) gets a few
         seconds."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + START_WAIT_S
+        deadline = loop.time() + self.start_wait_s
         while True:
             try:
                 return await asyncio.open_unix_connection(
@@ -71,6 +72,8 @@ class ForwarderClient:
                 raise InvalidState(error)
             if kind == "unreachable":
                 raise ArrayUnavailable(error)
+            if kind == "error":
+                raise ForwarderUnavailable(f"block forwarder: {error}")
             raise InvalidInput(f"block forwarder: {error}")
         return answer
 

@@ -11,11 +11,13 @@ One JSON object per line each way. Requests::
 
 Answers: ``{"ok": true, ...}`` or ``{"ok": false, "kind": KIND, "error": "one line"}`` with KIND
 one of ``invalid`` (the request is wrong), ``unreachable`` (no path reached the export),
-``fenced`` (the array refused this generation). Parsing is pure (this module); the service
-(:mod:`vmcluster.forwarder.service`) carries requests out.
+``fenced`` (the array refused this generation), ``error`` (the forwarder failed otherwise).
+Parsing is pure (this module); the service (:mod:`vmcluster.forwarder.service`) carries
+requests out.
 """
 
 import json
+import math
 import re
 from dataclasses import dataclass, fields
 from typing import Any
@@ -28,6 +30,7 @@ MAX_LINE_BYTES = 64 * 1024
 _DISK = re.compile(r"^[a-z0-9][a-z0-9.-]{0,79}$")
 _PATH = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 _EXPORT_MAX = 256
+MAX_TIMING_S = 3600.0
 
 
 class ControlError(ValueError):
@@ -59,6 +62,16 @@ ControlRequest = Attach | Detach | Status | Watch
 
 
 def parse_request(line: bytes) -> ControlRequest:
+    """The request in ``line``; ControlError (one line) for anything malformed."""
+    try:
+        return _parse(line)
+    except ControlError:
+        raise
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise ControlError(f"malformed control request: {exc}") from None
+
+
+def _parse(line: bytes) -> ControlRequest:
     if len(line) > MAX_LINE_BYTES:
         raise ControlError(f"control request longer than {MAX_LINE_BYTES} bytes")
     try:
@@ -106,6 +119,9 @@ def _attach(data: dict[str, Any]) -> DiskSpec:
     export = data.get("export")
     if not isinstance(export, str) or not export or len(export.encode()) > _EXPORT_MAX:
         raise ControlError(f"attach: export {export!r} must be a name of 1-{_EXPORT_MAX} bytes")
+    if not export.endswith(f".g{generation}"):  # the storage fence: one generation, its own
+        raise ControlError(f"attach: export {export!r} is not generation {generation}'s "
+                           f"(<lun>.g{generation})")  # fmt: skip
     raw_paths = data.get("paths")
     if not isinstance(raw_paths, list) or not raw_paths or len(raw_paths) > 8:
         raise ControlError("attach: paths must be a list of 1-8 {name, address} objects")
@@ -141,6 +157,9 @@ def _timings(raw: object) -> PathTimings:
             raise ControlError(f"attach: unknown timing {key!r}")
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ControlError(f"attach: timing {key} must be a number of seconds")
+        if not math.isfinite(value) or not 0 < value <= MAX_TIMING_S:
+            raise ControlError(f"attach: timing {key} must be more than 0 and at most "
+                               f"{MAX_TIMING_S:g} seconds")  # fmt: skip
     try:
         return PathTimings(**{k: float(v) for k, v in raw.items()})
     except ValueError as exc:

@@ -121,6 +121,7 @@ class ForwardedDisk:
         self._settled = asyncio.Event()
         self.upstream: ExportInfo | None = None
         self._upstream_contexts: dict[str, int] = {}
+        self._contexts_seen: dict[int, str] = {}
         self.export: ExportInfo | None = None
         self.detached = False
         self.stats = {"requests": 0, "resent": 0, "failed": 0, "bytes_read": 0, "bytes_written": 0}
@@ -153,8 +154,7 @@ class ForwardedDisk:
         session = Session(disk=self.spec.disk, lookup=self._lookup,
                           names=lambda: [self.spec.export], sink=self)  # fmt: skip
         self._sessions.add(session)
-        if self._paused:
-            self._loop.call_soon(session.pause)
+        session.paused_by_disk = self._paused  # applied once its transport exists
         return session
 
     def _lookup(self, name: str) -> ExportInfo | None:
@@ -187,7 +187,7 @@ class ForwardedDisk:
         if self._in_flight_bytes > MAX_IN_FLIGHT_BYTES and not self._paused:
             self._paused = True
             for s in self._sessions:
-                s.pause()
+                s.set_paused_by_disk(True)
         self.core.submit(request_id, writes=request.command in WRITING_COMMANDS,
                          offset=request.offset, length=request.length,
                          now=self._loop.time())  # fmt: skip
@@ -210,7 +210,7 @@ class ForwardedDisk:
         if self._paused and self._in_flight_bytes <= MAX_IN_FLIGHT_BYTES // 2:
             self._paused = False
             for s in self._sessions:
-                s.resume()
+                s.set_paused_by_disk(False)
         return entry
 
     def _answer(self, entry: _Entry, error: int, reply: Reply | None) -> None:
@@ -270,6 +270,7 @@ class ForwardedDisk:
         info = negotiated.export
         if self.upstream is None:
             self.upstream = info
+            self._contexts_seen = dict(negotiated.contexts)
             self._upstream_contexts = {name: cid for cid, name in negotiated.contexts.items()}
             self.export = ExportInfo(
                 name=self.spec.export, size=info.size, flags=info.flags & PASSED_FLAGS,
@@ -278,8 +279,11 @@ class ForwardedDisk:
                 meta_contexts=(BASE_ALLOCATION,) if BASE_ALLOCATION in
                 negotiated.contexts.values() else (),
             )  # fmt: skip
-        elif info.size != self.upstream.size or info.flags != self.upstream.flags:
-            self.core.failed(path, f"export changed under this path (size {info.size})",
+        elif _shape(info, negotiated.contexts) != _shape(self.upstream, self._contexts_seen):
+            # Another path must lead to the very same export: same size, flags, block sizes
+            # and metadata contexts (the requests are re-sent there unchanged).
+            self.core.failed(path, f"export differs on this path (size {info.size}, "
+                             f"blocks {info.min_block}/{info.max_payload})",
                              self._loop.time())  # fmt: skip
             self._run()
             return
@@ -346,7 +350,11 @@ class ForwardedDisk:
             if not actions:
                 break
             for action in actions:
-                self._act(action)
+                try:
+                    self._act(action)
+                except Exception as exc:  # a bug must not wedge the disk: say it, go on
+                    log.error(event("forwarder.action.failed", disk=self.spec.disk,
+                                    action=repr(action), reason=repr(exc)))  # fmt: skip
         if self._dirty_links:
             links, self._dirty_links = self._dirty_links, set()
             for upstream in links:
@@ -471,3 +479,8 @@ class ForwardedDisk:
                 for p in self.core.paths()
             ],
         }  # fmt: skip
+
+
+def _shape(info: ExportInfo, contexts: dict[int, str]) -> tuple[object, ...]:
+    return (info.size, info.flags, info.min_block, info.preferred_block, info.max_payload,
+            tuple(sorted(contexts.items())))  # fmt: skip

@@ -40,10 +40,13 @@ class Session(asyncio.Protocol):
         self.closed = False
         self.structured = False
         self.contexts: dict[int, str] = {}
+        self.paused_by_disk = False  # the disk's data in flight is over its bound
+        self._paused_by_writes = False  # this client does not read its replies
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
-        self.transport.set_write_buffer_limits(high=1 << 24)
+        self.transport.set_write_buffer_limits(high=4 << 20)
+        self._apply_pause()
         self.flush()
 
     def data_received(self, data: bytes) -> None:
@@ -88,14 +91,28 @@ class Session(asyncio.Protocol):
             self.closed = True
             self.sink.session_closed(self)
 
-    def pause(self) -> None:
-        if self.transport is not None and not self.closed:
-            with contextlib.suppress(RuntimeError):
-                self.transport.pause_reading()
+    # Back-pressure: this client's requests are not read while the disk has too much in flight
+    # or while its own replies pile up unread (memory stays bounded either way).
 
-    def resume(self) -> None:
-        if self.transport is not None and not self.closed:
-            with contextlib.suppress(RuntimeError):
+    def set_paused_by_disk(self, paused: bool) -> None:
+        self.paused_by_disk = paused
+        self._apply_pause()
+
+    def pause_writing(self) -> None:
+        self._paused_by_writes = True
+        self._apply_pause()
+
+    def resume_writing(self) -> None:
+        self._paused_by_writes = False
+        self._apply_pause()
+
+    def _apply_pause(self) -> None:
+        if self.transport is None or self.closed:
+            return
+        with contextlib.suppress(RuntimeError):
+            if self.paused_by_disk or self._paused_by_writes:
+                self.transport.pause_reading()
+            else:
                 self.transport.resume_reading()
 
     def _close(self) -> None:

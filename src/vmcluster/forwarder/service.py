@@ -35,6 +35,7 @@ log = get_logger(__name__)
 
 SOCKET_PATH_MAX = 107
 RECENT_EVENTS = 256
+WATCH_QUEUE = 1024  # events a watcher may lag behind before it is let go
 
 
 class Forwarder:
@@ -43,6 +44,7 @@ class Forwarder:
         self.run_dir = run_dir
         self.disks: dict[tuple[str, int], ForwardedDisk] = {}
         self._attaching: dict[tuple[str, int], asyncio.Future[ForwardedDisk]] = {}
+        self._detach_pending: set[tuple[str, int]] = set()
         self._watchers: set[asyncio.Queue[dict[str, Any] | None]] = set()
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self._server: asyncio.AbstractServer | None = None
@@ -82,8 +84,14 @@ class Forwarder:
 
     def _publish(self, record: dict[str, Any]) -> None:
         self.recent.append(record)
-        for queue in self._watchers:
-            queue.put_nowait(record)
+        for queue in list(self._watchers):
+            try:
+                queue.put_nowait(record)
+            except asyncio.QueueFull:  # a watcher that does not read: it is let go
+                self._watchers.discard(queue)
+                while not queue.empty():
+                    queue.get_nowait()
+                queue.put_nowait(None)
 
     # ----- control connections -----
 
@@ -118,16 +126,23 @@ class Forwarder:
         if isinstance(request, Status):
             return {"ok": True, "disks": [d.status() for d in self.disks.values()]}
         if isinstance(request, Detach):
-            disk = self.disks.pop((request.disk, request.generation), None)
+            key = (request.disk, request.generation)
+            if key in self._attaching:  # it is torn down as soon as its attach ends
+                self._detach_pending.add(key)
+                return {"ok": True, "detached": True}
+            disk = self.disks.pop(key, None)
             if disk is None:
                 return {"ok": True, "detached": False}
-            await disk.detach()
-            log.info(event("forwarder.disk.detached", disk=request.disk,
-                           generation=request.generation))  # fmt: skip
-            self._publish({"event": "disk.detached", "disk": request.disk,
-                           "generation": request.generation})  # fmt: skip
+            await self._detach(disk)
             return {"ok": True, "detached": True}
         return await self._attach(request)
+
+    async def _detach(self, disk: ForwardedDisk) -> None:
+        await disk.detach()
+        spec = disk.spec
+        log.info(event("forwarder.disk.detached", disk=spec.disk, generation=spec.generation))
+        self._publish({"event": "disk.detached", "disk": spec.disk,
+                       "generation": spec.generation})  # fmt: skip
 
     async def _attach(self, request: Attach) -> dict[str, Any]:
         spec = request.spec
@@ -148,10 +163,12 @@ class Forwarder:
         pending = self._attaching.get(key)
         if pending is not None:  # the same attach asked twice at once: one connects
             try:
-                disk = await asyncio.shield(pending)
+                attached = await asyncio.shield(pending)
             except AttachError as exc:
                 return _attach_error(exc)
-            return {"ok": True, "disk": disk.status()}
+            except Exception as exc:
+                return _failed(spec.disk, exc)
+            return {"ok": True, "disk": attached.status()}
         socket_path = self.run_dir / f"{spec.disk}.g{spec.generation}.nbd"
         if len(str(socket_path)) > SOCKET_PATH_MAX:
             return {
@@ -161,23 +178,36 @@ class Forwarder:
             }
         future: asyncio.Future[ForwardedDisk] = asyncio.get_running_loop().create_future()
         self._attaching[key] = future
-        disk = ForwardedDisk(spec, socket_path, self._publish)
+        disk: ForwardedDisk | None = None
         try:
+            disk = ForwardedDisk(spec, socket_path, self._publish)
             await disk.attach()
-        except AttachError as exc:
-            await disk.detach()
+        except Exception as exc:
+            if disk is not None:
+                await disk.detach()
             future.set_exception(exc)
             future.exception()  # retrieved: nobody else may wait for it
             log.warning(event("forwarder.attach.failed", disk=spec.disk,
                               generation=spec.generation, reason=str(exc)))  # fmt: skip
-            return _attach_error(exc)
+            return _attach_error(exc) if isinstance(exc, AttachError) else _failed(spec.disk, exc)
         except BaseException:
-            await disk.detach()
-            future.cancel()
+            if disk is not None:
+                await disk.detach()
+            future.set_exception(AttachError(f"disk {spec.disk}: attach cancelled",
+                                             fenced=False))  # fmt: skip
+            future.exception()
             raise
         finally:
             self._attaching.pop(key, None)
         future.set_result(disk)
+        if key in self._detach_pending:  # detached while it was attaching
+            self._detach_pending.discard(key)
+            await disk.detach()
+            return {
+                "ok": False,
+                "kind": "invalid",
+                "error": f"disk {spec.disk}: detached while it was being attached",
+            }
         self.disks[key] = disk
         log.info(event("forwarder.disk.attached", disk=spec.disk, generation=spec.generation,
                        export=spec.export, socket=socket_path))  # fmt: skip
@@ -186,7 +216,7 @@ class Forwarder:
         return {"ok": True, "disk": disk.status()}
 
     async def _watch(self, writer: asyncio.StreamWriter) -> None:
-        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=WATCH_QUEUE)
         self._watchers.add(queue)
         try:
             writer.write(encode({"ok": True, "disks": [d.status() for d in self.disks.values()]}))
@@ -196,6 +226,10 @@ class Forwarder:
                 await writer.drain()
         finally:
             self._watchers.discard(queue)
+
+
+def _failed(disk: str, exc: BaseException) -> dict[str, Any]:
+    return {"ok": False, "kind": "error", "error": f"disk {disk}: attach failed: {exc}"}
 
 
 def _attach_error(exc: AttachError) -> dict[str, Any]:

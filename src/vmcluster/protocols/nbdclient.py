@@ -145,6 +145,7 @@ class _InFlight:
     error: int = 0
     message: str = ""
     extents: dict[int, list[tuple[int, int]]] | None = None
+    covered: int = 0  # READ: bytes the data and hole chunks have covered so far
 
 
 class ClientConnection:
@@ -589,6 +590,9 @@ class ClientConnection:
             del self._inflight[cookie]
             data = b""
             if pending.command is Cmd.READ and not pending.error:
+                if pending.covered != pending.length:  # short, or chunks that overlap
+                    raise RemoteProtocolError(f"NBD read reply covers {pending.covered} of "
+                                              f"{pending.length} bytes")  # fmt: skip
                 data = bytes(pending.data) if pending.data is not None else bytes(pending.length)
             complete = set(pending.extents or {}) == set(self.contexts)
             if pending.command is Cmd.BLOCK_STATUS and not pending.error and not complete:
@@ -645,6 +649,7 @@ class ClientConnection:
                start: int) -> None:  # fmt: skip
         if offset < pending.offset or offset + size > pending.offset + pending.length:
             raise RemoteProtocolError("NBD read chunk outside the request")
+        pending.covered += size
         if (payload is not None and size == pending.length and start == 8 and
                 pending.data is None):  # fmt: skip
             pending.data = memoryview(payload)[8:].tobytes()  # the common case: one chunk
