@@ -104,33 +104,37 @@ def test_up_status_down_leaves_nothing(home: DataDir) -> None:
     assert up.code == 0, up.err
     assert f"lab {name} is up" in up.out
     the_lab = Lab(home, name)
-    pids = _tracked_pids(the_lab)
-    assert len(pids) == 13  # 3 etcd members, 2 arrays (daemon, service), 3 forwarders, 3 agents
+    try:
+        pids = _tracked_pids(the_lab)
+        assert len(pids) == 13  # 3 etcd members, 2 arrays (daemon, service), 3 forwarders, 3 agents
 
-    status = run_cli("lab", "status", "-o", "json").json()  # the current lab, no --name
-    assert isinstance(status, dict)
-    assert status["name"] == name
-    assert status["status"] == "up"
-    hosts = {h["name"]: h for h in status["hosts"]}
-    assert set(hosts) == {"n1", "n2", "n3", "a1", "a2", "client"}
-    assert hosts["n2"]["addresses"] == {"cluster1": "10.77.1.12", "cluster2": "10.77.2.12",
-                                        "storage-a": "10.77.11.12", "storage-b": "10.77.12.12",
-                                        "vm": None}  # fmt: skip
-    assert all(state == "up" for h in hosts.values() for state in h["links"].values())
-    assert all(p["alive"] for p in status["processes"])
-    assert status["faults"] == []
-    assert sorted(netns.namespaces_with_prefix(f"vmc-{name}-")) == sorted(
-        f"vmc-{name}-{h}" for h in ["switch", "n1", "n2", "n3", "a1", "a2", "client"]
-    )
+        status = run_cli("lab", "status", "-o", "json").json()  # the current lab, no --name
+        assert isinstance(status, dict)
+        assert status["name"] == name
+        assert status["status"] == "up"
+        hosts = {h["name"]: h for h in status["hosts"]}
+        assert set(hosts) == {"n1", "n2", "n3", "a1", "a2", "client"}
+        assert hosts["n2"]["addresses"] == {"cluster1": "10.77.1.12", "cluster2": "10.77.2.12",
+                                            "storage-a": "10.77.11.12", "storage-b": "10.77.12.12",
+                                            "vm": None}  # fmt: skip
+        assert all(state == "up" for h in hosts.values() for state in h["links"].values())
+        assert all(p["alive"] for p in status["processes"])
+        assert status["faults"] == []
+        assert sorted(netns.namespaces_with_prefix(f"vmc-{name}-")) == sorted(
+            f"vmc-{name}-{h}" for h in ["switch", "n1", "n2", "n3", "a1", "a2", "client"]
+        )
 
-    down = run_cli("lab", "down")
-    assert down.code == 0, down.err
-    assert "13 processes stopped, 7 namespaces deleted" in down.out
-    _assert_gone(name, pids)
-    assert not the_lab.dir.exists()
-    again = run_cli("lab", "down", "--name", name)
-    assert again.code == 0
-    assert "nothing to remove" in again.out
+        down = run_cli("lab", "down")
+        assert down.code == 0, down.err
+        assert "13 processes stopped, 7 namespaces deleted" in down.out
+        _assert_gone(name, pids)
+        assert not the_lab.dir.exists()
+        again = run_cli("lab", "down", "--name", name)
+        assert again.code == 0
+        assert "nothing to remove" in again.out
+    finally:  # a failed assertion must not leave the lab behind
+        if the_lab.dir.exists():
+            run_cli("lab", "down", "--name", name)
 
 
 def test_etcd_is_healthy_from_every_node_over_both_cluster_networks(lab: Lab) -> None:
