@@ -371,3 +371,48 @@ def test_a_restarted_agent_takes_its_name_back_at_once(tmp_path: Path) -> None:
             await asyncio.wait([task])
 
     run(scenario, tmp_path, size=1)
+
+
+def test_a_planned_restart_hands_the_node_over_and_the_next_run_takes_it_back(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM (prepare_restart, then stop): the node shows Restarting, not Isolated, while no
+    agent runs, well past the heartbeat threshold; its next run takes the node back and
+    revokes the restart lease."""
+
+    async def scenario(c: Cluster) -> None:
+        n1 = c.agents["n1"]
+        await c.until(lambda: c.states("n2") == {"n1": NodeState.UP, "n2": NodeState.UP,
+                                                   "n3": NodeState.UP})  # fmt: skip
+        assert await n1.prepare_restart()
+        alive = loads((await c.store.get(n1.keys.node("n1", "alive"))).value)  # type: ignore[union-attr]
+        restart_lease = alive["restarting"]["lease"]
+        assert restart_lease in c.store.leases()
+        await c.crash("n1")
+        # Its own lease is gone with its link report; the restart lease holds the node.
+        assert n1.quorum.lease_id not in c.store.leases()
+        await c.until(lambda: c.states("n2")["n1"] is NodeState.RESTARTING)
+        await asyncio.sleep(2.0)  # heartbeats lost for 10 thresholds: still Restarting
+        assert c.states("n2")["n1"] is NodeState.RESTARTING
+        again = _twin(c, tmp_path, "n1", Path(n1.config.data_dir))
+        task = asyncio.create_task(again.run())
+        try:
+            await c.until(lambda: again.has_quorum() and c.states("n2")["n1"] is NodeState.UP)
+            assert restart_lease not in c.store.leases()
+            alive = loads((await c.store.get(n1.keys.node("n1", "alive"))).value)  # type: ignore[union-attr]
+            assert "restarting" not in alive
+        finally:
+            task.cancel()
+            await asyncio.wait([task])
+
+    run(scenario, tmp_path)
+
+
+def test_without_quorum_there_is_no_hand_over(tmp_path: Path) -> None:
+    async def scenario(c: Cluster) -> None:
+        await c.until(c.agents["n1"].has_quorum)
+        c.doors["n1"].cut()
+        await c.until(lambda: not c.agents["n1"].has_quorum())
+        assert not await c.agents["n1"].prepare_restart()
+
+    run(scenario, tmp_path, size=1)

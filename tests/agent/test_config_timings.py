@@ -78,6 +78,7 @@ def test_the_defaults_are_todays_values() -> None:
     assert t.watchdog_check_s == 0.05  # watchdog.py CHECK_S
     assert t.kill_allowance_s == 0.1
     assert t.resiliency_period_s == 0
+    assert t.restart_grace_s == 30
 
 
 def test_the_defaults_satisfy_the_invariant_with_room() -> None:
@@ -400,3 +401,14 @@ def test_accepted_exactly_when_the_worst_case_is_safe(values: dict[str, float]) 
         event("accepted")
         assert worst_case_safe(values, slack=-1e-9)
         assert all(b.holds for b in timings.bounds())
+
+
+@pytest.mark.parametrize("grace", [-1, 1, 601, 2.5, True, "30"])
+def test_a_restart_grace_outside_its_range_is_refused_with_its_name(grace: object) -> None:
+    with pytest.raises(InvalidInput, match=r"timings\.restart_grace_s"):
+        Timings(restart_grace_s=grace)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("grace", [0, 2, 600])
+def test_a_restart_grace_of_0_or_2_to_600_is_accepted(grace: int) -> None:
+    assert Timings(restart_grace_s=grace).restart_grace_s == grace

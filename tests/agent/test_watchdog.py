@@ -1,6 +1,8 @@
 """The watchdog process: it kills the listed instances once the deadline passes, freezes them
 first with a resiliency period, and never touches a process whose identity does not match."""
 
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -137,3 +139,16 @@ def test_a_qemu_being_launched_is_found_by_its_pid_file_and_killed(
         for proc in (launched, other):
             kill_by_pid(proc.pid)
             proc.wait(timeout=10)
+
+
+def test_tighten_only_brings_the_deadline_forward_and_lists_the_instances(
+    tmp_path: Path,
+) -> None:
+    assert watchdog.tighten(tmp_path, 10.0) is None  # no state file: nothing to do
+    me = process.identify(os.getpid())
+    assert me is not None
+    watchdog.write_state(tmp_path, 100.0, [me])
+    assert watchdog.tighten(tmp_path, 50.0) == [me]
+    assert json.loads(watchdog.state_path(tmp_path).read_text())["deadline"] == 50.0
+    assert watchdog.tighten(tmp_path, 80.0) == [me]  # never later
+    assert json.loads(watchdog.state_path(tmp_path).read_text())["deadline"] == 50.0

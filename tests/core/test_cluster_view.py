@@ -240,3 +240,18 @@ def test_non_members_are_ignored() -> None:
     view = evaluate(facts(alive=[*N3, "n9"], reports_=extra))
     assert set(view.nodes) == set(N3)
     assert view.networks == ALL_UP_NETS
+
+
+def test_a_node_handed_over_for_a_restart_is_restarting_not_isolated() -> None:
+    """Its agent is away: its heartbeats are lost and its link report is gone, yet its VMs
+    stay in place (Restarting) while its restart lease lives; once that ends it is Down."""
+    cut = reports(["n2", "n3"])
+    restarting = ClusterFacts(members=N3, networks=NETWORKS, alive=frozenset(N3),
+                              restarting=frozenset({"n1"}), reports=cut, leader="n2",
+                              viewer="n2")  # fmt: skip
+    view = evaluate(restarting)
+    assert node_states(view) == {"n1": NodeState.RESTARTING, "n2": NodeState.UP,
+                                 "n3": NodeState.UP}  # fmt: skip
+    gone = ClusterFacts(members=N3, networks=NETWORKS, alive=frozenset({"n2", "n3"}),
+                        restarting=frozenset({"n1"}), reports=cut, leader="n2")  # fmt: skip
+    assert evaluate(gone).state_of("n1") is NodeState.DOWN

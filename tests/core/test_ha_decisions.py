@@ -242,6 +242,7 @@ def test_owner_isolated_does_nothing_without_failover_on_isolation() -> None:
         NodeState.PAUSED,
         NodeState.JOINING,
         NodeState.NO_QUORUM,
+        NodeState.RESTARTING,  # its agent is away for a planned restart: the VMs stay
         # QUARANTINED moves its VMs off (a move, not a failover): see the quarantine tests.
     ],
 )
@@ -1479,3 +1480,7 @@ def test_a_vm_no_node_can_reach_is_pending_with_the_reason() -> None:
 def test_nodes_that_have_not_reported_their_arrays_are_not_held_back() -> None:
     decision = decide(three(), stopped("vm1", arrays=A1))  # arrays None: not reported yet
     assert bare(decision.actions) == [start("vm1", "n1", StartKind.START)]
+
+
+def test_a_crashed_qemu_on_a_restarting_node_waits_for_its_agent() -> None:
+    assert_no_change(decide(three(n1=NodeState.RESTARTING), crashed("vm1", "n1")))

@@ -256,3 +256,23 @@ def test_an_agent_crash_leaves_the_forwarder_and_the_written_data_alone(lab: Lab
     assert _tracked(lab, owner, "forwarder").pid == forwarder.pid
     _writes_on(lab, second, 3)
     _check_probe(lab)
+
+
+def test_a_planned_agent_restart_keeps_the_vm_writing_at_its_generation(lab: Lab) -> None:
+    """The agent of the VM's node stopped as systemd restarts it (SIGTERM) and started again:
+    it hands the node over (Restarting, not Isolated, while it is away), so the VM is neither
+    fenced nor moved; its writes go on through the forwarder throughout, at one generation,
+    with no ACK lost."""
+    vm = _start_probe("mp4")
+    owner = vm["owner"]
+    _writes_on(lab, vm, 3)
+    done = _cli("lab", "fault", "agent-restart", owner, "--name", lab.name)
+    assert "stopped (SIGTERM)" in done.out, done.out
+    _until(lambda: [e for e in _events("node.restarted") if e["subject"] == owner],
+           what=f"{owner}'s agent back and the node taken over")  # fmt: skip
+    _writes_on(lab, vm, 5)
+    after = _vm("mp4")
+    assert (after["owner"], after["generation"], after["state"]) == \
+        (owner, vm["generation"], "running")  # fmt: skip
+    assert not [e for e in _events("vm.") if "mp4" in e["subject"] and "fail" in e["kind"]]
+    _check_probe(lab)

@@ -60,6 +60,7 @@ EFFECTS = {
     "crash": "qemu vm1 g1 ended: the host crashed",
     "hang": "qemu vm1 g1 ended: killed by the watchdog",
     "agent-restart": "agent started (incarnation 2)",
+    "planned-restart": "agent.took_over node=",
     "isolate": "-> isolated",
     "storage-cut": "vm.instance.lost-disk vm=vm1 generation=1",
     "link": "link.down",
@@ -90,8 +91,35 @@ def test_each_fault_kind_happens_takes_effect_and_the_cluster_comes_through(kind
         assert any(f"-> {owner}" in line and "vm1" in line for line in result.timeline)
     if kind == "admin-drain":
         assert any("admin: resume" in line for line in result.timeline)
-    if kind in ("link", "clock-step", "etcd-election"):
+    if kind in ("link", "clock-step", "etcd-election", "planned-restart"):
         assert generation == 1, "a fault the cluster rides out moves nothing"
+
+
+@pytest.mark.parametrize("seed", [5, 6, 7])
+def test_a_planned_agent_restart_keeps_the_vms_in_place_where_a_killed_agent_loses_them(
+    seed: int,
+) -> None:
+    """The agent away for 3 s: stopped by SIGTERM it hands the node over (Restarting) and its
+    VMs run on untouched; killed, the node looks hung and its VMs are fenced and restarted."""
+    placements = {}
+    for kind in ("planned-restart", "agent-restart"):
+        options = SimOptions(duration_s=20.0, faults=False)
+
+        def plan(
+            world: SimWorld, injector: Injector, kind: str = kind, options: SimOptions = options
+        ) -> None:
+            world.schedule(options.warmup_s + 6.0, "test fault", lambda: injector.apply(
+                kind, world.hosts[_owner_of(world, "vm1")], 3.0))  # fmt: skip
+
+        result = simulate(seed, options, plan=plan)
+        text = "\n".join(result.timeline)
+        assert result.ok, (result.violations, text[-4000:])
+        placements[kind] = result.placements["vm1"]
+        if kind == "planned-restart":
+            assert "stopped for a restart (handed over)" in text, text[-4000:]
+            assert "agent.took_over" in text
+    assert placements["planned-restart"][1:] == (1, "running")
+    assert placements["agent-restart"][1] > 1
 
 
 def test_a_guest_paused_while_its_agent_was_away_is_not_adopted_as_running() -> None:

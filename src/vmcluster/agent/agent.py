@@ -108,8 +108,10 @@ class Agent:
             config=config, keys=self.keys, store=store, clock=clock,
             incarnation=self.incarnation, previous_incarnation=self.previous_incarnation,
             spec=self._spec(), emit_later=self.events.emit_later,
+            before_claim=self._before_claim,
         )  # fmt: skip
         self.quorum = self.lease.quorum
+        self._restart_until: float | None = None  # set once handed over for a restart
         driver = io.driver or (lambda name: array_driver(config.arrays, me, name))
         self.array_probe = ArrayProbe(node=me, arrays=config.arrays, driver=driver)
         self.membership = Membership(
@@ -199,7 +201,21 @@ class Agent:
         finally:
             await self.vms.close()
             self.membership.heartbeats.close()
+            if self._restart_until is not None:
+                await self.lease.after_hand_over(self._restart_until)
+                self.vms.watchdog.tell()  # the instances now last as long as the restart lease
             await self.store.close()
+
+    def _before_claim(self, valid_until: float) -> None:
+        self.vms.watchdog.tighten(valid_until)
+
+    async def prepare_restart(self) -> bool:
+        """On SIGTERM, before the parts stop: hand the node over to the agent's next run, so
+        that its VMs keep running in place meanwhile (``timings.restart_grace_s``). False: no
+        hand-over (no quorum, the store failed, or turned off); the agent stops as if it
+        crashed."""
+        self._restart_until = await self.lease.hand_over(self.config.timings.restart_grace_s)
+        return self._restart_until is not None
 
     # ----- what the node knows -----
 

@@ -196,6 +196,9 @@ class ClusterCache:
             paused=frozenset(
                 n for n, parts in nodes.items() if parts.get("admin", {}).get("paused")
             ),
+            restarting=frozenset(
+                n for n, parts in nodes.items() if parts.get("alive", {}).get("restarting")
+            ),
             reports=reports,
             leader=self.leader(),
         )

@@ -26,6 +26,8 @@ self_fence_check_s = 0.05                  # how often the agent looks at its le
 watchdog_check_s = 0.05                    # how often the watchdog looks at its deadline
 kill_allowance_s = 0.1                     # time allowed for SIGKILL (or SIGSTOP) to take effect
 resiliency_period_s = 0                    # > 0: freeze them instead, and kill them this much later
+restart_grace_s = 30                       # a planned agent restart (SIGTERM) keeps the node's VMs
+                                           # running and in place this long; 0: no hand-over
 
 Timings are validated against the timing invariant (``timing_bounds``, docs/operations.md): a
 setting that would let a VM outlive its node's lease is refused with the relation it breaks.
@@ -174,6 +176,9 @@ class Timings:
     watchdog_check_s: float = 0.05  # the watchdog's look at its deadline
     kill_allowance_s: float = 0.1  # for SIGKILL (or SIGSTOP) of every instance to take effect
     resiliency_period_s: float = 0.0
+    # A stopped agent (SIGTERM) hands the node over for a restart: its VMs stay in place this
+    # long (whole seconds: the TTL of its restart lease); 0: no hand-over.
+    restart_grace_s: int = 30
 
     def __post_init__(self) -> None:
         _seconds("heartbeat_interval_s", self.heartbeat_interval_s, 0.01, 10)
@@ -195,6 +200,11 @@ class Timings:
         _seconds("watchdog_check_s", self.watchdog_check_s, 0.005, 1)
         _seconds("kill_allowance_s", self.kill_allowance_s, 0.01, 10)
         _seconds("resiliency_period_s", self.resiliency_period_s, 0, 3600)
+        grace = self.restart_grace_s
+        if isinstance(grace, bool) or not isinstance(grace, int) or not (
+            grace == 0 or 2 <= grace <= 600
+        ):  # fmt: skip
+            raise InvalidInput("timings.restart_grace_s must be 0 (off) or 2 to 600 whole seconds")
         for bound in self.bounds():
             if not bound.holds:
                 raise InvalidInput(bound.message())

@@ -76,6 +76,17 @@ def lock_data_dir(data_dir: Path, node: str) -> int:
     return fd
 
 
+def _restart_lease(entry: Entry | None) -> int | None:
+    """The restart lease named by this node's alive record, if its last run handed over."""
+    if entry is None:
+        return None
+    try:
+        restarting = loads(entry.value).get("restarting")
+        return int(restarting["lease"]) if isinstance(restarting, dict) else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 @dataclass(slots=True)
 class QuorumState:
     has_quorum: bool = False
@@ -96,7 +107,11 @@ class Lease:
         previous_incarnation: int,
         spec: dict[str, Any],
         emit_later: Callable[[str, str, str], None],
+        before_claim: Callable[[float], None] = lambda valid_until: None,
     ) -> None:
+        """``before_claim(valid_until)``: called with a new lease's validity just before it
+        claims the node (the watchdog's deadline is brought forward to it)."""
+        self.before_claim = before_claim
         self.config = config
         self.keys = keys
         self.store = store
@@ -161,8 +176,10 @@ class Lease:
                     log.error(event("agent.name.held", node=self.node, incarnation=other))
                     await asyncio.sleep(min(0.5, ttl / 4))
                     continue  # never quorum while another agent holds this name
+                restart = _restart_lease(current)  # this node's last run handed over to us
                 sent = self.clock()
                 lease = await self.store.grant_lease(ttl)
+                self.before_claim(sent + ttl)
                 # The spec and the alive key appear together: a member is never seen half-joined.
                 alive = {"incarnation": self.incarnation, "since": time.time()}
                 claimed = await self.store.commit(Commit(
@@ -177,12 +194,71 @@ class Lease:
                 self.quorum.lease_id = lease
                 self.quorum.valid_until = sent + ttl
                 self._regained()
+                if restart is not None:
+                    await self._took_over(restart)
                 await self._keep(lease, ttl)
             except LeaseExpired as exc:  # the lease is gone in etcd: no quorum until a new one
                 self._gone(str(exc))
             except StoreError as exc:
                 self._maybe_lost(str(exc))
                 await asyncio.sleep(min(0.5, ttl / 4))
+
+    async def _took_over(self, restart: int) -> None:
+        """The node is this run's now: the restart lease its last run left is revoked."""
+        with contextlib.suppress(StoreError):
+            await self.store.revoke_lease(restart)
+        log.warning(event("agent.took_over", node=self.node, restart_lease=restart))
+        self.emit_later("node.restarted", self.node,
+                        "agent restarted; the node's VMs ran on meanwhile")  # fmt: skip
+
+    # ----- a planned restart -----
+
+    async def hand_over(self, grace_s: int) -> float | None:
+        """Hand the node over to the next run of its agent (a planned restart): its alive key
+        moves to a restart lease of ``grace_s`` seconds and says so, so the controller leaves
+        the node's VMs in place (node state Restarting) while no agent runs, until the next
+        run claims the node or the restart lease ends (then the node is Down and its VMs fail
+        over as usual). Returns the restart lease's validity (this clock), or None: no
+        hand-over (no quorum, the store failed, ``grace_s`` 0).
+
+        The caller stops every part, then calls :meth:`after_hand_over`."""
+        if grace_s <= 0 or not self.has_quorum():
+            return None
+        try:
+            current = await self.store.get(self._key)
+            if current is None or self._foreign(current) is not None:
+                return None
+            sent = self.clock()
+            restart = await self.store.grant_lease(grace_s)
+            alive = {
+                "incarnation": self.incarnation,
+                "since": time.time(),
+                "restarting": {"lease": restart, "until": time.time() + grace_s},
+            }
+            moved = await self.store.commit(Commit(
+                expect={self._key: current.mod_revision},
+                puts={self._key: Put(value=dumps(alive), lease=restart)},
+            ))  # fmt: skip
+            if not moved:
+                with contextlib.suppress(StoreError):
+                    await self.store.revoke_lease(restart)
+                return None
+        except StoreError as exc:
+            log.warning(event("agent.hand_over.failed", node=self.node, reason=str(exc)))
+            return None
+        log.warning(event("agent.handed_over", node=self.node, grace_s=grace_s,
+                          restart_lease=restart))  # fmt: skip
+        return sent + grace_s
+
+    async def after_hand_over(self, valid_until: float) -> None:
+        """Once every part has stopped: the node's own lease is revoked (its link report, path
+        states and leader key go with it) and the quorum's validity becomes the restart
+        lease's, for the watchdog's last deadline."""
+        old = self.quorum.lease_id
+        self.quorum.valid_until = valid_until
+        if old:
+            with contextlib.suppress(StoreError):
+                await self.store.revoke_lease(old)
 
     async def _keep(self, lease: int, ttl: int) -> None:
         while True:

@@ -76,11 +76,13 @@ class VmService:
             await asyncio.sleep(0.05)
         # A watchdog may have frozen them while no agent ran: those still ours are resumed
         # before they are asked over QMP (a frozen QEMU does not answer and would be killed).
-        owned = self.self_fence.owned()
-        await self.host.adopt(owned=lambda key: key in owned)
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.self_fence.run(), name="self-fence")
+            # The watchdog first: a previous run's instances stay covered while being adopted.
             tg.create_task(self.watchdog.run(), name="watchdog")
+            owned = self.self_fence.owned()
+            await self.host.adopt(owned=lambda key: key in owned)
+            self.watchdog.adopted()
+            tg.create_task(self.self_fence.run(), name="self-fence")
             tg.create_task(self.reconciler.run(), name="reconcile")
 
     async def close(self) -> None:

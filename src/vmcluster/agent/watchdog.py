@@ -82,6 +82,27 @@ def write_state(
     os.replace(tmp, path)
 
 
+def tighten(run_dir: Path, deadline: float) -> list[process.ProcessId] | None:
+    """Bring the state file's deadline forward to ``deadline`` (never later), and return the
+    instances it lists (None: no state file). A starting agent calls it before it claims its
+    node: whatever deadline an earlier run left (a restart lease's, say) then ends with the
+    new lease."""
+    data = _read(state_path(run_dir))
+    if data is None:
+        return None
+    try:
+        current = float(data.get("deadline", 0.0))
+    except (TypeError, ValueError):
+        current = float("inf")
+    if current > deadline:
+        data["deadline"] = deadline
+        path = state_path(run_dir)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+    return _instances(data)
+
+
 def running(run_dir: Path) -> process.ProcessId | None:
     """The live watchdog of ``run_dir``, if any."""
     try:

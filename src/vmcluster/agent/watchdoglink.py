@@ -25,6 +25,29 @@ class WatchdogLink:
         self.quorum = quorum
         self._told: tuple[float, frozenset[Any], frozenset[Any]] | None = None
         self._child: subprocess.Popen[bytes] | None = None
+        # A previous run's instances, kept covered until this run has adopted them.
+        self._inherited: frozenset[Any] = frozenset()
+        self._adopted = False
+
+    def tighten(self, valid_until: float) -> None:
+        """Before the lease claims the node (``valid_until``: the new lease's validity): the
+        watchdog's deadline is brought forward to this lease's, and the instances it lists
+        stay covered (renewed with the lease) until :meth:`adopted`."""
+        try:
+            listed = watchdog.tighten(
+                Path(self.config.vms.run_dir),
+                valid_until - self.config.timings.self_fence_margin_s / 2,
+            )
+        except OSError as exc:
+            log.warning(event("watchdog.update.failed", reason=str(exc)))
+            return
+        if not self._adopted and listed:
+            self._inherited = frozenset(listed)
+
+    def adopted(self) -> None:
+        """This run's host has adopted what runs here: its instances are the whole list."""
+        self._adopted = True
+        self._inherited = frozenset()
 
     async def run(self) -> None:
         """Keep the watchdog process told of the deadline and the instances (once VMs run)."""
@@ -45,7 +68,7 @@ class WatchdogLink:
         Called by the loop, and by a start just before it launches QEMU."""
         run_dir = Path(self.config.vms.run_dir)
         t = self.config.timings
-        instances = frozenset(i.proc for i in self.host.instances.values())
+        instances = frozenset(i.proc for i in self.host.instances.values()) | self._inherited
         launching = frozenset(self.host.launching.items())
         if not instances and not launching and self._told is None:
             return

@@ -28,8 +28,23 @@ def agent(config_path: Path) -> None:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
+        stopping: list[asyncio.Task[None]] = []
+
+        async def stop() -> None:
+            """A planned stop (systemctl restart, an upgrade): hand over, then stop."""
+            # Without a hand-over the node's VMs are looked after as after a crash.
+            with contextlib.suppress(TimeoutError, OSError):
+                await asyncio.wait_for(the_agent.prepare_restart(), timeout=5.0)
+            task.cancel()
+
+        def on_signal() -> None:
+            if stopping:  # a second signal: stop now
+                task.cancel()
+                return
+            stopping.append(loop.create_task(stop()))
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, on_signal)
         with contextlib.suppress(asyncio.CancelledError):
             await the_agent.run()
 

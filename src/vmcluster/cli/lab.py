@@ -291,6 +291,16 @@ def partition(name: str | None, groups: tuple[str, ...]) -> None:
                                list(groups[split + 1 :])))  # fmt: skip
 
 
+@fault.command("agent-restart")
+@name_option
+@click.option("--kill", "kill_it", is_flag=True,
+              help="SIGKILL (a crash of the agent alone) instead of SIGTERM.")  # fmt: skip
+@click.argument("host")
+def agent_restart(name: str | None, kill_it: bool, host: str) -> None:
+    """Restart HOST's agent: SIGTERM (a planned restart: its VMs stay), then start it again."""
+    _done(lab_faults.restart_agent(resolve_lab(data_dir(), name), host, kill_it=kill_it))
+
+
 @fault.command()
 @name_option
 @click.option("--role", default="agent", show_default=True, help="Which process to freeze.")

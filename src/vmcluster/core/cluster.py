@@ -4,7 +4,9 @@ Inputs (:class:`ClusterFacts`): the members, which of them hold a live lease (``
 are paused, and what each node reports about its links to the others. Output: a state per node
 and per network, as WSFC names them.
 
-- Node: Down (no live lease: authoritative), Paused (alive and paused by an admin), Joining
+- Node: Down (no live lease: authoritative), Restarting (alive, its agent handed over for a
+  planned restart: its VMs keep running and stay put until its restart lease ends), Paused
+  (alive and paused by an admin), Joining
   (alive, no link report yet), Isolated (alive but no link to any other alive node on any
   network), Up otherwise. NoQuorum is a node's own view of itself when it cannot reach a quorum
   of the cluster database (set by the agent, not computed here).
@@ -44,6 +46,7 @@ class NodeState(StrEnum):
     ISOLATED = "isolated"
     QUARANTINED = "quarantined"
     JOINING = "joining"
+    RESTARTING = "restarting"
     NO_QUORUM = "no-quorum"
 
 
@@ -60,6 +63,8 @@ class ClusterFacts:
     networks: tuple[str, ...]
     alive: frozenset[str]
     paused: frozenset[str] = frozenset()
+    # Alive nodes whose agent handed over for a planned restart (its VMs run on meanwhile).
+    restarting: frozenset[str] = frozenset()
     # node -> peer -> network -> link state, as each node last reported
     reports: Mapping[str, Mapping[str, Mapping[str, LinkState]]] = field(default_factory=dict)
     leader: str | None = None
@@ -114,8 +119,8 @@ def _only_counted(facts: ClusterFacts, counted: frozenset[str]) -> ClusterFacts:
         return facts
     reports = {n: r if n in counted else {} for n, r in facts.reports.items()}
     return ClusterFacts(members=facts.members, networks=facts.networks, alive=facts.alive,
-                        paused=facts.paused, reports=reports, leader=facts.leader,
-                        viewer=facts.viewer)  # fmt: skip
+                        paused=facts.paused, restarting=facts.restarting, reports=reports,
+                        leader=facts.leader, viewer=facts.viewer)  # fmt: skip
 
 
 def _linked(facts: ClusterFacts, a: str, b: str, network: str) -> bool:
@@ -178,6 +183,8 @@ def _largest_group(facts: ClusterFacts, reporting: list[str], network: str) -> f
 def _node_state(facts: ClusterFacts, name: str, others: list[str]) -> NodeState:
     if name not in facts.alive:
         return NodeState.DOWN
+    if name in facts.restarting:
+        return NodeState.RESTARTING
     if name in facts.paused:
         return NodeState.PAUSED
     if name not in facts.reports:

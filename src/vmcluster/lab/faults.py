@@ -8,6 +8,8 @@ shown by ``lab status``) until it is undone; ``heal`` undoes them all.
 - partition A / B: the switch drops IP traffic between A's and B's cluster-network addresses
   (nftables, bridge family); storage paths are untouched.
 - freeze / thaw HOST: SIGSTOP / SIGCONT a process of the host (its agent by default).
+- agent-restart HOST: stop the host's agent as systemd does (SIGTERM: a planned restart, the
+  node handed over; ``--kill``: SIGKILL, as a crash of the agent alone) and start it again.
 - slow HOST NET RATE: a token bucket (tbf) on both ends of the link.
 """
 
@@ -242,6 +244,39 @@ def thaw(lab: Lab, host_name: str, role: str) -> str:
             kill(tracked, signal.SIGCONT)
         _drop(lab, state, fault)
     return f"thawed {role} on {host.name}"
+
+
+AGENT_STOP_WAIT_S = 10.0  # a stopped agent gets this long to hand over and exit
+
+
+def restart_agent(lab: Lab, host_name: str, *, kill_it: bool = False) -> str:
+    """Stop the host's agent (SIGTERM, or SIGKILL with ``kill_it``) and start it again."""
+    with locked(lab.lock_path):
+        state, plan = _open(lab)
+        host = plan.host(host_name)
+        if _find(state, kind="crash", host=host.name):
+            raise InvalidState(
+                f"host {host.name} is crashed: 'lab fault restart {host.name}' first"
+            )
+        if _find(state, kind="freeze", host=host.name, role="agent"):
+            raise InvalidState(
+                f"agent on {host.name} is frozen: 'lab fault thaw {host.name}' first"
+            )
+        (tracked,) = _processes(state, host, "agent")
+        proc = tracked.proc
+        assert proc is not None
+        started = time.monotonic()
+        kill(tracked, signal.SIGKILL if kill_it else signal.SIGTERM)
+        if not process.wait_exit_blocking(proc, AGENT_STOP_WAIT_S):
+            kill(tracked, signal.SIGKILL)
+            process.wait_exit_blocking(proc, AGENT_STOP_WAIT_S)
+        stopped = time.monotonic() - started
+        again = spawn(forget(tracked))
+        state.replace_process(tracked, again)
+        state.save(lab.state_path)
+    how = "killed" if kill_it else "stopped (SIGTERM)"
+    return (f"agent on {host.name} {how} in {stopped:.2f} s and started again "
+            f"(pid {again.pid})")  # fmt: skip
 
 
 # ----- slow links -----

@@ -9,6 +9,7 @@ fault phase everything is healed.
 """
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -20,7 +21,7 @@ from vmcluster.sim.model import Host
 from vmcluster.sim.net import CLUSTER_NETWORKS, STORAGE_NETWORKS
 from vmcluster.sim.world import SimWorld
 
-NODE_FAULTS = ("crash", "hang", "agent-restart", "isolate", "storage-cut")
+NODE_FAULTS = ("crash", "hang", "agent-restart", "planned-restart", "isolate", "storage-cut")
 OTHER_FAULTS = ("link", "one-way", "array-down", "array-hang", "qemu-crash", "clock-step",
                 "lossy", "etcd-election", "admin-restart", "admin-drain")  # fmt: skip
 ADMIN_RETRIES = 40  # an admin operation is tried again every 0.5 s while no node can do it
@@ -129,6 +130,36 @@ class Injector:
                 self.world.start_agent(host)
 
         self.world.schedule(length, "agent back", back)
+        return None
+
+    def _planned_restart(self, host: Host, length: float) -> Callable[[], None] | None:
+        """SIGTERM to the agent: it hands the node over (Agent.prepare_restart), stops, and is
+        started again ``length`` s later."""
+        agent, loop, task = host.agent, host.loop, host.agent_task
+        if agent is None or loop is None or task is None or host.hung:
+            return None
+        length = min(length, 3.0)
+        world = self.world
+        world.note("sim", f"FAULT {host.name}'s agent stopped for a restart, back in "
+                          f"{length:.1f} s")  # fmt: skip
+
+        def back() -> None:
+            if host.alive and host.agent is None:
+                world.start_agent(host)
+
+        async def stop() -> None:
+            handed = await agent.prepare_restart()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            if host.agent is agent:
+                world.stop_agent(
+                    host,
+                    "stopped for a restart" + (" (handed over)" if handed else " (no hand-over)"),
+                )
+                world.schedule(length, "agent back", back)
+
+        loop.create_task(stop(), name=f"restart-{host.name}")
         return None
 
     def _isolate(self, host: Host, length: float) -> Callable[[], None] | None:

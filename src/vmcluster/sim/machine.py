@@ -194,8 +194,19 @@ class SimWatchdogLink(WatchdogLink):
             await asyncio.sleep(self.config.timings.self_fence_check_s)
             self.tell()
 
+    def tighten(self, valid_until: float) -> None:
+        dog = self.sim_host.watchdog
+        if dog.deadline is None:
+            return
+        dog.deadline = min(dog.deadline,
+                           valid_until - self.config.timings.self_fence_margin_s / 2)  # fmt: skip
+        if not self._adopted:
+            self._inherited = frozenset(dog.keys)
+        self.world.watchdog_told(self.sim_host)
+
     def tell(self) -> None:
         watched = frozenset(self.host.instances) | frozenset(self.host.launching)
+        watched |= self._inherited
         dog = self.sim_host.watchdog
         if not watched and dog.deadline is None:
             return

@@ -124,6 +124,7 @@ class Host:
     hung: bool = False
     agent: "Agent | None" = None
     loop: SimLoop | None = None
+    agent_task: Any = None  # the task that runs the agent in its loop
     store: LeaseHolder | None = None
     vm_host: Any = None  # the agent's SimHost
     guests: dict[tuple[str, int], Guest] = field(default_factory=dict)

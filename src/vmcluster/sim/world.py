@@ -240,7 +240,7 @@ class SimWorld:
             agent.vms.self_fence.run = _never  # type: ignore[method-assign]
             host.watchdog.enabled = False
         host.agent, host.loop, host.store = agent, loop, store
-        loop.create_task(self._run_agent(host, agent), name=f"agent-{host.name}")
+        host.agent_task = loop.create_task(self._run_agent(host, agent), name=f"agent-{host.name}")
         self.note(host.name, f"agent started (incarnation {host.incarnations})")
 
     def _vm_host(self, host: Host, **kwargs: Any) -> SimHost:
@@ -267,7 +267,7 @@ class SimWorld:
         """The agent's process is gone (its loop is never run again); its guests stay."""
         if host.loop is not None:
             self._graveyard.append(host.loop)
-        host.agent = host.loop = host.store = host.vm_host = None
+        host.agent = host.loop = host.store = host.vm_host = host.agent_task = None
         host.hung = False
         self.note(host.name, f"agent gone: {why}")
 
