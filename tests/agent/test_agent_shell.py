@@ -387,6 +387,9 @@ def test_a_planned_restart_hands_the_node_over_and_the_next_run_takes_it_back(
         assert await n1.prepare_restart()
         alive = loads((await c.store.get(n1.keys.node("n1", "alive"))).value)  # type: ignore[union-attr]
         restart_lease = alive["restarting"]["lease"]
+        events = await c.store.get_prefix(n1.keys.events_prefix)
+        kinds = [loads(e.value)["kind"] for e in events.entries]
+        assert "node.restarting" in kinds
         assert restart_lease in c.store.leases()
         await c.crash("n1")
         # Its own lease is gone with its link report; the restart lease holds the node.

@@ -270,6 +270,7 @@ def test_a_planned_agent_restart_keeps_the_vm_writing_at_its_generation(lab: Lab
     assert "stopped (SIGTERM)" in done.out, done.out
     _until(lambda: [e for e in _events("node.restarted") if e["subject"] == owner],
            what=f"{owner}'s agent back and the node taken over")  # fmt: skip
+    assert [e for e in _events("node.restarting") if e["subject"] == owner]
     _writes_on(lab, vm, 5)
     after = _vm("mp4")
     assert (after["owner"], after["generation"], after["state"]) == \

@@ -214,8 +214,14 @@ class Agent:
         that its VMs keep running in place meanwhile (``timings.restart_grace_s``). False: no
         hand-over (no quorum, the store failed, or turned off); the agent stops as if it
         crashed."""
-        self._restart_until = await self.lease.hand_over(self.config.timings.restart_grace_s)
-        return self._restart_until is not None
+        grace = self.config.timings.restart_grace_s
+        self._restart_until = await self.lease.hand_over(grace)
+        if self._restart_until is None:
+            return False
+        await self.events.emit("node.restarting", self.config.node,
+                               f"agent stopping for a restart; its VMs stay in place for up "
+                               f"to {grace} s")  # fmt: skip
+        return True
 
     # ----- what the node knows -----
 
