@@ -66,6 +66,7 @@ def test_every_non_up_state_is_covered() -> None:
         "isolated",
         "quarantined",
         "joining",
+        "restarting",
         "no-quorum",
     }
 

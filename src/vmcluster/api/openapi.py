@@ -6,6 +6,7 @@ at most 64 KiB, nested at most 16 deep, without unknown fields; anything else is
 
 from typing import Any
 
+from vmcluster.core.cluster import NodeState
 from vmcluster.core.model import MAX_DISKS, NAME_RE
 
 # The server's bounds (tests/api check that they agree): kept here as numbers so that the
@@ -20,9 +21,7 @@ _NODE = {
     "required": ["name", "state", "networks", "leader"],
     "properties": {
         "name": {"type": "string"},
-        "state": {
-            "enum": ["up", "down", "paused", "isolated", "quarantined", "joining", "no-quorum"]
-        },
+        "state": {"enum": [state.value for state in NodeState]},
         "networks": {
             "type": "object",
             "additionalProperties": {"enum": ["up", "partitioned", "down", "unknown"]},
