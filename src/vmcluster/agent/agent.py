@@ -41,6 +41,7 @@ from vmcluster.agent.heartbeats import HeartbeatIO
 from vmcluster.agent.hosting import VmHost
 from vmcluster.agent.lease import (
     Lease,
+    agent_id,
     lock_data_dir,
     next_incarnation,
     previous_incarnation,
@@ -108,10 +109,10 @@ class Agent:
             config=config, keys=self.keys, store=store, clock=clock,
             incarnation=self.incarnation, previous_incarnation=self.previous_incarnation,
             spec=self._spec(), emit_later=self.events.emit_later,
-            before_claim=self._before_claim,
+            before_claim=self._before_claim, handed_over=self._handed_over,
+            agent_id=agent_id(data_dir),
         )  # fmt: skip
         self.quorum = self.lease.quorum
-        self._restart_until: float | None = None  # set once handed over for a restart
         driver = io.driver or (lambda name: array_driver(config.arrays, me, name))
         self.array_probe = ArrayProbe(node=me, arrays=config.arrays, driver=driver)
         self.membership = Membership(
@@ -199,15 +200,20 @@ class Agent:
                     tg.create_task(self.paths.run(), name="paths")
                 self.ready.set()
         finally:
-            await self.vms.close()
-            self.membership.heartbeats.close()
-            if self._restart_until is not None:
-                await self.lease.after_hand_over(self._restart_until)
-                self.vms.watchdog.tell()  # the instances now last as long as the restart lease
-            await self.store.close()
+            try:
+                await self.vms.close()
+            finally:  # even if a second signal cut the close short
+                self.membership.heartbeats.close()
+                if self.quorum.handed_over_until is not None:
+                    self.vms.watchdog.tell()  # what runs here, until the restart lease ends
+                    await asyncio.shield(self.lease.after_hand_over())
+                await self.store.close()
 
     def _before_claim(self, valid_until: float) -> None:
         self.vms.watchdog.tighten(valid_until)
+
+    def _handed_over(self) -> None:
+        self.vms.watchdog.tell()  # at once: the VMs now last as long as the restart lease
 
     async def prepare_restart(self) -> bool:
         """On SIGTERM, before the parts stop: hand the node over to the agent's next run, so
@@ -215,9 +221,9 @@ class Agent:
         hand-over (no quorum, the store failed, or turned off); the agent stops as if it
         crashed."""
         grace = self.config.timings.restart_grace_s
-        self._restart_until = await self.lease.hand_over(grace)
-        if self._restart_until is None:
+        if await self.lease.hand_over(grace) is None:
             return False
+        await self.election.resign()  # a Restarting node does not lead
         await self.events.emit("node.restarting", self.config.node,
                                f"agent stopping for a restart; its VMs stay in place for up "
                                f"to {grace} s")  # fmt: skip

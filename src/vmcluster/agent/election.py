@@ -52,6 +52,18 @@ class Election:
     def is_leader(self) -> bool:
         return self.has_quorum() and self.cache.leader() == self.node
 
+    async def resign(self) -> None:
+        """Give the leader key up if this node holds it (a planned restart): another node
+        leads at once, not a lease TTL later."""
+        entry = self.cache.entries.get(self.keys.leader)
+        if entry is None or self.cache.leader() != self.node:
+            return
+        try:
+            if await self.store.delete_if(self.keys.leader, mod_revision=entry.mod_revision):
+                log.warning(event("leader.resigned", node=self.node))
+        except StoreError as exc:
+            log.info(event("election.resign.failed", reason=str(exc)))
+
     async def run(self) -> None:
         await self.cache.loaded.wait()
         while True:
@@ -75,6 +87,8 @@ class Election:
         """Only a node that sees itself Up (or paused, quarantined) takes the leader key: an
         isolated one would be deposed at once, and a joining one has not heard anyone yet.
         Nor one that reaches fewer arrays than another Up node (it could not fence them)."""
+        if self.quorum.handed_over_until is not None:
+            return False  # stopping for a restart
         view = self.view()
         mine = view.nodes.get(self.node)
         if mine is None or mine.state not in MAY_LEAD:

@@ -84,6 +84,9 @@ class VmHost:
         self.disks = DiskAttacher(node=node, settings=storage or StorageSettings(), arrays=arrays)
         self.instances: dict[tuple[str, int], LocalInstance] = {}
         self.launching: dict[tuple[str, int], Path] = {}  # (vm, generation) -> QEMU's pid file
+        # QEMU launched while its start was cancelled (the agent stopping): on record for the
+        # next start or run to take over, and covered by the watchdog meanwhile.
+        self.unwatched: dict[tuple[str, int], process.ProcessId] = {}
         self._accel: Accel | None = None
 
     # ----- files -----
@@ -184,7 +187,9 @@ class VmHost:
                 proc = await asyncio.shield(launching)
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):
-                    self._save(spec.name, generation, await launching, started_at)
+                    launched = await launching
+                    self.unwatched[key] = launched
+                    self._save(spec.name, generation, launched, started_at)
                 raise
             instance = await self._register(spec.name, generation, proc, started_at)
         finally:
@@ -213,8 +218,10 @@ class VmHost:
             process.send_signal(proc, signal.SIGKILL)
             await process.wait_exit(proc, KILL_WAIT_S)
             self._forget(instance)
+            self.unwatched.pop(instance.key, None)
             raise
         self.instances[instance.key] = instance
+        self.unwatched.pop(instance.key, None)  # watched as an instance from here on
         instance.session = session
         self._watch(instance, session)
         return instance
@@ -308,7 +315,7 @@ class VmHost:
     async def release_disks(self, vm: str, generation: int) -> None:
         """Detach (vm, generation)'s disks unless a QEMU of it runs or is being started here."""
         key = (vm, generation)
-        if key in self.instances or key in self.launching:
+        if key in self.instances or key in self.launching or key in self.unwatched:
             return
         await self.disks.release(vm, generation)
 

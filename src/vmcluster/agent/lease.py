@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,6 +63,29 @@ def next_incarnation(data_dir: Path) -> int:
     return current
 
 
+def agent_id(data_dir: Path) -> str:
+    """A random id of this node's agent on this host, kept in its data directory: the node's
+    alive record names it, so that every later run from this directory knows the record as
+    its own, whatever runs came between (one that started and stopped without claiming the
+    node, say). Empty if the directory cannot be written (then incarnations alone decide)."""
+    path = data_dir / "agent-id"
+    with contextlib.suppress(OSError):
+        return path.read_text().strip()
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(f"{secrets.token_hex(16)}\n")
+    except FileExistsError:
+        pass  # another run made it meanwhile: read theirs
+    except OSError as exc:
+        log.warning(event("agent.id.unsaved", path=str(path), error=str(exc)))
+        return ""
+    with contextlib.suppress(OSError):
+        return path.read_text().strip()
+    return ""
+
+
 def lock_data_dir(data_dir: Path, node: str) -> int:
     """Hold ``<data_dir>/agent.lock`` for the agent's life: one agent per data directory."""
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -93,6 +117,16 @@ class QuorumState:
     lease_id: int = 0
     valid_until: float = 0.0  # monotonic: the lease is surely alive before this
     lost_at: float | None = None  # wall clock
+    # Set once the node is handed over for a restart: the restart lease's validity (monotonic).
+    # From then on the node's VMs are covered by that lease, not by the agent's own.
+    handed_over_until: float | None = None
+
+    def covered_until(self) -> float:
+        """Until when this node's VMs may run: the own lease's validity, or once handed over
+        for a restart, the restart lease's (never both: the node's alive key is on one)."""
+        if self.handed_over_until is not None:
+            return self.handed_over_until
+        return self.valid_until
 
 
 class Lease:
@@ -108,10 +142,18 @@ class Lease:
         spec: dict[str, Any],
         emit_later: Callable[[str, str, str], None],
         before_claim: Callable[[float], None] = lambda valid_until: None,
+        handed_over: Callable[[], None] = lambda: None,
+        agent_id: str = "",
     ) -> None:
         """``before_claim(valid_until)``: called with a new lease's validity just before it
-        claims the node (the watchdog's deadline is brought forward to it)."""
+        claims the node (the watchdog's deadline is brought forward to it; an OSError stops
+        the claim). ``handed_over()``: called as soon as the node is known handed over for a
+        restart (the watchdog is told the restart lease's end). ``agent_id``: this node's
+        agent on this host (:func:`agent_id`)."""
         self.before_claim = before_claim
+        self.handed_over = handed_over
+        self.agent_id = agent_id
+        self._stopping = False  # handing over or handed over: never claim the node again
         self.config = config
         self.keys = keys
         self.store = store
@@ -134,11 +176,14 @@ class Lease:
         if entry is None:
             return None
         try:
-            incarnation = loads(entry.value).get("incarnation")
-        except ValueError:
+            record = loads(entry.value)
+            incarnation = record.get("incarnation")
+        except (ValueError, AttributeError):
             return None  # not an agent's record: taken over
         if incarnation in (self.incarnation, self.previous_incarnation):
             return None  # this agent, or its own earlier run on this host (restarted)
+        if self.agent_id and record.get("agent_id") == self.agent_id:
+            return None  # an earlier run from this data directory (runs came between)
         return incarnation if isinstance(incarnation, int) else -1
 
     async def claim_name(self) -> None:
@@ -171,6 +216,7 @@ class Lease:
         ttl = self.config.timings.lease_ttl_s
         while True:
             try:
+                await self._unless_stopping()
                 current = await self.store.get(self._key)
                 if (other := self._foreign(current)) is not None:
                     log.error(event("agent.name.held", node=self.node, incarnation=other))
@@ -179,9 +225,19 @@ class Lease:
                 restart = _restart_lease(current)  # this node's last run handed over to us
                 sent = self.clock()
                 lease = await self.store.grant_lease(ttl)
-                self.before_claim(sent + ttl)
+                try:
+                    await self._unless_stopping()
+                    self.before_claim(sent + ttl)
+                except BaseException as exc:
+                    with contextlib.suppress(StoreError):
+                        await asyncio.shield(self.store.revoke_lease(lease))
+                    if isinstance(exc, OSError):  # the watchdog could not be told: no claim
+                        log.error(event("agent.claim.deferred", node=self.node, reason=str(exc)))
+                        await asyncio.sleep(min(0.5, ttl / 4))
+                        continue
+                    raise
                 # The spec and the alive key appear together: a member is never seen half-joined.
-                alive = {"incarnation": self.incarnation, "since": time.time()}
+                alive = self._record()
                 claimed = await self.store.commit(Commit(
                     expect={self._key: current.mod_revision if current else 0},
                     puts={self.keys.node(self.node, "spec"): Put(value=dumps(self.spec)),
@@ -221,44 +277,91 @@ class Lease:
         over as usual). Returns the restart lease's validity (this clock), or None: no
         hand-over (no quorum, the store failed, ``grace_s`` 0).
 
-        The caller stops every part, then calls :meth:`after_hand_over`."""
+        The agent stops after this, whatever it returns: from here on this run never claims
+        the node again (were its own lease to end meanwhile, a claim would take the node from
+        the restart lease). Once the move is known to have happened, ``handed_over()`` is
+        called at once: the VMs are covered by the restart lease from then on. A commit whose
+        answer is lost is looked up; if that fails too, or this call is cancelled, the restart
+        lease is revoked, so that the node is never left Restarting while its VMs die at the
+        old deadline. The caller stops every part, then calls :meth:`after_hand_over`."""
         if grace_s <= 0 or not self.has_quorum():
             return None
+        self._stopping = True
+        restart = 0
         try:
             current = await self.store.get(self._key)
             if current is None or self._foreign(current) is not None:
                 return None
             sent = self.clock()
             restart = await self.store.grant_lease(grace_s)
-            alive = {
-                "incarnation": self.incarnation,
-                "since": time.time(),
-                "restarting": {"lease": restart, "until": time.time() + grace_s},
-            }
-            moved = await self.store.commit(Commit(
-                expect={self._key: current.mod_revision},
-                puts={self._key: Put(value=dumps(alive), lease=restart)},
-            ))  # fmt: skip
-            if not moved:
-                with contextlib.suppress(StoreError):
-                    await self.store.revoke_lease(restart)
-                return None
+            alive = self._record(restarting={"lease": restart, "until": time.time() + grace_s})
+            try:
+                moved = await self.store.commit(Commit(
+                    expect={self._key: current.mod_revision},
+                    puts={self._key: Put(value=dumps(alive), lease=restart)},
+                ))  # fmt: skip
+            except StoreError as exc:
+                moved = await self._on_restart_lease(restart)  # applied, its answer lost?
+                if not moved:
+                    raise
+                log.warning(event("agent.hand_over.confirmed", node=self.node, reason=str(exc)))
         except StoreError as exc:
             log.warning(event("agent.hand_over.failed", node=self.node, reason=str(exc)))
+            moved = False
+        except asyncio.CancelledError:
+            if restart:
+                await self._undo_hand_over(restart)
+            raise
+        if not moved:
+            if restart:
+                await self._undo_hand_over(restart)
             return None
+        until = sent + grace_s
+        self.quorum.handed_over_until = until
+        self.handed_over()
         log.warning(event("agent.handed_over", node=self.node, grace_s=grace_s,
                           restart_lease=restart))  # fmt: skip
-        return sent + grace_s
+        return until
 
-    async def after_hand_over(self, valid_until: float) -> None:
+    async def _on_restart_lease(self, restart: int) -> bool:
+        """Whether the node's alive key is on ``restart`` (False: it is not, or unknown)."""
+        try:
+            entry = await self.store.get(self._key)
+        except StoreError:
+            return False
+        return entry is not None and entry.lease == restart
+
+    async def _undo_hand_over(self, restart: int) -> None:
+        """Revoke a restart lease that may hold the node's alive key: the node is then Down
+        (its VMs fail over, fenced, as after a crash) rather than Restarting while its VMs
+        die. Not interrupted by a cancellation; a store that fails leaves it to the lease."""
+        try:
+            await asyncio.shield(self.store.revoke_lease(restart))
+        except StoreError as exc:
+            log.error(event("agent.hand_over.undo_failed", node=self.node, restart_lease=restart,
+                            reason=str(exc)))  # fmt: skip
+        else:
+            log.warning(event("agent.hand_over.undone", node=self.node, restart_lease=restart))
+
+    async def after_hand_over(self) -> None:
         """Once every part has stopped: the node's own lease is revoked (its link report, path
-        states and leader key go with it) and the quorum's validity becomes the restart
-        lease's, for the watchdog's last deadline."""
+        states and leader key go with it); the restart lease holds the node."""
         old = self.quorum.lease_id
-        self.quorum.valid_until = valid_until
         if old:
             with contextlib.suppress(StoreError):
                 await self.store.revoke_lease(old)
+
+    async def _unless_stopping(self) -> None:
+        """Wait here for good once the node is being handed over (the agent is stopping)."""
+        if self._stopping:
+            await asyncio.Future()
+
+    def _record(self, **extra: Any) -> dict[str, Any]:
+        """The node's alive record."""
+        record: dict[str, Any] = {"incarnation": self.incarnation, "since": time.time()}
+        if self.agent_id:
+            record["agent_id"] = self.agent_id
+        return record | extra
 
     async def _keep(self, lease: int, ttl: int) -> None:
         while True:

@@ -57,7 +57,7 @@ class SelfFenceLoop:
             instances = dict(self.host.instances)
             frozen = {k for k, i in instances.items() if self.host.is_frozen(i)}
             actions = fence.update(
-                now=self.clock(), valid_until=self.quorum.valid_until,
+                now=self.clock(), valid_until=self.quorum.covered_until(),
                 instances=frozenset(instances), frozen=frozen,
                 owned=self.owned() if frozen else frozenset(),
             )  # fmt: skip

@@ -48,8 +48,9 @@ class VmService:
         margin = config.timings.self_fence_margin_s
 
         def lease_ok() -> bool:
-            """The lease is known valid for at least the self-fence margin."""
-            return clock() < quorum.valid_until - margin
+            """The lease is known valid for at least the self-fence margin (and the node is
+            not being handed over for a restart: nothing is launched then)."""
+            return quorum.handed_over_until is None and clock() < quorum.valid_until - margin
 
         self.host = host(
             node=config.node, data_dir=Path(config.data_dir), settings=config.vms,

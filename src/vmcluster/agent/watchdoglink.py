@@ -38,9 +38,9 @@ class WatchdogLink:
                 Path(self.config.vms.run_dir),
                 valid_until - self.config.timings.self_fence_margin_s / 2,
             )
-        except OSError as exc:
+        except OSError as exc:  # an earlier run's longer deadline may stand: no claim yet
             log.warning(event("watchdog.update.failed", reason=str(exc)))
-            return
+            raise
         if not self._adopted and listed:
             self._inherited = frozenset(listed)
 
@@ -59,8 +59,8 @@ class WatchdogLink:
 
     def deadline(self) -> float:
         """The watchdog is the backstop: its deadline is half a margin after the agent's own,
-        still before the lease can expire."""
-        return self.quorum.valid_until - self.config.timings.self_fence_margin_s / 2
+        still before the lease (or, handed over for a restart, the restart lease) can end."""
+        return self.quorum.covered_until() - self.config.timings.self_fence_margin_s / 2
 
     def tell(self) -> None:
         """Write the watchdog's state if it changed: the deadline, the instances, and the QEMU
@@ -69,6 +69,7 @@ class WatchdogLink:
         run_dir = Path(self.config.vms.run_dir)
         t = self.config.timings
         instances = frozenset(i.proc for i in self.host.instances.values()) | self._inherited
+        instances |= frozenset(self.host.unwatched.values())
         launching = frozenset(self.host.launching.items())
         if not instances and not launching and self._told is None:
             return

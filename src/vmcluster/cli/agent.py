@@ -12,6 +12,11 @@ from vmcluster.agent.config import Secrets, load_config
 from vmcluster.clusterstate.etcd import EtcdStore
 from vmcluster.logs import configure_agent_logging
 
+# How long a planned stop waits for the hand-over (a few store requests, each retried over the
+# etcd endpoints); cut short, the hand-over is undone and the node's VMs fail over as after a
+# crash. Well within systemd's stop timeout (90 s by default).
+HAND_OVER_TIMEOUT_S = 10.0
+
 
 @click.command()
 @click.option("--config", "config_path", required=True, type=click.Path(path_type=Path),
@@ -34,7 +39,7 @@ def agent(config_path: Path) -> None:
             """A planned stop (systemctl restart, an upgrade): hand over, then stop."""
             # Without a hand-over the node's VMs are looked after as after a crash.
             with contextlib.suppress(TimeoutError, OSError):
-                await asyncio.wait_for(the_agent.prepare_restart(), timeout=5.0)
+                await asyncio.wait_for(the_agent.prepare_restart(), HAND_OVER_TIMEOUT_S)
             task.cancel()
 
         def on_signal() -> None:

@@ -24,6 +24,8 @@ from vmcluster.sim.world import SimWorld
 NODE_FAULTS = ("crash", "hang", "agent-restart", "planned-restart", "isolate", "storage-cut")
 OTHER_FAULTS = ("link", "one-way", "array-down", "array-hang", "qemu-crash", "clock-step",
                 "lossy", "etcd-election", "admin-restart", "admin-drain")  # fmt: skip
+# How a planned restart goes (sim fault planned-restart): mostly back in time.
+RESTART_VARIANTS = ("back", "back", "back", "late", "double", "cut")
 ADMIN_RETRIES = 40  # an admin operation is tried again every 0.5 s while no node can do it
 FAULT_KINDS = NODE_FAULTS + OTHER_FAULTS
 
@@ -34,6 +36,7 @@ class Injector:
     node_fault_until: float = 0.0
     stopped: set[str] = field(default_factory=set)  # VMs an admin stopped, started at the end
     drained: set[str] = field(default_factory=set)  # nodes drained, resumed at the end
+    restart_variant: str | None = None  # a test's pick of RESTART_VARIANTS (None: drawn)
 
     def plan(self) -> None:
         """Schedule the fault phase's faults, drawn from the seed."""
@@ -134,14 +137,25 @@ class Injector:
 
     def _planned_restart(self, host: Host, length: float) -> Callable[[], None] | None:
         """SIGTERM to the agent: it hands the node over (Agent.prepare_restart), stops, and is
-        started again ``length`` s later."""
+        started again. Drawn from the seed: back within 3 s (the usual case), back only after
+        the restart grace (the node must go Down and its VMs fail over, killed by the watchdog
+        first), a second SIGTERM while it stops, or the node cut from the cluster networks
+        (and so from etcd) as the hand-over runs (its answers lost, the hand-over undone)."""
         agent, loop, task = host.agent, host.loop, host.agent_task
         if agent is None or loop is None or task is None or host.hung:
             return None
-        length = min(length, 3.0)
-        world = self.world
-        world.note("sim", f"FAULT {host.name}'s agent stopped for a restart, back in "
-                          f"{length:.1f} s")  # fmt: skip
+        world, rng = self.world, self.world.rng
+        drawn = rng.choice(RESTART_VARIANTS)
+        variant = self.restart_variant or drawn
+        grace = world.options.timings.restart_grace_s
+        length = grace + rng.uniform(1.0, 3.0) if variant == "late" else min(length, 3.0)
+        self.node_fault_until = max(self.node_fault_until, world.now + length + 3.0)
+        world.note("sim", f"FAULT {host.name}'s agent stopped for a restart ({variant}), back "
+                          f"in {length:.1f} s")  # fmt: skip
+        if variant == "cut":
+            undo = self._isolate(host, length)
+            if undo is not None:
+                world.schedule(rng.uniform(0.2, 1.5), "heal cut", undo)
 
         def back() -> None:
             if host.alive and host.agent is None:
@@ -150,6 +164,9 @@ class Injector:
         async def stop() -> None:
             handed = await agent.prepare_restart()
             task.cancel()
+            if variant == "double":
+                await asyncio.sleep(0)  # the stop has begun: a second signal cuts it short
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             if host.agent is agent:

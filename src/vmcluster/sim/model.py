@@ -29,6 +29,9 @@ class LeaseHolder(Protocol):
     def holds_live_lease(self) -> bool: ...
 
 
+SIM_RESTART_GRACE_S = 8
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SimOptions:
     nodes: int = 3
@@ -41,7 +44,9 @@ class SimOptions:
     faults: bool = True
     planted: frozenset[str] = frozenset()  # test-only bugs: PLANTED_BUGS
     failed_ok: bool = False  # a VM the failover threshold gave up on counts as converged
-    timings: Timings = field(default_factory=Timings)
+    # The defaults, with a restart grace short enough for an agent that comes back too late
+    # (sim fault planned-restart) to be seen failing over within a run.
+    timings: Timings = field(default_factory=lambda: Timings(restart_grace_s=SIM_RESTART_GRACE_S))
 
     def __post_init__(self) -> None:
         unknown = sorted(self.planted - set(PLANTED_BUGS))
