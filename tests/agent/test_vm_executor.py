@@ -444,3 +444,41 @@ def test_a_done_job_is_not_decided_again_before_the_cache_has_its_placement(
         assert agent.executor.pending(fresh) == {}  # the cache has it: nothing held back
 
     run(tmp_path, monkeypatch, scenario)
+
+
+def test_a_failover_does_not_commit_once_the_old_owner_was_handed_over_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The old owner's watchdog hands its node over (its agent died) between the leader's
+    decision and its placement commit: the commit, which holds only while the old owner's
+    alive record is the one the decision saw, fails, and the VM stays where it runs (the
+    node is Restarting now; the fence alone cannot let the old instance write)."""
+
+    async def scenario(b: Bench) -> None:
+        lease = await b.store.grant_lease(30)
+        alive = b.keys.node("n2", "alive")
+        await b.store.put(alive, dumps({"incarnation": 1}), lease=lease)
+        await b.put(b.keys.vm(VM, "placement"), placed("n2", 3))
+        revision = await lead(b)
+
+        class HandedOverDuringTheFence(FakeArray):
+            async def fence(
+                self, lun: str, generation: int, *, request_id: str | None = None
+            ) -> str:
+                restart = await b.store.grant_lease(30)
+                record = {"incarnation": 1, "restarting": {"lease": restart, "until": 0}}
+                await b.store.put(alive, dumps(record), lease=restart)
+                return await super().fence(lun, generation, request_id=request_id)
+
+        def array(name: str) -> FakeArray:
+            return HandedOverDuringTheFence(name, b.store, b.keys, b.calls)
+
+        monkeypatch.setattr(b.agent.executor, "driver", array)
+        await b.control({**ALL_UP, "n2": NodeState.ISOLATED}, revision)
+        assert b.calls  # it did fence
+        placement = await b.placement()
+        assert placement is not None
+        assert (placement["owner"], placement["generation"]) == ("n2", 3)
+        assert [e["kind"] for e in await b.events()] == []
+
+    run(tmp_path, monkeypatch, scenario)

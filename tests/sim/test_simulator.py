@@ -96,18 +96,19 @@ def test_each_fault_kind_happens_takes_effect_and_the_cluster_comes_through(kind
         assert any(f"-> {owner}" in line and "vm1" in line for line in result.timeline)
     if kind == "admin-drain":
         assert any("admin: resume" in line for line in result.timeline)
-    if kind in ("link", "clock-step", "etcd-election", "planned-restart"):
+    if kind in ("link", "clock-step", "etcd-election", "planned-restart", "agent-restart"):
         assert generation == 1, "a fault the cluster rides out moves nothing"
 
 
 @pytest.mark.parametrize("seed", [5, 6, 7])
-def test_a_planned_agent_restart_keeps_the_vms_in_place_where_a_killed_agent_loses_them(
+def test_an_agent_restart_planned_or_killed_keeps_the_vms_in_place_where_a_hang_loses_them(
     seed: int,
 ) -> None:
-    """The agent away for 3 s: stopped by SIGTERM it hands the node over (Restarting) and its
-    VMs run on untouched; killed, the node looks hung and its VMs are fenced and restarted."""
+    """The agent away for 3 s: stopped by SIGTERM it hands the node over (Restarting); killed,
+    its watchdog hands it over; either way vm1 runs on at g1. Hung as long, the agent is still
+    there (nobody hands over), the node looks hung and vm1 is fenced and restarted."""
     placements = {}
-    for kind in ("planned-restart", "agent-restart"):
+    for kind in ("planned-restart", "agent-restart", "hang"):
         options = SimOptions(duration_s=20.0, faults=False)
 
         def plan(
@@ -123,9 +124,13 @@ def test_a_planned_agent_restart_keeps_the_vms_in_place_where_a_killed_agent_los
         placements[kind] = result.placements["vm1"]
         if kind == "planned-restart":
             assert "stopped for a restart (handed over)" in text, text[-4000:]
+        if kind == "agent-restart":
+            assert "watchdog.handed_over" in text, text[-4000:]
+        if kind != "hang":
             assert "agent.took_over" in text
     assert placements["planned-restart"][1:] == (1, "running")
-    assert placements["agent-restart"][1] > 1
+    assert placements["agent-restart"][1:] == (1, "running")
+    assert placements["hang"][1] > 1
 
 
 def test_an_agent_back_after_the_restart_grace_finds_its_vms_moved() -> None:

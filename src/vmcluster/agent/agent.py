@@ -128,7 +128,7 @@ class Agent:
                                  node_facts=self.records.node_facts)  # fmt: skip
         self.executor = VmExecutor(node=me, store=store, keys=self.keys, arrays=config.arrays,
                                    event_record=self.events.record, wall=self.wall,
-                                   driver=driver)  # fmt: skip
+                                   driver=driver, alive_revision=self._alive_revision)  # fmt: skip
         self.controller = ControllerLoop(
             node=me, keys=self.keys, store=store, cache=self.cache, records=self.records,
             executor=self.executor, events=self.events, has_quorum=self.has_quorum,
@@ -138,6 +138,7 @@ class Agent:
             config=config, keys=self.keys, store=store, cache=self.cache, records=self.records,
             quorum=self.quorum, clock=clock, has_quorum=self.has_quorum,
             emit_later=self.events.emit_later, host=io.host, watchdog=io.watchdog,
+            incarnation=self.incarnation,
         )  # fmt: skip
         self.context = NodeContext(
             config=config, secrets=secrets, keys=self.keys, store=store, cache=self.cache,
@@ -208,6 +209,10 @@ class Agent:
                     self.vms.watchdog.tell()  # what runs here, until the restart lease ends
                     await asyncio.shield(self.lease.after_hand_over())
                 await self.store.close()
+
+    def _alive_revision(self, node: str) -> int:
+        entry = self.cache.entries.get(self.keys.node(node, "alive"))
+        return 0 if entry is None else entry.mod_revision
 
     def _before_claim(self, valid_until: float) -> None:
         self.vms.watchdog.tighten(valid_until)

@@ -68,7 +68,11 @@ class VmExecutor:
         event_record: Callable[[str, str, str], tuple[str, bytes]],
         wall: Callable[[], float] = time.time,
         driver: Callable[[str], Fencer] | None = None,
+        alive_revision: Callable[[str], int] = lambda node: 0,
     ) -> None:
+        """``alive_revision(node)``: the mod revision of the node's alive record as the
+        decision saw it (0: absent); read when the jobs are submitted, in the decision's step."""
+        self.alive_revision = alive_revision
         self.node = node
         self.store = store
         self.keys = keys
@@ -108,8 +112,16 @@ class VmExecutor:
                 continue
             now = self.wall()
             record = applied(vm.record, action, now, settings)
-            task = asyncio.create_task(self._run(action, vm, record, now, leader_revision),
-                                       name=f"job-{action.vm}")  # fmt: skip
+            # The placement commit holds only while the current owner's alive record is the
+            # one decided on: had its watchdog handed the node over meanwhile (Restarting),
+            # the VM stays there rather than run twice.
+            owner = vm.record.owner
+            basis = {} if owner is None else {
+                self.keys.node(owner, "alive"): self.alive_revision(owner)}  # fmt: skip
+            task = asyncio.create_task(
+                self._run(action, vm, record, now, leader_revision, basis),
+                name=f"job-{action.vm}",
+            )  # fmt: skip
             self._jobs[action.vm] = _Job(task=task, record=record)
             task.add_done_callback(self._done)
 
@@ -135,8 +147,9 @@ class VmExecutor:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(
-        self, action: VmAction, vm: StoredVm, record: VmRecord, now: float, leader_revision: int
-    ) -> None:
+        self, action: VmAction, vm: StoredVm, record: VmRecord, now: float, leader_revision: int,
+        basis: Mapping[str, int],
+    ) -> None:  # fmt: skip
         generation = fence_generation(action)
         try:
             if generation is not None:
@@ -147,7 +160,8 @@ class VmExecutor:
         key = self.keys.vm(vm.name, "placement")
         event_key, event_value = self.event_record(event_kind(action), vm.name, describe(action))
         commit = Commit(
-            expect={self.keys.leader: leader_revision, key: vm.revisions.get("placement", 0)},
+            expect={self.keys.leader: leader_revision, key: vm.revisions.get("placement", 0),
+                    **basis},
             puts={key: Put(value=dumps(placement_to_json(record, at=now))),
                   event_key: Put(value=event_value)},
         )  # fmt: skip

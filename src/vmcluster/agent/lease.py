@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vmcluster.agent.config import AgentConfig
+from vmcluster.clusterstate.handover import restart_record
 from vmcluster.clusterstate.keys import Keys, dumps, loads
 from vmcluster.clusterstate.store import (
     Commit,
@@ -294,7 +295,9 @@ class Lease:
                 return None
             sent = self.clock()
             restart = await self.store.grant_lease(grace_s)
-            alive = self._record(restarting={"lease": restart, "until": time.time() + grace_s})
+            alive = restart_record(
+                self._record(), lease=restart, until=time.time() + grace_s, by="agent"
+            )
             try:
                 moved = await self.store.commit(Commit(
                     expect={self._key: current.mod_revision},
@@ -356,12 +359,12 @@ class Lease:
         if self._stopping:
             await asyncio.Future()
 
-    def _record(self, **extra: Any) -> dict[str, Any]:
+    def _record(self) -> dict[str, Any]:
         """The node's alive record."""
         record: dict[str, Any] = {"incarnation": self.incarnation, "since": time.time()}
         if self.agent_id:
             record["agent_id"] = self.agent_id
-        return record | extra
+        return record
 
     async def _keep(self, lease: int, ttl: int) -> None:
         while True:

@@ -40,9 +40,10 @@ class VmService:
         emit_later: Callable[[str, str, str], None],
         host: Callable[..., VmHost] = VmHost,
         watchdog: Callable[..., WatchdogLink] = WatchdogLink,
+        incarnation: int = 0,
     ) -> None:
         """``host`` and ``watchdog`` make this node's QEMU instances and its link to the
-        watchdog process (the simulator gives its own)."""
+        watchdog process (the simulator gives its own); ``incarnation``: the agent's."""
         self.cache = cache
         self.has_quorum = has_quorum
         margin = config.timings.self_fence_margin_s
@@ -56,7 +57,9 @@ class VmService:
             node=config.node, data_dir=Path(config.data_dir), settings=config.vms,
             arrays=dict(config.arrays), on_exit=self._exited, storage=config.storage,
         )  # fmt: skip
-        self.watchdog = watchdog(config=config, host=self.host, quorum=quorum)
+        self.watchdog = watchdog(
+            config=config, host=self.host, quorum=quorum, incarnation=incarnation
+        )
         self.reconciler = Reconciler(
             node=config.node, keys=keys, store=store, cache=cache, records=records,
             host=self.host, quorum=quorum, lease_ok=lease_ok, before_launch=self.watchdog.tell,

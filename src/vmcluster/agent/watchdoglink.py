@@ -13,17 +13,23 @@ from vmcluster.agent import watchdog
 from vmcluster.agent.config import AgentConfig
 from vmcluster.agent.hosting import VmHost
 from vmcluster.agent.lease import QuorumState
+from vmcluster.clusterstate.handover import DeadAgentTerms
+from vmcluster.clusterstate.keys import Keys
 from vmcluster.logs import event, get_logger
 
 log = get_logger(__name__)
 
 
 class WatchdogLink:
-    def __init__(self, *, config: AgentConfig, host: VmHost, quorum: QuorumState) -> None:
+    def __init__(
+        self, *, config: AgentConfig, host: VmHost, quorum: QuorumState, incarnation: int = 0
+    ) -> None:
+        """``incarnation``: the agent's (0: no hand-over by the watchdog if the agent dies)."""
         self.config = config
+        self.incarnation = incarnation
         self.host = host
         self.quorum = quorum
-        self._told: tuple[float, frozenset[Any], frozenset[Any]] | None = None
+        self._told: tuple[float, frozenset[Any], frozenset[Any], Any] | None = None
         self._child: subprocess.Popen[bytes] | None = None
         # A previous run's instances, kept covered until this run has adopted them.
         self._inherited: frozenset[Any] = frozenset()
@@ -57,6 +63,25 @@ class WatchdogLink:
                 self._child.poll()  # reap it if it died
             self.tell()
 
+    def terms(self) -> DeadAgentTerms | None:
+        """The terms on which the watchdog hands the node over if this agent dies: while the
+        node is this agent's (its lease, not handed over), restarts have a grace, and every
+        QEMU here is known by VM and generation (not while an earlier run's are adopted)."""
+        quorum, grace = self.quorum, self.config.timings.restart_grace_s
+        if grace <= 0 or not self.incarnation or not quorum.lease_id:
+            return None
+        if quorum.handed_over_until is not None:
+            return None
+        if self._inherited:
+            return None
+        keys = Keys(self.config.cluster)
+        running = set(self.host.instances) | set(self.host.launching) | set(self.host.unwatched)
+        return DeadAgentTerms(
+            node=self.config.node, alive_key=keys.node(self.config.node, "alive"),
+            lease=quorum.lease_id, incarnation=self.incarnation, grace_s=grace,
+            vms=tuple((keys.vm(vm, "placement"), vm, gen) for vm, gen in sorted(running)),
+        )  # fmt: skip
+
     def deadline(self) -> float:
         """The watchdog is the backstop: its deadline is half a margin after the agent's own,
         still before the lease (or, handed over for a restart, the restart lease) can end."""
@@ -73,14 +98,21 @@ class WatchdogLink:
         launching = frozenset(self.host.launching.items())
         if not instances and not launching and self._told is None:
             return
-        state = (self.deadline(), instances, launching)
+        terms = self.terms()
+        state = (self.deadline(), instances, launching, terms)
         if state == self._told:
             return
+        handover = None
+        if terms is not None:
+            handover = watchdog.handover_terms(terms, etcd=self.config.etcd,
+                                               timeout_s=t.store_timeout_s,
+                                               margin_s=t.self_fence_margin_s)  # fmt: skip
         try:
             watchdog.write_state(
                 run_dir, state[0], sorted(instances, key=lambda p: p.pid),
                 resiliency_s=t.resiliency_period_s, check_s=t.watchdog_check_s,
                 launching=[(str(path), vm, gen) for (vm, gen), path in sorted(launching)],
+                handover=handover,
             )  # fmt: skip
             self._told = state
             child = self._child

@@ -213,4 +213,5 @@ class SimWatchdogLink(WatchdogLink):
         dog.deadline = self.deadline()
         dog.resiliency_s = self.config.timings.resiliency_period_s
         dog.keys = watched
+        dog.terms = self.terms()
         self.world.watchdog_told(self.sim_host)

@@ -11,6 +11,7 @@ from vmcluster.agent.config import Timings
 from vmcluster.agent.watchdog import Verdict, verdict
 from vmcluster.arrays.driver import export_name
 from vmcluster.clusterstate.fake import FakeStore
+from vmcluster.clusterstate.handover import DeadAgentTerms
 from vmcluster.clusterstate.vmrecords import ClusteredVm
 from vmcluster.errors import InvalidState, NotFound
 from vmcluster.sim.loop import SimLoop
@@ -106,6 +107,8 @@ class Watchdog:
     keys: frozenset[Key] = frozenset()
     frozen: set[Key] = field(default_factory=set)
     enabled: bool = True
+    # The agent's terms for a hand-over if it dies (agent/watchdog.py HandOver).
+    terms: DeadAgentTerms | None = None
 
     def check(self, now: float) -> tuple[Verdict, frozenset[Key]]:
         if self.deadline is None or not self.keys or not self.enabled:
@@ -130,6 +133,7 @@ class Host:
     agent: "Agent | None" = None
     loop: SimLoop | None = None
     agent_task: Any = None  # the task that runs the agent in its loop
+    watchdog_loop: SimLoop | None = None  # the watchdog handing a dead agent's node over
     store: LeaseHolder | None = None
     vm_host: Any = None  # the agent's SimHost
     guests: dict[tuple[str, int], Guest] = field(default_factory=dict)

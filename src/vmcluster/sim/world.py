@@ -29,7 +29,9 @@ from vmcluster.agent.agent import Agent, AgentIO
 from vmcluster.agent.config import AgentConfig, ArrayAccess, Secrets, StorageSettings, VmSettings
 from vmcluster.agent.watchdog import Verdict
 from vmcluster.clusterstate.fake import FakeStore
+from vmcluster.clusterstate.handover import hand_over_dead_agent
 from vmcluster.clusterstate.keys import Keys
+from vmcluster.clusterstate.store import StoreError
 from vmcluster.clusterstate.vmrecords import ClusteredVm
 from vmcluster.errors import VmclusterError
 from vmcluster.service import ha as ha_service
@@ -270,6 +272,49 @@ class SimWorld:
         host.agent = host.loop = host.store = host.vm_host = host.agent_task = None
         host.hung = False
         self.note(host.name, f"agent gone: {why}")
+        dog = host.watchdog
+        if host.alive and dog.enabled and dog.terms is not None and dog.keys:
+            self.schedule(self.options.timings.watchdog_check_s, "watchdog: agent gone",
+                          partial(self._watchdog_hand_over, host))  # fmt: skip
+
+    def _watchdog_hand_over(self, host: Host) -> None:
+        """The host's watchdog finds its agent gone with its deadline ahead: it hands the node
+        over on the agent's terms (agent/watchdog.py HandOver, the same sequence), in a loop of
+        its own, and on success moves its deadline to the restart lease's end."""
+        dog, terms = host.watchdog, host.watchdog.terms
+        if (not host.alive or host.agent is not None or host.watchdog_loop is not None
+                or terms is None or dog.deadline is None):  # fmt: skip
+            return
+        seen = dog.deadline
+        if host.clock(self.now) >= seen:
+            return
+        t = self.options.timings
+        loop = SimLoop(partial(self._host_clock, host), f"{host.name}-watchdog")
+        store = NodeStore(self, host, self.db, t.store_timeout_s)
+
+        async def hand_over() -> None:
+            try:
+                sent, outcome = await hand_over_dead_agent(
+                    store, terms, clock=partial(self._host_clock, host),
+                    wall=partial(self._host_wall, host),
+                )  # fmt: skip
+            except StoreError as exc:
+                self.note(host.name, f"watchdog.handover.failed reason={exc}")
+                return
+            finally:
+                host.watchdog_loop = None
+                self._graveyard.append(loop)
+            if sent is None:
+                self.note(host.name, f'watchdog.handover.refused reason="{outcome}"')
+            elif dog.deadline != seen:
+                self.note(host.name, "watchdog.handover.overtaken")
+            else:
+                dog.deadline = sent + terms.grace_s - t.self_fence_margin_s / 2
+                self.note(host.name, f"watchdog.handed_over grace_s={terms.grace_s}")
+                self.watchdog_told(host)
+
+        host.watchdog_loop = loop
+        loop.create_task(hand_over(), name=f"handover-{host.name}")
 
     # ----- guests -----
 
@@ -460,14 +505,15 @@ class SimWorld:
             if expiry[0] != self.db.lease_changes:
                 expiry = (self.db.lease_changes, next_expiry(self.db))
             t_lease = expiry[1]
-            best, t_best = None, math.inf
+            best, best_loop, t_best = None, None, math.inf
             for host in self.hosts.values():
-                if host.loop is None or host.hung:
-                    continue
-                at = host.loop.next_at()
-                t = self.now if at == -math.inf else host.global_time(at)
-                if t < t_best:
-                    best, t_best = host, t
+                for loop in (None if host.hung else host.loop, host.watchdog_loop):
+                    if loop is None:
+                        continue
+                    at = loop.next_at()
+                    t = self.now if at == -math.inf else host.global_time(at)
+                    if t < t_best:
+                        best, best_loop, t_best = host, loop, t
             t = min(t_world, t_lease, t_best)
             if t > self.end:
                 break
@@ -481,10 +527,10 @@ class SimWorld:
                 self.dirty = True
             else:
                 assert best is not None
-                assert best.loop is not None
+                assert best_loop is not None
                 self.current = best
                 try:
-                    step(best.loop)
+                    step(best_loop)
                 finally:
                     self.current = None
             if self.dirty:
