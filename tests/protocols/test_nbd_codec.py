@@ -5,6 +5,8 @@ each other in memory, or one side is driven with bytes built by hand from the wi
 each test can say exactly what crossed the wire. Errno and reply choices follow doc/proto.md.
 """
 
+import itertools
+import tracemalloc
 from dataclasses import replace
 from typing import Any
 
@@ -1463,3 +1465,47 @@ def test_a_read_reply_that_does_not_cover_the_read_is_a_protocol_error() -> None
                                   cookie, 0)  # fmt: skip
     with pytest.raises(RemoteProtocolError, match="covers 4096 of 8192"):
         client.receive_data(data + done)
+
+
+# ----- payloads that come in parts -----------------------------------------------------------
+
+
+def _parts(raw: bytes, *cuts: int) -> list[bytes]:
+    edges = [0, *cuts, len(raw)]
+    return [raw[a:b] for a, b in itertools.pairwise(edges)]
+
+
+def test_a_write_that_comes_in_parts_reaches_the_caller_whole_with_the_next_request() -> None:
+    server = transmission_server()
+    payload = bytes(range(256)) * 1024  # 256 KiB
+    raw = request(Cmd.WRITE, 0, len(payload), cookie=1, data=payload) + request(Cmd.FLUSH, cookie=2)
+    events: list[ServerEvent] = []
+    for part in _parts(raw, 28, 30, 100_000, len(raw) - 20):  # header, then the payload in 3
+        events += server.receive_data(part)
+    assert events == [Request(1, Cmd.WRITE, 0, 0, len(payload), payload),
+                      Request(2, Cmd.FLUSH, 0, 0, 0)]  # fmt: skip
+
+
+def test_a_read_reply_that_comes_in_parts_gives_the_whole_data_then_the_next_reply() -> None:
+    client = with_requests()
+    first = client.request(Cmd.READ, 0, 256 * 1024)
+    second = client.request(Cmd.READ, 4096, 4096)
+    data = bytes(range(256)) * 1024
+    raw = data_chunk(first, 0, data) + data_chunk(second, 4096, data[:4096])
+    events: list[ClientEvent] = []
+    for part in _parts(raw, 10, 20, 28, 150_000, len(raw) - 4000):
+        events += client.receive_data(part)
+    assert events == [Reply(first, 0, data), Reply(second, 0, data[:4096])]
+    assert client.in_flight == 0
+
+
+def test_a_write_header_over_the_exports_maximum_holds_no_buffer_of_its_size() -> None:
+    # A header alone must not make the server hold the (refused) payload's size in memory.
+    server = transmission_server(STRICT)  # 64 KiB maximum payload
+    tracemalloc.start()
+    try:
+        assert server.receive_data(request(Cmd.WRITE, 0, MAX_PAYLOAD_BYTES) + bytes(1000)) == []
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < MIB

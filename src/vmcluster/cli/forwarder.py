@@ -31,7 +31,10 @@ def forwarder() -> None:
 )
 @click.option("--loop", type=click.Choice(["uvloop", "asyncio"]), default="uvloop",
               show_default=True, help="The event loop (uvloop: about twice as fast).")  # fmt: skip
-def serve(socket_path: Path, run_dir: Path, loop: str) -> None:
+@click.option("--malloc", type=click.Choice(["tuned", "default"]), default="tuned",
+              show_default=True,
+              help="glibc malloc's thresholds (tuned: freed buffers are reused).")  # fmt: skip
+def serve(socket_path: Path, run_dir: Path, loop: str, malloc: str) -> None:
     """Run the forwarder in the foreground until SIGTERM (its disks go with it)."""
     configure_agent_logging()
-    service.run(socket_path, run_dir, loop=loop)
+    service.run(socket_path, run_dir, loop=loop, malloc=malloc)

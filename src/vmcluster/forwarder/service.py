@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vmcluster.core.multipath import DiskState
+from vmcluster.forwarder import heap
 from vmcluster.forwarder.control import (
     MAX_LINE_BYTES,
     Attach,
@@ -236,9 +237,12 @@ def _attach_error(exc: AttachError) -> dict[str, Any]:
     return {"ok": False, "kind": "fenced" if exc.fenced else "unreachable", "error": str(exc)}
 
 
-def run(socket_path: Path, run_dir: Path, *, loop: str = "uvloop") -> None:
+def run(socket_path: Path, run_dir: Path, *, loop: str = "uvloop", malloc: str = "tuned") -> None:
     """``loop``: ``uvloop`` (libuv's loop: about twice the requests per second of asyncio's
-    own, bench/blockio.py) or ``asyncio``."""
+    own, bench/blockio.py) or ``asyncio``. ``malloc``: ``tuned`` (freed buffers are reused,
+    :mod:`vmcluster.forwarder.heap`) or ``default`` (glibc's own thresholds)."""
+    if malloc == "tuned":
+        heap.keep_freed_memory()
     server = Forwarder(socket_path=socket_path, run_dir=run_dir)
     if loop == "uvloop":
         import uvloop

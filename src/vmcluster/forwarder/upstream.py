@@ -1,14 +1,18 @@
 """One NBD connection from the forwarder to an array's export over one storage path.
 
 An asyncio protocol around the sans-IO client codec. TCP_NODELAY is set, every request goes out
-in one write (header and payload together), and TCP_QUICKACK is set again after every receive,
-so that no request or reply waits for a delayed ACK (docs/nbd-tcp-stall.md). :meth:`abort`
-drops the connection with a reset (SO_LINGER 0): what was queued but not sent is discarded,
-not delivered late after the path comes back.
+in one write (header and payload together), and TCP_QUICKACK is set again after a receive that
+leaves requests in flight, so that no request or reply waits for a delayed ACK
+(docs/nbd-tcp-stall.md). With nothing left in flight the array holds no reply back, and the next
+request carries the ACK: no system call is spent. :meth:`abort` drops the connection with a
+reset (SO_LINGER 0): what was queued but not sent is discarded, not delivered late after the
+path comes back.
 """
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import socket
 import struct
 from collections.abc import Callable
@@ -19,6 +23,27 @@ from vmcluster.protocols.nbdclient import ClientConnection, Negotiated, Reply
 from vmcluster.protocols.nbdwire import BASE_ALLOCATION, Cmd, NbdError, OptionRefused, Rep
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def _libc_setsockopt() -> Callable[[int], None] | None:
+    """setsockopt(fd, TCP_QUICKACK, 1) straight on the descriptor: uvloop's transport socket
+    makes a socket object (and a getsockname call) for every setsockopt, several µs a reply."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        call = libc.setsockopt
+    except (OSError, AttributeError):
+        return None
+    one = ctypes.c_int(1)
+    size = ctypes.sizeof(one)
+    level, name = socket.IPPROTO_TCP, socket.TCP_QUICKACK
+
+    def quickack(fd: int) -> None:
+        call(fd, level, name, ctypes.byref(one), size)  # an error only costs the quick ACK
+
+    return quickack
+
+
+_QUICKACK = _libc_setsockopt()
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +84,7 @@ class Upstream(asyncio.Protocol):
         self._on_batch = on_batch
         self.transport: asyncio.Transport | None = None
         self._sock: socket.socket | None = None
+        self._fd = -1
         self._lost = False
 
     @classmethod
@@ -89,16 +115,12 @@ class Upstream(asyncio.Protocol):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self._sock = sock
+                self._fd = sock.fileno()
         self.transport.set_write_buffer_limits(high=1 << 24)
 
     def data_received(self, data: bytes) -> None:
         if self._lost:
             return
-        if self._sock is not None:
-            # The array's NBD server may hold a reply back (Nagle) until this side ACKs the
-            # last one; ACK at once, every time (the kernel turns quick ACKs off again by itself).
-            with contextlib.suppress(OSError):
-                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         try:
             events = self.codec.receive_data(data)
         except OptionRefused as exc:
@@ -108,6 +130,8 @@ class Upstream(asyncio.Protocol):
         except NbdError as exc:
             self._lose(f"protocol error from the array: {exc}", refused=False)
             return
+        if self.codec.in_flight or not self.codec.ready:
+            self._ack_now()
         self._flush()
         for ev in events:
             if self._lost:
@@ -121,6 +145,17 @@ class Upstream(asyncio.Protocol):
         if events:
             self._on_batch()  # every reply of this read handled: the owner sends what it has
 
+    def _ack_now(self) -> None:
+        """The array's NBD server may hold its next reply back (Nagle) until this side ACKs the
+        last one: ACK at once (the kernel turns quick ACKs off again by itself)."""
+        if self._sock is None:
+            return
+        if _QUICKACK is not None:
+            _QUICKACK(self._fd)
+        else:
+            with contextlib.suppress(OSError):
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._lose(f"connection lost: {exc}" if exc else "the array closed the connection",
                    refused=False)  # fmt: skip
@@ -128,7 +163,14 @@ class Upstream(asyncio.Protocol):
     # ----- use -----
 
     def send(
-        self, command: Cmd, offset: int, length: int, *, flags: int, data: bytes, cookie: int
+        self,
+        command: Cmd,
+        offset: int,
+        length: int,
+        *,
+        flags: int,
+        data: bytes | bytearray,
+        cookie: int,
     ) -> None:
         """Queue a request; :meth:`flush` sends what is queued in one write."""
         self.codec.request(command, offset, length, flags=flags, data=data, cookie=cookie)

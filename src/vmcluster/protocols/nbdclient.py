@@ -61,6 +61,7 @@ from vmcluster.protocols.nbdwire import (
     Rep,
     ReplyFlag,
     ReplyType,
+    Sink,
     TransmissionFlag,
     check_block_sizes,
     decode_string,
@@ -119,7 +120,7 @@ class Reply:
 
     cookie: int
     error: int  # 0 or an Errno value
-    data: bytes = b""  # READ
+    data: bytes | bytearray = b""  # READ (a bytearray when it came in parts)
     extents: dict[int, list[tuple[int, int]]] | None = None  # BLOCK_STATUS: per context id
     message: str = ""
 
@@ -165,7 +166,7 @@ class ClientConnection:
         self._want_tls = tls
         self._state = _State.GREETING
         self._in = Buffer()
-        self._out: list[bytes] = []
+        self._out: list[bytes | bytearray] = []
         self._steps: list[Option] = []
         self._no_zeroes = False
         self.structured = False
@@ -178,17 +179,20 @@ class ClientConnection:
         self._fast: dict[Cmd, tuple[int, int]] = {}
         self._align = 0
         self._disconnecting = False
+        self._sink: Sink | None = None  # a read's data that came only in part
+        self._sink_cookie = 0
 
     # ----- I/O edges -----
 
     def data_to_send(self) -> bytes:
         if not self._out:
             return b""
-        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        first = self._out[0]
+        data = first if len(self._out) == 1 and type(first) is bytes else b"".join(self._out)
         self._out.clear()
         return data
 
-    def chunks_to_send(self) -> list[bytes]:
+    def chunks_to_send(self) -> list[bytes | bytearray]:
         """What :meth:`data_to_send` gives, unjoined (for a vectored write: no copy)."""
         out, self._out = self._out, []
         return out
@@ -216,7 +220,10 @@ class ClientConnection:
         while True:
             state = self._state
             if state is _State.TRANSMISSION:
-                if not self._reply_step(events):
+                if self._sink is not None:
+                    if not self._sink_step(events):
+                        break
+                elif not self._reply_step(events):
                     break
             elif state is _State.OPTIONS:
                 if not self._option_reply_step(events):
@@ -443,7 +450,7 @@ class ClientConnection:
 
     def request(
         self, command: Cmd, offset: int = 0, length: int = 0, *, flags: int = 0,
-        data: bytes = b"", cookie: int | None = None,
+        data: bytes | bytearray = b"", cookie: int | None = None,
     ) -> int:  # fmt: skip
         """Queue one request; its cookie (``cookie`` or the next free one)."""
         export = self.export
@@ -488,7 +495,7 @@ class ClientConnection:
             self._fast[cmd] = (mask, longest)
 
     def _check(self, export: ExportInfo, command: Cmd, flags: int, offset: int, length: int,
-               data: bytes) -> None:  # fmt: skip
+               data: bytes | bytearray) -> None:  # fmt: skip
         if self._disconnecting:
             raise LocalProtocolError(f"{command.name} after NBD_CMD_DISC")
         if not 0 <= flags <= 0xFFFF:
@@ -568,21 +575,27 @@ class ClientConnection:
         limit = (self.export.max_payload if self.export else MAX_PAYLOAD_BYTES) + 64
         if length > max(limit, MAX_BLOCK_STATUS_BYTES):
             raise RemoteProtocolError(f"NBD reply chunk of {length} bytes: too large")
-        end = pos + _CHUNK_SIZE + length
-        if len(buf.data) < end:
-            return False
         start = pos + _CHUNK_SIZE
+        end = start + length
+        have = len(buf.data)
         if (
             kind == _OFFSET_DATA and flags & _DONE and pending.data is None and length > 8
             and length - 8 == pending.length and pending.command is Cmd.READ
-            and _unpack_u64(buf.data, start)[0] == pending.offset and not pending.error
+            and have >= start + 8 and _unpack_u64(buf.data, start)[0] == pending.offset
+            and not pending.error
         ):  # fmt: skip
             # The common case: the whole read in one final chunk.
+            if have < end:  # the rest is still coming: straight into a buffer of its size
+                buf.pos = start + 8
+                self._sink, self._sink_cookie = Sink(length - 8), cookie
+                return True
             data = bytes(buf.data[start + 8 : end])
             buf.pos = end
             del self._inflight[cookie]
             events.append(Reply(cookie, 0, data))
             return True
+        if have < end:
+            return False
         payload = bytes(buf.data[start:end])
         buf.pos = end
         self._apply_chunk(pending, kind, payload)
@@ -599,6 +612,16 @@ class ClientConnection:
                 raise RemoteProtocolError("NBD block status reply misses a context")
             extents = pending.extents if not pending.error else None
             events.append(Reply(cookie, pending.error, data, extents, pending.message))
+        return True
+
+    def _sink_step(self, events: list[ClientEvent]) -> bool:
+        sink = self._sink
+        assert sink is not None
+        if not sink.fill_from(self._in):
+            return False
+        self._sink = None
+        del self._inflight[self._sink_cookie]
+        events.append(Reply(self._sink_cookie, 0, sink.data))
         return True
 
     def _apply_chunk(self, pending: _InFlight, kind: int, payload: bytes) -> None:

@@ -63,6 +63,7 @@ from vmcluster.protocols.nbdwire import (
     Rep,
     ReplyFlag,
     ReplyType,
+    Sink,
     TransmissionFlag,
     decode_string,
 )
@@ -108,7 +109,7 @@ class Request:
     flags: int
     offset: int
     length: int
-    data: bytes = b""  # WRITE's payload
+    data: bytes | bytearray = b""  # WRITE's payload (a bytearray when it came in parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +169,7 @@ class ServerConnection:
         self._tls_active = False
         self._state = _State.CLIENT_FLAGS
         self._in = Buffer()
-        self._out: list[bytes] = []
+        self._out: list[bytes | bytearray] = []
         self._no_zeroes = False
         self._options = 0
         self._neg = _Negotiation()
@@ -179,6 +180,9 @@ class ServerConnection:
         self._fast: dict[int, tuple[Cmd, int, int]] = {}
         self._size = 0
         self._align = 0
+        self._sink: Sink | None = None  # a write's payload that came only in part
+        self._sink_header: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
+        self._sink_limit = 0  # the export's maximum payload
         flags = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
         self._out.append(GREETING.pack(NBDMAGIC, IHAVEOPT, flags))
 
@@ -187,11 +191,12 @@ class ServerConnection:
     def data_to_send(self) -> bytes:
         if not self._out:
             return b""
-        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        first = self._out[0]
+        data = first if len(self._out) == 1 and type(first) is bytes else b"".join(self._out)
         self._out.clear()
         return data
 
-    def chunks_to_send(self) -> list[bytes]:
+    def chunks_to_send(self) -> list[bytes | bytearray]:
         """What :meth:`data_to_send` gives, unjoined (for a vectored write: no copy)."""
         out, self._out = self._out, []
         return out
@@ -223,7 +228,10 @@ class ServerConnection:
         while True:
             state = self._state
             if state is _State.TRANSMISSION:
-                if not self._transmission_step(events):
+                if self._sink is not None:
+                    if not self._sink_step(events):
+                        break
+                elif not self._transmission_step(events):
                     break
             elif state is _State.OPTIONS:
                 if not self._option_step(events):
@@ -427,9 +435,28 @@ class ServerConnection:
         if payload > MAX_PAYLOAD_BYTES:
             raise RemoteProtocolError(f"NBD write of {length} bytes: too large to take")
         if len(buf.data) - pos < _REQUEST_SIZE + payload:
-            return False
+            if len(buf.data) - pos == _REQUEST_SIZE or not payload or payload > self._sink_limit:
+                return False  # a write over the export's maximum grows only as bytes come
+            # The rest of the payload is still coming: straight into a buffer of its size.
+            buf.pos = pos + _REQUEST_SIZE
+            self._sink = Sink(payload)
+            self._sink_header = (flags, command, cookie, offset, length)
+            return True
         buf.pos = pos + _REQUEST_SIZE + payload
         data = bytes(buf.data[pos + _REQUEST_SIZE : buf.pos]) if payload else b""
+        return self._request(events, flags, command, cookie, offset, length, data)
+
+    def _sink_step(self, events: list[ServerEvent]) -> bool:
+        sink = self._sink
+        assert sink is not None
+        if not sink.fill_from(self._in):
+            return False
+        self._sink = None
+        flags, command, cookie, offset, length = self._sink_header
+        return self._request(events, flags, command, cookie, offset, length, sink.data)
+
+    def _request(self, events: list[ServerEvent], flags: int, command: int, cookie: int,
+                 offset: int, length: int, data: bytes | bytearray) -> bool:  # fmt: skip
         if cookie in self._pending:
             raise RemoteProtocolError(f"NBD cookie {cookie:#x} is already in flight")
         if command == _DISC:
@@ -459,6 +486,7 @@ class ServerConnection:
         no check beyond bounds and alignment (the others take :meth:`_check`'s slow path)."""
         self._size = export.size
         self._align = export.min_block - 1
+        self._sink_limit = export.max_payload
         negotiated = 0
         for flag, needs in ((CmdFlag.FUA, TransmissionFlag.SEND_FUA),
                             (CmdFlag.DF, TransmissionFlag.SEND_DF),
@@ -553,7 +581,7 @@ class ServerConnection:
         del self._pending[cookie]
         self._send_error(cookie, pending.command, error, message)
 
-    def reply_read(self, cookie: int, data: bytes) -> None:
+    def reply_read(self, cookie: int, data: bytes | bytearray) -> None:
         pending = self._pending_of(cookie)
         if pending.command is not Cmd.READ or len(data) != pending.length:
             raise LocalProtocolError(f"read reply of {len(data)} bytes to {pending}")

@@ -284,22 +284,30 @@ class Buffer:
     """Received bytes not parsed yet; consumed from the front without quadratic copying.
 
     ``data[pos:]`` is what is left; the codecs read ``data`` and ``pos`` directly on their hot
-    paths (a method call per field costs more than the parsing)."""
+    paths (a method call per field costs more than the parsing). A read that leaves nothing
+    over is kept as it came (``bytes``: no copy); only a remainder that more bytes must join is
+    copied, once, into a bytearray of the buffer's own."""
 
-    __slots__ = ("data", "pos")
+    __slots__ = ("_owned", "data", "pos")
 
     def __init__(self) -> None:
-        self.data = bytearray()
+        self.data: bytes | bytearray = b""
         self.pos = 0
+        self._owned = False  # data is a bytearray of ours, which may grow
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        if self.pos:
-            if self.pos == len(self.data):
-                self.data.clear()
-                self.pos = 0
-            elif self.pos > 1 << 16:
-                del self.data[: self.pos]
-                self.pos = 0
+        if self.pos == len(self.data):  # all consumed: take the new bytes as they are
+            self.data = data if type(data) is bytes else bytes(data)
+            self.pos = 0
+            self._owned = False
+            return
+        if not self._owned:
+            self.data = bytearray(memoryview(self.data)[self.pos :])
+            self.pos = 0
+            self._owned = True
+        elif self.pos > 1 << 16:
+            del self.data[: self.pos]  # type: ignore[union-attr]  # owned: a bytearray
+            self.pos = 0
         self.data += data
 
     def __len__(self) -> int:
@@ -320,3 +328,26 @@ class Buffer:
     def skip(self, count: int) -> None:
         assert count <= len(self.data) - self.pos
         self.pos += count
+
+
+class Sink:
+    """A payload that came only in part (a 1 MiB read or write arrives in several reads): the
+    rest is copied straight into a buffer of its final size as it comes, instead of joining
+    the pieces first and copying the whole out after. Its size is checked before it exists."""
+
+    __slots__ = ("data", "filled")
+
+    def __init__(self, size: int) -> None:
+        self.data = bytearray(size)
+        self.filled = 0
+
+    def fill_from(self, buf: Buffer) -> bool:
+        """Move what ``buf`` holds of the payload; True once it is all here."""
+        count = min(len(buf.data) - buf.pos, len(self.data) - self.filled)
+        if count:
+            filled, pos = self.filled, buf.pos
+            with memoryview(buf.data) as view:
+                self.data[filled : filled + count] = view[pos : pos + count]
+            self.filled = filled + count
+            buf.pos = pos + count
+        return self.filled == len(self.data)
