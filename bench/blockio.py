@@ -6,7 +6,7 @@ as arrays/qsd.py adds its LUNs, so the array serves from its page cache) on 0.0.
 host reaches it over two veth pairs, the two storage paths: p1 (vmcb-n1 10.253.1.1 <-> vmcb-a1
 10.253.1.2) and p2 (vmcb-n2 10.253.2.1 <-> vmcb-a2 10.253.2.2).
 
-Throughput and IOPS: ``qemu-img bench -t none --image-opts driver=nbd,...``. Per load the four
+Throughput and IOPS: ``qemu-img bench -t none --image-opts driver=nbd,...``. Per load the
 targets take turns run by run (the order rotating with each repeat), so that a change in the
 host's load falls on all of them; each figure is the median of --repeats runs, after one
 calibration run per target that sizes its count to about --seconds:
@@ -24,7 +24,11 @@ Targets, all on the same file:
   has one NBD server (a second --nbd-server is refused, "NBD server already running"), so a
   second qsd in the same namespace exports the same file on a unix socket (see Array);
 - uvloop, asyncio: qemu-img -> ``vmcluster forwarder serve --loop L`` (its disk's unix socket)
-  -> the array's qsd over TCP, both paths given, policy failover (p1 carries the I/O).
+  -> the array's qsd over TCP, both paths given, policy failover (p1 carries the I/O);
+- uvloop_malloc_default: the same with ``--malloc default`` (glibc's own malloc thresholds:
+  what forwarder/heap.py gives);
+- relay: qemu-img -> socat (a byte relay in C, unix socket to TCP over p1) -> qsd: what one more
+  process in the path costs on this host, whatever it does (left out without socat).
 
 The failover stall: a writer of our own (protocols/nbdclient over the forwarder's unix socket,
 --stall-depth 4 KiB writes in flight, each timestamped) writes the blocks in order, each holding
@@ -117,6 +121,8 @@ FORWARDER_START_S = 60.0
 RUN_RE = re.compile(r"Run completed in ([0-9.]+) seconds")
 VMCLUSTER = Path(sys.executable).parent / "vmcluster"
 TOOLS = ("ip", "qemu-img", "qemu-storage-daemon")
+# The forwarder's variants and the relay, each against direct and unix.
+COMPARED = ("uvloop", "asyncio", "uvloop_malloc_default", "relay")
 GOALS = {
     "seq_write_vs_direct": 0.9,
     "seq_read_vs_direct": 0.9,
@@ -371,11 +377,11 @@ class Forwarder:
 
 
 @contextlib.contextmanager
-def _forwarder(work: Path, loop: str, tag: str) -> Iterator[Forwarder]:
+def _forwarder(work: Path, loop: str, tag: str, malloc: str = "tuned") -> Iterator[Forwarder]:
     ctl, run_dir, log_path = work / f"fwd-{tag}.sock", work / f"fwd-{tag}", work / f"fwd-{tag}.log"
     # As the lab and systemd start it: the forwarder alone, not the whole CLI.
     argv = [sys.executable, "-m", "vmcluster.forwarder", "--socket", str(ctl), "--run-dir",
-            str(run_dir), "--loop", loop]  # fmt: skip
+            str(run_dir), "--loop", loop, "--malloc", malloc]  # fmt: skip
     with contextlib.ExitStack() as stack:
         fwd = Forwarder(_spawn(stack, argv, log_path), ctl, log_path)
         try:
@@ -385,6 +391,24 @@ def _forwarder(work: Path, loop: str, tag: str) -> Iterator[Forwarder]:
         except BaseException:
             _log(f"forwarder ({loop}) log, last lines:\n{_tail(log_path)}")
             raise
+
+
+def _relay(stack: contextlib.ExitStack, work: Path) -> str | None:
+    """socat between a unix socket and the array over p1, one child per connection: the cost
+    of a hop alone. None without socat (the target is left out)."""
+    if shutil.which("socat") is None:
+        _log("  socat not installed: no relay target")
+        return None
+    path = work / "relay.sock"
+    argv = ["socat", f"UNIX-LISTEN:{path},fork",
+            f"TCP:{PATHS[0].array_ip}:{NBD_PORT},nodelay"]  # fmt: skip
+    proc = _spawn(stack, argv, work / "relay.log")
+    deadline = time.monotonic() + 10
+    while not path.is_socket():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise BenchFailed(f"socat made no socket {path}: {_tail(work / 'relay.log')}")
+        time.sleep(0.02)
+    return str(path)
 
 
 def _status_kib(pid: int) -> dict[str, int]:
@@ -1044,18 +1068,23 @@ def _run_all(args: argparse.Namespace, work: Path, stack: contextlib.ExitStack) 
     with (
         _forwarder(work, "uvloop", "uvloop") as fast,
         _forwarder(work, "asyncio", "asyncio") as slow,
+        _forwarder(work, "uvloop", "uvloop-malloc", malloc="default") as untuned,
     ):
         targets = {
             "direct_tcp": array.tcp_opts(EXPORT),
             "qsd_unix": array.unix_opts(EXPORT),
             "uvloop": _unix_opts(fast.attach("bench", EXPORT), EXPORT),
             "asyncio": _unix_opts(slow.attach("bench", EXPORT), EXPORT),
+            "uvloop_malloc_default": _unix_opts(untuned.attach("bench", EXPORT), EXPORT),
         }
+        relay = _relay(stack, work)
+        if relay is not None:
+            targets["relay"] = _unix_opts(relay, EXPORT)
         _log(f"throughput and IOPS: {', '.join(targets)} in turn, {args.repeats} runs each")
         measured = _measure(targets, loads, args.seconds, args.repeats)
-        for loop, fwd in (("uvloop", fast), ("asyncio", slow)):
-            measured[loop]["rss_mib_after"] = round(_status_kib(fwd.pid)["VmRSS"] / KIB, 1)
-            measured[loop]["forwarder_start_s"] = fwd.start_s
+        for name, fwd in (("uvloop", fast), ("asyncio", slow), ("uvloop_malloc_default", untuned)):
+            measured[name]["rss_mib_after"] = round(_status_kib(fwd.pid)["VmRSS"] / KIB, 1)
+            measured[name]["forwarder_start_s"] = fwd.start_s
     array.check_alive()
     _log(f"failover stall: {args.cuts} cuts of each of {', '.join(args.cut_kinds)}")
     stall = _stall(array, work, lun_bytes, args)
@@ -1071,9 +1100,9 @@ def _run_all(args: argparse.Namespace, work: Path, stack: contextlib.ExitStack) 
     }
     array.check_alive()
 
-    ratio = {loop: {"vs_direct": _ratios(_io(measured[loop]), measured["direct_tcp"]),
-                    "vs_unix": _ratios(_io(measured[loop]), measured["qsd_unix"])}
-             for loop in ("uvloop", "asyncio")}  # fmt: skip
+    ratio = {name: {"vs_direct": _ratios(_io(measured[name]), measured["direct_tcp"]),
+                    "vs_unix": _ratios(_io(measured[name]), measured["qsd_unix"])}
+             for name in COMPARED if name in measured}  # fmt: skip
     goals = _io_goals(ratio["uvloop"], "uvloop")
     lost = stall["requests_lost"] + stall["requests_errored"] + stall["blocks_wrong"]
     goals["failover_stall_ms"] = _goal(GOALS["failover_stall_ms"], stall["stall_ms"]["max"],
@@ -1099,6 +1128,7 @@ def _run_all(args: argparse.Namespace, work: Path, stack: contextlib.ExitStack) 
         "figure": {
             "forwarder_uvloop": measured["uvloop"],
             "forwarder_asyncio": measured["asyncio"],
+            "forwarder_uvloop_malloc_default": measured["uvloop_malloc_default"],
             "failover_stall": stall,
             "memory": memory,
         },
@@ -1110,6 +1140,13 @@ def _run_all(args: argparse.Namespace, work: Path, stack: contextlib.ExitStack) 
             "qsd_unix": {
                 "what": "qemu-img -> qsd's own unix-socket NBD server",
                 **measured["qsd_unix"],
+            },
+            "relay": {
+                "what": "qemu-img -> socat (a byte relay in C: unix socket to TCP p1 with "
+                "TCP_NODELAY, no NBD parsing, no TCP_QUICKACK, so depth 32 meets the delayed-ACK "
+                "stall) -> qsd: what one more process between QEMU and the array costs on this "
+                "host, whatever it does",
+                **measured.get("relay", {"skipped": "socat is not installed"}),
             },
         },
         "ratio": ratio,

@@ -13,6 +13,7 @@ packages=(
     libnbd-bin           # nbdinfo, nbdcopy: real NBD clients for tests
     nbdkit               # a second NBD server for the forwarder's tests
     fio                  # I/O load through the forwarder (its nbd engine)
+    socat                # bench/blockio.py: a byte relay in C, the cost of a hop alone
     curl                 # API tests over unix sockets
     ca-certificates
 )

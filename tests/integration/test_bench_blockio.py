@@ -67,14 +67,17 @@ def test_quick_run_prints_every_figure_and_goal_and_leaves_nothing(tmp_path: Pat
 
     figure, reference = result["figure"], result["reference"]
     tables = [figure["forwarder_uvloop"], figure["forwarder_asyncio"],
-              reference["direct_tcp"], reference["qsd_unix"]]  # fmt: skip
+              figure["forwarder_uvloop_malloc_default"], reference["direct_tcp"],
+              reference["qsd_unix"]]  # fmt: skip
+    if shutil.which("socat") is not None:
+        tables.append(reference["relay"])
     for table in tables:
         assert set(table) >= LOADS
         for load in LOADS:
             assert table[load]["unit"] in ("MiB/s", "IOPS")
             assert isinstance(table[load]["value"], int | float)
             assert len(table[load]["values"]) == 1  # quick: one run each
-    for loop in ("uvloop", "asyncio"):
+    for loop in ("uvloop", "asyncio", "uvloop_malloc_default"):
         assert set(result["ratio"][loop]) == {"vs_direct", "vs_unix"}
         for versus in result["ratio"][loop].values():
             assert set(versus) == LOADS
