@@ -34,8 +34,9 @@ import pytest
 
 from vmcluster.core.multipath import PathTimings, Policy
 from vmcluster.errors import ArrayUnavailable, InvalidState
+from vmcluster.forwarder.budget import MAX_PER_DISK_BYTES
 from vmcluster.forwarder.client import ForwarderClient
-from vmcluster.forwarder.disk import DiskSpec
+from vmcluster.forwarder.disk import MAX_PAYLOAD_BYTES, DiskSpec
 from vmcluster.forwarder.upstream import Address
 from vmcluster.hypervisor.qmp import QmpSession
 
@@ -807,6 +808,37 @@ def test_both_paths_cut_requests_wait_and_complete_when_one_returns(
     assert disk["state"] == "active"
     assert disk["stats"]["failed"] == 0
     assert _path(disk, "b")["state"] in ("standby", "up")
+
+
+def test_with_no_path_a_busy_writer_is_held_back_at_the_disks_share(
+    cables: dict[str, Cable], qsd: Array, forwarder: Forwarder, procs: Processes, tmp_path: Path,
+) -> None:  # fmt: skip
+    # Requests that wait keep their data (to be sent when a path returns): the disk stops
+    # reading its client at its share of the budget, so that memory stays bounded.
+    _need("qemu-img")
+    disk = forwarder.attach(_paths(cables), timings={**FAST_RECONNECT, "no_path_timeout_s": 15})
+    cables["a"].cut("blackhole")
+    cables["b"].cut("blackhole")
+    forwarder.wait_for("waiting", lambda d: d["state"] == "waiting")
+    writer, data = _start_writer(procs, tmp_path, disk, 48 * MIB, rate="1G")  # unthrottled
+    held = forwarder.wait_for("the client paused", lambda d: d["paused"])
+    time.sleep(0.5)  # the writer still pushes: nothing more is taken
+    later = forwarder.disk()
+    assert later["paused"]
+    # The only busy disk: its share is the cap. Past it, what the same socket read completes
+    # still goes in (the request that crossed it, and one whose payload that read finished).
+    share, largest = MAX_PER_DISK_BYTES, MAX_PAYLOAD_BYTES
+    assert share < later["in_flight_bytes"] <= share + 2 * largest, later
+    assert later["in_flight_bytes"] == held["in_flight_bytes"]
+    assert writer.poll() is None, "the writer must wait, not fail"
+
+    cables["b"].restore()
+    _writer_succeeded(procs, writer)
+    _landed(qsd, data)
+    done = forwarder.disk()
+    assert not done["paused"]
+    assert done["in_flight_bytes"] == 0
+    assert done["stats"]["failed"] == 0
 
 
 def test_no_path_for_longer_than_no_path_timeout_is_an_io_error(

@@ -113,5 +113,7 @@ class PathWatch:
 
 def _comparable(disks: list[dict[str, Any]]) -> str:
     """The disks without their counters (which change on every request)."""
-    return repr([{k: v for k, v in d.items() if k not in ("stats", "in_flight", "waiting")}
-                 for d in disks])  # fmt: skip
+    return repr([{k: v for k, v in d.items() if k not in _COUNTERS} for d in disks])
+
+
+_COUNTERS = ("stats", "in_flight", "in_flight_bytes", "paused", "waiting")

@@ -6,9 +6,10 @@ The decisions (which path, when a path is dead, what is re-sent, what waits, wha
 connections: data (the clients' requests) and probe (a small read every probe interval). The
 clients' connections stay up whatever happens upstream.
 
-Memory is bounded: when the data in flight (write payloads and read lengths) passes
-``MAX_IN_FLIGHT_BYTES``, the clients' sockets stop being read until it falls to half; the
-export's advertised maximum payload is capped at ``MAX_PAYLOAD_BYTES``.
+Memory is bounded: when the data in flight (write payloads and read lengths) passes the disk's
+share of the forwarder's budget (:mod:`vmcluster.forwarder.budget`), the clients' sockets stop
+being read until it falls to half; the export's advertised maximum payload is capped at
+``MAX_PAYLOAD_BYTES``.
 """
 
 import asyncio
@@ -35,6 +36,7 @@ from vmcluster.core.multipath import (
     Probe,
     Send,
 )
+from vmcluster.forwarder.budget import InFlightBudget
 from vmcluster.forwarder.downstream import Session
 from vmcluster.forwarder.upstream import Address, Upstream
 from vmcluster.logs import event, get_logger
@@ -52,7 +54,6 @@ from vmcluster.protocols.nbdwire import (
 
 log = get_logger(__name__)
 
-MAX_IN_FLIGHT_BYTES = 8 << 20
 MAX_PAYLOAD_BYTES = 2 << 20
 PASSED_FLAGS = (
     TransmissionFlag.HAS_FLAGS | TransmissionFlag.READ_ONLY | TransmissionFlag.SEND_FLUSH
@@ -99,8 +100,9 @@ class _PathLink:
 
 class ForwardedDisk:
     def __init__(
-        self, spec: DiskSpec, socket_path: Path, on_event: Callable[[dict[str, Any]], None]
-    ) -> None:
+        self, spec: DiskSpec, socket_path: Path, on_event: Callable[[dict[str, Any]], None],
+        budget: InFlightBudget | None = None,
+    ) -> None:  # fmt: skip
         self.spec = spec
         self.socket_path = socket_path
         self._on_event = on_event
@@ -114,7 +116,7 @@ class ForwardedDisk:
         self._dirty_links: set[Upstream] = set()
         self._dirty_sessions: set[Session] = set()
         self._paused = False
-        self._in_flight_bytes = 0
+        self._budget = budget if budget is not None else InFlightBudget()
         self._server: asyncio.AbstractServer | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -170,6 +172,7 @@ class ForwardedDisk:
             self._drop_link(name, link, soft=True)
         if self._timer is not None:
             self._timer.cancel()
+        self._budget.forget(self)
         self.socket_path.unlink(missing_ok=True)
 
     # ----- requests from clients -----
@@ -183,8 +186,7 @@ class ForwardedDisk:
         self.stats["requests"] += 1
         size = len(request.data) if request.command is Cmd.WRITE else (
             request.length if request.command is Cmd.READ else 0)  # fmt: skip
-        self._in_flight_bytes += size
-        if self._in_flight_bytes > MAX_IN_FLIGHT_BYTES and not self._paused:
+        if self._budget.take(self, size) and not self._paused:
             self._paused = True
             for s in self._sessions:
                 s.set_paused_by_disk(True)
@@ -206,8 +208,7 @@ class ForwardedDisk:
         req = entry.request
         size = len(req.data) if req.command is Cmd.WRITE else (
             req.length if req.command is Cmd.READ else 0)  # fmt: skip
-        self._in_flight_bytes -= size
-        if self._paused and self._in_flight_bytes <= MAX_IN_FLIGHT_BYTES // 2:
+        if self._budget.give(self, size) and self._paused:
             self._paused = False
             for s in self._sessions:
                 s.set_paused_by_disk(False)
@@ -470,6 +471,8 @@ class ForwardedDisk:
             "size_bytes": self.export.size if self.export else None,
             "clients": len(self._sessions),
             "in_flight": self.core.in_flight,
+            "in_flight_bytes": self._budget.held(self),
+            "paused": self._paused,
             "waiting": self.core.waiting,
             "stats": dict(self.stats),
             "paths": [

@@ -18,7 +18,7 @@ from vmcluster.logs import event, get_logger
 log = get_logger(__name__)
 
 MMAP_THRESHOLD_BYTES = 4 << 20  # blocks up to this size come from the heap
-TRIM_THRESHOLD_BYTES = 32 << 20  # free memory the heap keeps at its top
+TRIM_THRESHOLD_BYTES = 8 << 20  # free memory the heap keeps at its top
 _M_TRIM_THRESHOLD = -1  # malloc.h
 _M_MMAP_THRESHOLD = -3
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from vmcluster.core.multipath import DiskState
 from vmcluster.forwarder import heap
+from vmcluster.forwarder.budget import InFlightBudget
 from vmcluster.forwarder.control import (
     MAX_LINE_BYTES,
     Attach,
@@ -49,6 +50,7 @@ class Forwarder:
         self._watchers: set[asyncio.Queue[dict[str, Any] | None]] = set()
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self._server: asyncio.AbstractServer | None = None
+        self._budget = InFlightBudget()  # the disks' data in flight, shared among them
 
     async def serve(self) -> None:
         """Until cancelled (or SIGTERM/SIGINT): then every disk is detached."""
@@ -181,7 +183,7 @@ class Forwarder:
         self._attaching[key] = future
         disk: ForwardedDisk | None = None
         try:
-            disk = ForwardedDisk(spec, socket_path, self._publish)
+            disk = ForwardedDisk(spec, socket_path, self._publish, self._budget)
             await disk.attach()
         except Exception as exc:
             if disk is not None:
