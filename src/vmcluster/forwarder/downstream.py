@@ -10,6 +10,7 @@ import contextlib
 from collections.abc import Callable
 from typing import Protocol, cast
 
+from vmcluster.forwarder.sending import send_chunks
 from vmcluster.logs import event, get_logger
 from vmcluster.protocols.nbdserver import (
     Disconnect,
@@ -83,8 +84,7 @@ class Session(asyncio.Protocol):
     def flush(self) -> None:
         out = self.codec.chunks_to_send()
         if out and self.transport is not None and not self.transport.is_closing():
-            # One vectored write (uvloop: writev, no copy; asyncio joins them): one segment.
-            self.transport.writelines(out)
+            send_chunks(self.transport, out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed:

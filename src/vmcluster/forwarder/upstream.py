@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
+from vmcluster.forwarder.sending import send_chunks
 from vmcluster.protocols.nbdclient import ClientConnection, Negotiated, Reply
 from vmcluster.protocols.nbdwire import BASE_ALLOCATION, Cmd, NbdError, OptionRefused, Rep
 
@@ -181,8 +182,7 @@ class Upstream(asyncio.Protocol):
     def _flush(self) -> None:
         out = self.codec.chunks_to_send()
         if out and self.transport is not None and not self.transport.is_closing():
-            # One vectored write (uvloop: writev, no copy; asyncio joins them): one segment.
-            self.transport.writelines(out)
+            send_chunks(self.transport, out)
 
     def abort(self) -> None:
         """Drop the connection at once with a reset; no callback follows."""
