@@ -76,3 +76,10 @@ class NotReachedHere(ArrayUnavailable):
     """This node got no answer from an array, so it did not carry out a request that needs that
     array, and changed nothing: another node may reach it (the API answers 421 and the client
     asks the next agent)."""
+
+
+class NoCoordinator(VmclusterError):
+    """No coordinator took a shared volume's operation in time: nothing was done; it may be
+    tried again later (when a node that reaches the volume's array is up)."""
+
+    exit_code = 7

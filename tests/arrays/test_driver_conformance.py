@@ -86,6 +86,51 @@ async def test_a_taken_name_and_a_missing_lun(array: Harness) -> None:
             await call
 
 
+@scenario
+async def test_a_lun_grows_and_never_shrinks(array: Harness) -> None:
+    driver = array.driver
+    await driver.create_lun("disk1", 4 * MIB)
+    await driver.fence("disk1", 1)
+    with array.client("disk1.g1") as owner:
+        assert owner.write(0, 0x11)
+    await driver.resize_lun("disk1", 8 * MIB)
+    await driver.resize_lun("disk1", 8 * MIB)  # a repeat does nothing
+    with pytest.raises(InvalidInput, match=r"^array a1: LUN disk1 has 8388608 bytes; a LUN only "
+                                           r"grows \(asked for 4194304\)$"):  # fmt: skip
+        await driver.resize_lun("disk1", 4 * MIB)
+    assert await driver.luns() == [LunInfo(name="disk1", size_bytes=8 * MIB, generation=1)]
+    await driver.fence("disk1", 2)
+    with array.client("disk1.g2") as owner:
+        assert owner.reads(0, 0x11), "the data before the resize is kept"
+        assert owner.reads(6 * MIB, 0x00), "the new part reads as zeros"
+    with pytest.raises(NotFound, match=r"^array a1: no LUN 'nope'$"):
+        await driver.resize_lun("nope", 8 * MIB)
+
+
+@scenario
+async def test_a_copy_holds_the_data_of_its_moment(array: Harness) -> None:
+    driver = array.driver
+    await driver.create_lun("disk1", 4 * MIB)
+    await driver.fence("disk1", 3)
+    with array.client("disk1.g3") as owner:
+        assert owner.write(0, 0x11)
+        await driver.copy_lun("disk1", "snap1")
+        assert owner.write(0, 0x22), "the source's client goes on writing"
+    assert await driver.luns() == [
+        LunInfo(name="disk1", size_bytes=4 * MIB, generation=3),
+        LunInfo(name="snap1", size_bytes=4 * MIB, generation=0),
+    ]
+    assert await driver.exports() == ["disk1.g3"], "a copy is not exported"
+    await driver.fence("snap1", 1)
+    with array.client("snap1.g1") as copy:
+        assert copy.reads(0, 0x11), "the copy has the data of its moment"
+    with pytest.raises(AlreadyExists, match=r"^array a1: LUN 'snap1' already exists$"):
+        await driver.copy_lun("disk1", "snap1")
+    with pytest.raises(NotFound, match=r"^array a1: no LUN 'nope'$"):
+        await driver.copy_lun("nope", "snap2")
+    assert [lun.name for lun in await driver.luns()] == ["disk1", "snap1"], "nothing half-made"
+
+
 BAD_CALLS: list[tuple[str, tuple[Any, ...], str]] = [
     ("create_lun", ("Disk1", 4 * MIB), "invalid LUN name 'Disk1'"),
     ("create_lun", ("../etc", 4 * MIB), "invalid LUN name '../etc'"),
@@ -101,6 +146,10 @@ BAD_CALLS: list[tuple[str, tuple[Any, ...], str]] = [
     ("fence", ("disk1.g1", 2), "invalid LUN name 'disk1.g1'"),
     ("delete_lun", ("a/b",), "invalid LUN name 'a/b'"),
     ("exports", ("A",), "invalid LUN name 'A'"),
+    ("resize_lun", ("disk1", 1000), "invalid LUN size 1000"),
+    ("resize_lun", ("Disk1", 8 * MIB), "invalid LUN name 'Disk1'"),
+    ("copy_lun", ("disk1", "../x"), "invalid LUN name '../x'"),
+    ("copy_lun", ("a/b", "disk2"), "invalid LUN name 'a/b'"),
 ]
 
 

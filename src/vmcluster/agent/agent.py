@@ -34,6 +34,7 @@ from vmcluster.agent.arrayprobe import ArrayProbe
 from vmcluster.agent.cache import ClusterCache
 from vmcluster.agent.config import AgentConfig, Secrets
 from vmcluster.agent.controller_loop import ControllerLoop
+from vmcluster.agent.coordinator import VolumeCoordinator
 from vmcluster.agent.election import Election
 from vmcluster.agent.events import EventLog
 from vmcluster.agent.executor import VmExecutor, array_driver
@@ -134,6 +135,11 @@ class Agent:
             executor=self.executor, events=self.events, has_quorum=self.has_quorum,
             membership_view=self.membership.view, wall=self.wall,
         )  # fmt: skip
+        self.coordinator = VolumeCoordinator(
+            node=me, keys=self.keys, store=store, cache=self.cache, records=self.records,
+            driver=driver, has_quorum=self.has_quorum, event_record=self.events.record,
+            attached=self.records.attached, wall=self.wall,
+        )  # fmt: skip
         self.vms = VmService(
             config=config, keys=self.keys, store=store, cache=self.cache, records=self.records,
             quorum=self.quorum, clock=clock, has_quorum=self.has_quorum,
@@ -193,6 +199,7 @@ class Agent:
                 tg.create_task(self.array_probe.run(), name="array-probe")
                 tg.create_task(self.election.run(), name="election")
                 tg.create_task(self.controller.run(), name="controller")
+                tg.create_task(self.coordinator.run(), name="coordinator")
                 if api:
                     tg.create_task(serve(self.context), name="api")
                 tg.create_task(self.events.run(), name="events")

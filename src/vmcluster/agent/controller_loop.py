@@ -5,18 +5,19 @@ on the recorded view it read; its VM actions run as jobs (agent/executor.py), al
 soon as this node is not the leader."""
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import assert_never
 
 from vmcluster.agent.cache import ClusterCache
 from vmcluster.agent.events import EventLog
 from vmcluster.agent.executor import VmExecutor
-from vmcluster.agent.records import ClusterRecords
+from vmcluster.agent.records import ClusterRecords, StoredVolume
 from vmcluster.clusterstate.keys import Keys, dumps
 from vmcluster.clusterstate.store import Commit, Put, Store, StoreError
 from vmcluster.core.changes import EmitEvent, RecordView
 from vmcluster.core.cluster import ClusterView
 from vmcluster.core.controller import RecordExits, Resign, decide
+from vmcluster.core.volumes import SetCoordinator
 from vmcluster.logs import event, get_logger
 
 log = get_logger(__name__)
@@ -77,11 +78,14 @@ class ControllerLoop:
 
     async def _commit(
         self,
-        records: tuple[EmitEvent | RecordView | RecordExits | Resign, ...],
+        records: tuple[EmitEvent | RecordView | RecordExits | Resign | SetCoordinator, ...],
         leader_revision: int,
     ) -> None:
         puts: dict[str, Put] = {}
         deletes: list[str] = []
+        volumes = (self.records.volumes()
+                   if any(isinstance(a, SetCoordinator) for a in records) else {})  # fmt: skip
+        expect_more: dict[str, int] = {}
         for action in records:
             if isinstance(action, EmitEvent):
                 key, value = self.events.record(action.kind, action.subject, action.reason)
@@ -103,6 +107,8 @@ class ControllerLoop:
                 key, value = self.events.record("leader.resigned", self.node, action.reason)
                 puts[key] = Put(value=value)
                 deletes.append(self.keys.leader)
+            elif isinstance(action, SetCoordinator):
+                self._coordinator(action, volumes, puts, deletes, expect_more)
             else:
                 assert_never(action)
         try:
@@ -110,7 +116,8 @@ class ControllerLoop:
             # (a cycle that has not yet seen its previous commit cannot repeat its events).
             view_entry = self.cache.entries.get(self.keys.view)
             expect = {self.keys.leader: leader_revision,
-                      self.keys.view: view_entry.mod_revision if view_entry else 0}  # fmt: skip
+                      self.keys.view: view_entry.mod_revision if view_entry else 0,
+                      **expect_more}  # fmt: skip
             if not await self.store.commit(Commit(expect=expect, puts=puts, deletes=deletes)):
                 leader = self.cache.entries.get(self.keys.leader)
                 if leader is not None and leader.mod_revision == leader_revision:
@@ -122,3 +129,35 @@ class ControllerLoop:
             await self.events.trim()
         except StoreError as exc:
             log.info(event("controller.commit.failed", reason=str(exc)))
+
+    def _coordinator(self, action: SetCoordinator, volumes: Mapping[str, StoredVolume],
+                     puts: dict[str, Put], deletes: list[str],
+                     expect: dict[str, int]) -> None:  # fmt: skip
+        """The records of a coordinator change (or of an admin's move not made)."""
+        stored = volumes.get(action.volume)
+        if stored is None:
+            return
+        if action.node is not None:
+            key = self.keys.volume(action.volume, "coordinator")
+            expect[key] = stored.coordinator_revision  # never two terms for one change
+            puts[key] = Put(
+                value=dumps(
+                    {
+                        "node": action.node,
+                        "term": action.term,
+                        "reason": action.reason,
+                        "at": self.wall(),
+                    }
+                )
+            )
+            kind = "volume.coordinator"
+            log.info(event(kind, volume=action.volume, node=action.node, term=action.term,
+                           reason=action.reason))  # fmt: skip
+            text = f"{action.node} coordinates it (term {action.term}): {action.reason}"
+        else:
+            kind, text = "volume.move.refused", action.reason
+            log.info(event(kind, volume=action.volume, reason=action.reason))
+        key, value = self.events.record(kind, action.volume, text)
+        puts[key] = Put(value=value)
+        if action.drop_move:
+            deletes.append(self.keys.volume(action.volume, "move"))

@@ -14,11 +14,18 @@ from typing import Any
 from vmcluster.agent.cache import ClusterCache
 from vmcluster.clusterstate.keys import Keys
 from vmcluster.clusterstate.vmrecords import ClusteredVm, ha_settings_from_json, vm_record
+from vmcluster.clusterstate.volumerecords import (
+    coordinator_from_json,
+    disk_from_json,
+    op_from_json,
+    spec_from_json,
+)
 from vmcluster.core.changes import RecordedView
 from vmcluster.core.cluster import ClusterView
 from vmcluster.core.controller import NodeFacts, Snapshot
 from vmcluster.core.ha import HaSettings, VmRecord
 from vmcluster.core.quarantine import QuarantineSettings
+from vmcluster.core.volumes import Coordinator, VolumeDisk, VolumeOp, VolumeSpec
 from vmcluster.errors import VmclusterError
 from vmcluster.logs import event, get_logger
 
@@ -34,6 +41,26 @@ class StoredVm:
     record: VmRecord
     revisions: Mapping[str, int]  # part -> mod_revision (0: absent)
     parts: Mapping[str, dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoredVolume:
+    """One shared volume as read from the cache, with the revisions its writers compare."""
+
+    spec: VolumeSpec
+    revision: int  # of the spec
+    coordinator: Coordinator | None
+    coordinator_revision: int  # 0: none yet
+    move: str | None  # an admin's move request: the node wanted
+    disks: Mapping[str, VolumeDisk]
+    disk_revisions: Mapping[str, int]
+    ops: Mapping[str, VolumeOp]
+    op_revisions: Mapping[str, int]
+    op_times: Mapping[str, tuple[float, float | None]]  # id -> (submitted, finished)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
 
 class ClusterRecords:
@@ -90,6 +117,65 @@ class ClusterRecords:
         return StoredVm(name=name, spec=spec, record=record, revisions=revisions,
                         parts=vm_parts)  # fmt: skip
 
+    def volumes(self) -> dict[str, StoredVolume]:
+        """Every shared volume with a readable spec; a malformed disk or operation record is
+        logged and left out."""
+        grouped: dict[str, dict[str, dict[str, tuple[dict[str, Any], int]]]] = {}
+        for key, entry in self.cache.entries.items():
+            split = self.keys.split_volume_key(key)
+            value = self.cache.json(key) if split is not None else None
+            if split is None or value is None:
+                continue
+            volume, part, name = split
+            grouped.setdefault(volume, {}).setdefault(part, {})[name] = (value, entry.mod_revision)
+        found = {}
+        for volume, parts in grouped.items():
+            try:
+                spec_value, revision = parts["spec"][""]
+                spec = spec_from_json(volume, spec_value)
+                held = parts.get("coordinator", {}).get("")
+                coordinator = coordinator_from_json(held[0]) if held else None
+                move = parts.get("move", {}).get("")
+            except (KeyError, ValueError, TypeError) as exc:
+                if "spec" in parts:
+                    log.warning(event("volume.record.invalid", volume=volume, reason=str(exc)))
+                continue
+            disks, ops, times = {}, {}, {}
+            for name, (value, _) in parts.get("disks", {}).items():
+                try:
+                    disks[name] = disk_from_json(name, value)
+                except (ValueError, TypeError) as exc:
+                    log.warning(event("volume.disk.invalid", volume=volume, disk=name,
+                                      reason=str(exc)))  # fmt: skip
+            for name, (value, _) in parts.get("ops", {}).items():
+                try:
+                    ops[name] = op_from_json(name, value)
+                    finished = value.get("finished")
+                    times[name] = (float(value.get("submitted", 0.0)),
+                                   None if finished is None else float(finished))  # fmt: skip
+                except (ValueError, TypeError) as exc:
+                    log.warning(event("volume.op.invalid", volume=volume, op=name,
+                                      reason=str(exc)))  # fmt: skip
+            found[volume] = StoredVolume(
+                spec=spec, revision=revision, coordinator=coordinator,
+                coordinator_revision=held[1] if held else 0,
+                move=str(move[0].get("node")) if move else None,
+                disks=disks, disk_revisions={n: r for n, (_, r) in parts.get("disks", {}).items()},
+                ops=ops, op_revisions={n: r for n, (_, r) in parts.get("ops", {}).items()},
+                op_times=times,
+            )  # fmt: skip
+        return found
+
+    def attached(self, volume: str) -> dict[str, str]:
+        """disk -> the VM it is attached to, for the disks of shared volume ``volume``."""
+        found = {}
+        for vm in self.stored().values():
+            for placement in vm.spec.storage:
+                owner, _, disk = (placement.volume_disk or "").partition("/")
+                if owner == volume:
+                    found[disk] = vm.name
+        return found
+
     def armed(self) -> bool:
         return bool((self.cache.json(self.keys.ha) or {}).get("armed", True))
 
@@ -145,6 +231,12 @@ class ClusterRecords:
         """The controller's snapshot; ``pending``: the records VMs will have once the jobs in
         flight for them are done (decided on as if done, so nothing is decided twice)."""
         vms = {name: pending.get(name, vm.record) for name, vm in stored.items()}
+        volumes = self.volumes()
         return Snapshot(view=view, recorded=self.recorded(), nodes=self.node_facts(),
                         exits=self.exits(), vms=vms, armed=self.armed(),
-                        settings=self.ha_settings(), quarantine=self.quarantine)  # fmt: skip
+                        settings=self.ha_settings(), quarantine=self.quarantine,
+                        volumes={n: v.spec for n, v in volumes.items()},
+                        coordinators={n: v.coordinator for n, v in volumes.items()
+                                      if v.coordinator is not None},
+                        moves={n: v.move for n, v in volumes.items()
+                               if v.move is not None})  # fmt: skip

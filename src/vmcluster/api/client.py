@@ -52,6 +52,7 @@ from vmcluster.errors import (
     ArrayUnavailable,
     InvalidInput,
     InvalidState,
+    NoCoordinator,
     NotFound,
     NotReachedHere,
     VmclusterError,
@@ -60,6 +61,7 @@ from vmcluster.errors import (
 ERROR_KINDS: dict[str, type[VmclusterError]] = {
     "invalid_input": InvalidInput, "not_found": NotFound, "already_exists": AlreadyExists,
     "invalid_state": InvalidState, "array_unavailable": ArrayUnavailable,
+    "no_coordinator": NoCoordinator,
 }  # fmt: skip
 
 REQUEST_TIMEOUT_S = 10.0  # for an answer from the agent that has the request

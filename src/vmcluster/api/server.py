@@ -14,6 +14,16 @@
     POST /v1/vms/{vm}/start|stop     set the VM's intent; the leader acts on it
     GET  /v1/vms/{vm}/console?generation=N&limit=BYTES   the console kept on this node
                                      (the newest BYTES: 1 to 1 MiB, default 64 KiB)
+    GET  /v1/volumes                 shared volumes: array, size, used, coordinator
+    POST /v1/volumes                 create one (name, array, size_bytes)
+    GET  /v1/volumes/{volume}        one, with each node's access mode and its disks
+    DELETE /v1/volumes/{volume}      delete an empty volume (through its coordinator)
+    POST /v1/volumes/{volume}/move   {"coordinator": NODE}: move its coordinator
+    GET  /v1/disks?volume=V          the disks of every volume (or of V)
+    POST /v1/volumes/{volume}/disks  create a disk (name, size_bytes)
+    POST /v1/volumes/{volume}/disks/{disk}/resize|snapshot|clone   grow; copy to {"name": NEW}
+    DELETE /v1/volumes/{volume}/disks/{disk}   delete a disk that no VM uses
+    GET  /v1/volumes/{volume}/ops/{op}   an operation's outcome (after a 202 "running")
     GET  /v1/ha, POST /v1/ha/arm|disarm   automatic HA actions on or frozen, and the settings
     POST /v1/ha/settings             failover_on_isolation, restart_limit, failover_threshold, ...
     GET  /v1/events?limit=N          the newest N events (0 to 1000, default 100)
@@ -57,6 +67,7 @@ from vmcluster.errors import (
     ArrayUnavailable,
     InvalidInput,
     InvalidState,
+    NoCoordinator,
     NotFound,
     NotReachedHere,
     VmclusterError,
@@ -66,6 +77,7 @@ from vmcluster.logs import event, get_logger
 from vmcluster.service import ha as haadmin
 from vmcluster.service import nodes as nodeadmin
 from vmcluster.service import vms as vmservice
+from vmcluster.service import volumes as volservice
 from vmcluster.service.context import NodeContext, NoQuorum
 
 log = get_logger(__name__)
@@ -93,6 +105,7 @@ ERROR_STATUS: tuple[tuple[type[VmclusterError], int, str], ...] = (
     (NotFound, 404, "not_found"),
     (AlreadyExists, 409, "already_exists"),
     (InvalidState, 409, "invalid_state"),
+    (NoCoordinator, 504, "no_coordinator"),  # nothing done: no coordinator took the operation
 )
 
 
@@ -145,7 +158,13 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 # ----- input: names in paths, query parameters, bodies -----
 
-PATH_NAMES = {"vm": "VM", "node": "node"}  # every {param} of a route: what it names
+PATH_NAMES = {
+    "vm": "VM",
+    "node": "node",
+    "volume": "volume",
+    "disk": "disk",
+    "op": "operation",
+}  # every {param} of a route: what it names
 
 
 @web.middleware
@@ -358,6 +377,82 @@ async def _vm_console(request: web.Request) -> web.Response:
     )
 
 
+async def _volumes(request: web.Request) -> web.Response:
+    return web.json_response(volservice.list_volumes(request.app[CONTEXT_KEY]))
+
+
+async def _volume(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT_KEY]
+    return web.json_response(volservice.show_volume(ctx, request.match_info["volume"]))
+
+
+async def _volume_create(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT_KEY]
+    body = await _json_body(request)
+    return web.json_response(await volservice.create_volume(ctx, body), status=201)
+
+
+async def _volume_delete(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT_KEY]
+    return web.json_response(await volservice.delete_volume(ctx, request.match_info["volume"]))
+
+
+async def _volume_move(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT_KEY]
+    body = await _json_body(request)
+    return web.json_response(await volservice.move_volume(ctx, request.match_info["volume"], body))
+
+
+def _op_answer(answer: dict[str, Any], done_status: int = 200) -> web.Response:
+    """An operation's outcome: ``done_status`` when done, 202 while it still runs."""
+    return web.json_response(
+        answer, status=202 if answer.get("state") == "running" else done_status
+    )
+
+
+async def _volume_op(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT_KEY]
+    match = request.match_info
+    return _op_answer(await volservice.operation(ctx, match["volume"], match["op"]))
+
+
+async def _disks(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT_KEY]
+    volume = request.query.get("volume")
+    return web.json_response(volservice.list_disks(ctx, volume))
+
+
+async def _disk_create(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT_KEY]
+    body = await _json_body(request)
+    return _op_answer(await volservice.create_disk(ctx, request.match_info["volume"], body), 201)
+
+
+async def _disk_resize(request: web.Request) -> web.Response:
+    ctx, match = request.app[CONTEXT_KEY], request.match_info
+    body = await _json_body(request)
+    return _op_answer(await volservice.resize_disk(ctx, match["volume"], match["disk"], body))
+
+
+async def _disk_snapshot(request: web.Request) -> web.Response:
+    ctx, match = request.app[CONTEXT_KEY], request.match_info
+    body = await _json_body(request)
+    return _op_answer(await volservice.copy_disk(ctx, match["volume"], match["disk"], body,
+                                                 snapshot=True), 201)  # fmt: skip
+
+
+async def _disk_clone(request: web.Request) -> web.Response:
+    ctx, match = request.app[CONTEXT_KEY], request.match_info
+    body = await _json_body(request)
+    return _op_answer(await volservice.copy_disk(ctx, match["volume"], match["disk"], body,
+                                                 snapshot=False), 201)  # fmt: skip
+
+
+async def _disk_delete(request: web.Request) -> web.Response:
+    ctx, match = request.app[CONTEXT_KEY], request.match_info
+    return web.json_response(await volservice.delete_disk(ctx, match["volume"], match["disk"]))
+
+
 async def _ha(request: web.Request) -> web.Response:
     return web.json_response(haadmin.ha_json(request.app[CONTEXT_KEY]))
 
@@ -409,6 +504,7 @@ QUERY_PARAMS: dict[Callable[..., Any], tuple[str, ...]] = {  # other routes take
     _resume: ("failback",),
     _vm_console: ("generation", "limit"),
     _events: ("limit", "follow"),
+    _disks: ("volume",),
 }
 
 
@@ -430,6 +526,18 @@ def make_app(ctx: NodeContext) -> web.Application:
     app.router.add_post("/v1/vms/{vm}/start", _vm_start)
     app.router.add_post("/v1/vms/{vm}/stop", _vm_stop)
     app.router.add_get("/v1/vms/{vm}/console", _vm_console)
+    app.router.add_get("/v1/volumes", _volumes)
+    app.router.add_post("/v1/volumes", _volume_create)
+    app.router.add_get("/v1/volumes/{volume}", _volume)
+    app.router.add_delete("/v1/volumes/{volume}", _volume_delete)
+    app.router.add_post("/v1/volumes/{volume}/move", _volume_move)
+    app.router.add_get("/v1/volumes/{volume}/ops/{op}", _volume_op)
+    app.router.add_get("/v1/disks", _disks)
+    app.router.add_post("/v1/volumes/{volume}/disks", _disk_create)
+    app.router.add_post("/v1/volumes/{volume}/disks/{disk}/resize", _disk_resize)
+    app.router.add_post("/v1/volumes/{volume}/disks/{disk}/snapshot", _disk_snapshot)
+    app.router.add_post("/v1/volumes/{volume}/disks/{disk}/clone", _disk_clone)
+    app.router.add_delete("/v1/volumes/{volume}/disks/{disk}", _disk_delete)
     app.router.add_get("/v1/ha", _ha)
     app.router.add_post("/v1/ha/arm", _ha_arm)
     app.router.add_post("/v1/ha/disarm", _ha_disarm)

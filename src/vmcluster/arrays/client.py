@@ -44,6 +44,7 @@ log = get_logger(__name__)
 
 CONNECT_TIMEOUT_S = 0.5
 REQUEST_TIMEOUT_S = 2.0
+COPY_BYTES_PER_S = 20 * 1024 * 1024  # the slowest copy rate a copy's timeout allows for
 MAX_ANSWER_BYTES = 1024 * 1024
 
 _last_answered: dict[str, str] = {}  # array -> the address that answered last (this process)
@@ -82,6 +83,18 @@ class ServiceArray:
 
     async def delete_lun(self, lun: str) -> None:
         await self._call("DELETE", f"/v1/luns/{check_lun(lun)}", changes=True)
+
+    async def resize_lun(self, lun: str, size_bytes: int) -> None:
+        body = {"size_bytes": check_size(size_bytes)}
+        await self._call("POST", f"/v1/luns/{check_lun(lun)}/resize", body=body, changes=True)
+
+    async def copy_lun(self, source: str, target: str) -> None:
+        """The array copies while the request waits: the timeout grows with the LUN (each try
+        on another path joins the copy under way, by its request id)."""
+        sizes = {lun.name: lun.size_bytes for lun in await self.luns()}
+        timeout = self.request_timeout_s + sizes.get(check_lun(source), 0) / COPY_BYTES_PER_S
+        await self._call("POST", f"/v1/luns/{source}/copy", body={"target": check_lun(target)},
+                         changes=True, timeout_s=timeout)  # fmt: skip
 
     async def luns(self) -> list[LunInfo]:
         answer = await self._call("GET", "/v1/luns")
@@ -139,11 +152,12 @@ class ServiceArray:
         query: Mapping[str, str] | None = None,
         changes: bool = False,
         request_id: str | None = None,
+        timeout_s: float | None = None,
     ) -> dict[str, Any]:
         headers = {ARRAY_HEADER: self.name}
         if changes:
             headers[REQUEST_ID_HEADER] = request_id or uuid.uuid4().hex
-        timeout = aiohttp.ClientTimeout(total=self.request_timeout_s,
+        timeout = aiohttp.ClientTimeout(total=timeout_s or self.request_timeout_s,
                                         sock_connect=self.connect_timeout_s)  # fmt: skip
         failures = []
         connector = aiohttp.TCPConnector(force_close=True)

@@ -18,9 +18,10 @@ Rules every implementation keeps (tests/arrays/test_driver_conformance.py checks
   ArrayUnavailable (retryable: the array did not answer; the request may have been carried out
   or not). Implementations raise the same messages, so a message means the same whichever
   driver reported it.
-- Safe to repeat: a fence is idempotent at the mark; a repeated delete reports NotFound and a
-  repeated create AlreadyExists (a client that retries one request over another path sends the
-  same request id, and the service answers it once: see vmcluster.arrays.service).
+- Safe to repeat: a fence is idempotent at the mark, and a resize to the size a LUN has does
+  nothing; a repeated delete reports NotFound and a repeated create or copy AlreadyExists (a
+  client that retries one request over another path sends the same request id, and the
+  service answers it once: see vmcluster.arrays.service).
 """
 
 import re
@@ -94,6 +95,15 @@ def check_size(size_bytes: object) -> int:
                        f"of {SECTOR_BYTES}, up to 64 TiB")  # fmt: skip
 
 
+def check_growth(array: str, lun: str, current: int, size_bytes: int) -> bool:
+    """Whether ``lun`` (``current`` bytes) must grow to ``size_bytes``: False if it has that
+    size, InvalidInput if ``size_bytes`` is smaller."""
+    if size_bytes < current:
+        raise InvalidInput(f"array {array}: LUN {lun} has {current} bytes; a LUN only grows "
+                           f"(asked for {size_bytes})")  # fmt: skip
+    return size_bytes > current
+
+
 def check_generation(generation: object) -> int:
     """``generation`` if it is a valid placement generation (1 and up), else InvalidInput."""
     if (
@@ -123,6 +133,19 @@ class ArrayDriver(Protocol):
 
     async def luns(self) -> list[LunInfo]:
         """Every LUN, sorted by name, with its size and its high-water mark."""
+        ...
+
+    async def resize_lun(self, lun: str, size_bytes: int) -> None:
+        """Grow ``lun`` to ``size_bytes`` (the new part reads as zeros); nothing if it has that
+        size already; InvalidInput if it is larger (a LUN never shrinks: data would be lost).
+        Clients connected now keep the size they were told."""
+        ...
+
+    async def copy_lun(self, source: str, target: str) -> None:
+        """A new LUN ``target`` holding ``source``'s data as it is at this moment (consistent
+        even while clients write to ``source``), of its size, not exported, its mark 0.
+        NotFound if there is no ``source``, AlreadyExists if ``target`` is taken; a copy that
+        fails leaves no ``target`` behind."""
         ...
 
     async def fence(self, lun: str, generation: int, *, request_id: str | None = None) -> str:

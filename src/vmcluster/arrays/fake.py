@@ -14,6 +14,7 @@ from vmcluster.arrays.driver import (
     ArrayStatus,
     LunInfo,
     check_generation,
+    check_growth,
     check_lun,
     check_size,
     export_name,
@@ -106,6 +107,27 @@ class FakeArray:
                 self._cut(export)
                 await asyncio.sleep(0)
             del self._luns[lun]
+
+    async def resize_lun(self, lun: str, size_bytes: int) -> None:
+        check_lun(lun)
+        check_size(size_bytes)
+        self._check_available()
+        async with self._lock:
+            record = self._lun(lun)
+            if check_growth(self.name, lun, record.size_bytes, size_bytes):
+                await asyncio.sleep(0)
+                record.size_bytes = size_bytes
+
+    async def copy_lun(self, source: str, target: str) -> None:
+        check_lun(source)
+        check_lun(target)
+        self._check_available()
+        async with self._lock:
+            record = self._lun(source)
+            if target in self._luns:
+                raise AlreadyExists(f"array {self.name}: LUN {target!r} already exists")
+            await asyncio.sleep(0)
+            self._luns[target] = _Lun(size_bytes=record.size_bytes, blocks=dict(record.blocks))
 
     async def luns(self) -> list[LunInfo]:
         self._check_available()

@@ -9,7 +9,10 @@ and their exports) is kept in ``array.json`` beside the LUN files and replayed b
 after the daemon restarts, as an array's firmware restores its configuration at power-on. LUN
 data lives in raw files and survives restarts.
 
-QMP used: ``blockdev-add`` (a raw node over a file), ``block-export-add`` (type nbd),
+QMP used: ``blockdev-add`` (a raw node over a file), ``block_resize`` (a LUN grows),
+``blockdev-backup`` with sync full (a copy, consistent at its start while clients write: the
+job's copy-before-write filter saves old data before it is overwritten), ``query-jobs`` and
+``job-dismiss``, ``block-export-add`` (type nbd),
 ``block-export-del`` (mode hard cuts connected clients), ``query-block-exports``,
 ``query-named-block-nodes``.
 
@@ -48,6 +51,7 @@ from vmcluster.arrays.driver import (
     ArrayStatus,
     LunInfo,
     check_generation,
+    check_growth,
     check_lun,
     check_size,
     export_name,
@@ -204,6 +208,83 @@ class QsdArray:
             config.save(self.config_path)
             self.lun_path(lun).unlink(missing_ok=True)
         log.info(event("array.lun.deleted", array=self.name, lun=lun))
+
+    async def resize_lun(self, lun: str, size_bytes: int) -> None:
+        check_lun(lun)
+        check_size(size_bytes)
+        async with self._locked():
+            config = ArrayConfig.load(self.config_path)
+            record = config.luns.get(lun)
+            if record is None:
+                raise NotFound(f"array {self.name}: no LUN {lun!r}")
+            if not check_growth(self.name, lun, record.size_bytes, size_bytes):
+                return
+            async with self._session() as session:
+                # An NBD export does not let its node be resized: its exports are retired for
+                # the resize (their clients cut: they reconnect, and are told the new size)
+                # and made again under the same names.
+                live = [e for e in await self._lun_exports(session, lun) if not e.shutting_down]
+                for export in live:
+                    await self._retire(session, lun, export)
+                try:
+                    await session.execute("block_resize", {"node-name": f"lun-{lun}",
+                                                           "size": size_bytes})  # fmt: skip
+                finally:
+                    for export in live:
+                        await self._add_export(session, lun, export.id)
+            record.size_bytes = size_bytes
+            config.save(self.config_path)
+        log.info(event("array.lun.resized", array=self.name, lun=lun, size_bytes=size_bytes))
+
+    async def copy_lun(self, source: str, target: str) -> None:
+        """A new LUN ``target`` with ``source``'s data at this moment: a full backup job from
+        the source's node to the target's. The array does nothing else until it is done."""
+        check_lun(source)
+        check_lun(target)
+        async with self._locked():
+            config = ArrayConfig.load(self.config_path)
+            record = config.luns.get(source)
+            if record is None:
+                raise NotFound(f"array {self.name}: no LUN {source!r}")
+            await self._create_lun(target, record.size_bytes)
+            try:
+                async with self._session() as session:
+                    await self._backup(session, source, target)
+            except BaseException:
+                await self._drop_new(target)
+                raise
+        log.info(event("array.lun.copied", array=self.name, source=source, lun=target))
+
+    async def _backup(self, session: QmpSession, source: str, target: str) -> None:
+        job = f"copy-{target}"
+        await session.execute("blockdev-backup", {
+            "job-id": job, "device": f"lun-{source}", "target": f"lun-{target}",
+            "sync": "full", "auto-dismiss": False,
+        })  # fmt: skip
+        try:
+            while True:
+                jobs = {str(j.get("id")): j for j in await session.execute("query-jobs")}
+                status = jobs.get(job, {}).get("status")
+                if status in ("concluded", None):
+                    break
+                await asyncio.sleep(0.02)
+            error = jobs.get(job, {}).get("error")
+            if error:
+                raise HypervisorError(f"array {self.name}: the copy of LUN {source} to {target} "
+                                      f"failed: {error}")  # fmt: skip
+        finally:
+            with contextlib.suppress(HypervisorError):
+                await session.execute("job-dismiss", {"id": job})
+
+    async def _drop_new(self, lun: str) -> None:
+        """Remove a LUN just made, unexported (a copy that failed)."""
+        config = ArrayConfig.load(self.config_path)
+        with contextlib.suppress(HypervisorError, ArrayUnavailable):
+            async with self._session() as session:
+                await session.execute("blockdev-del", {"node-name": f"lun-{lun}"})
+        config.luns.pop(lun, None)
+        config.save(self.config_path)
+        self.lun_path(lun).unlink(missing_ok=True)
 
     def records(self) -> dict[str, Lun]:
         """The LUNs as ``array.json`` holds them (the array host's own view, no daemon)."""

@@ -170,6 +170,8 @@ class ArrayService:
         app.router.add_post("/v1/luns", self._create)
         app.router.add_delete("/v1/luns/{lun}", self._delete)
         app.router.add_post("/v1/luns/{lun}/fence", self._fence)
+        app.router.add_post("/v1/luns/{lun}/resize", self._resize)
+        app.router.add_post("/v1/luns/{lun}/copy", self._copy)
         app.router.add_get("/v1/exports", self._exports)
         return app
 
@@ -346,6 +348,28 @@ class ArrayService:
         async def run() -> Answer:
             await self.array.delete_lun(lun)
             return Answer(status=200, body={"deleted": lun})
+
+        return await self._once(request, run)
+
+    async def _resize(self, request: web.Request) -> web.Response:
+        _query(request, ())
+        lun = check_lun(request.match_info["lun"])
+        size_bytes = check_size((await _body(request, ("size_bytes",)))["size_bytes"])
+
+        async def run() -> Answer:
+            await self.array.resize_lun(lun, size_bytes)
+            return Answer(status=200, body={"name": lun, "size_bytes": size_bytes})
+
+        return await self._once(request, run)
+
+    async def _copy(self, request: web.Request) -> web.Response:
+        _query(request, ())
+        source = check_lun(request.match_info["lun"])
+        target = check_lun((await _body(request, ("target",)))["target"])
+
+        async def run() -> Answer:
+            await self.array.copy_lun(source, target)
+            return Answer(status=201, body={"name": target, "source": source})
 
         return await self._once(request, run)
 

@@ -12,6 +12,11 @@
     /vmcluster/v1/<cluster>/vms/<vm>/intent     running or stopped, as an admin asked
     /vmcluster/v1/<cluster>/vms/<vm>/placement  owner, generation, phase (written by the leader)
     /vmcluster/v1/<cluster>/vms/<vm>/instance   the owner's report, bound to its lease
+    /vmcluster/v1/<cluster>/volumes/<v>/spec    a shared volume: array, size
+    /vmcluster/v1/<cluster>/volumes/<v>/coordinator  node and term (written by the leader)
+    /vmcluster/v1/<cluster>/volumes/<v>/move    an admin's request to move the coordinator
+    /vmcluster/v1/<cluster>/volumes/<v>/disks/<d>  a disk or snapshot: size, LUN, kind
+    /vmcluster/v1/<cluster>/volumes/<v>/ops/<id>   a queued metadata operation and its result
     /vmcluster/v1/<cluster>/ha                  armed or disarmed
     /vmcluster/v1/<cluster>/quarantine          unclean exits per node (written by the leader)
 
@@ -67,6 +72,31 @@ class Keys:
     def vm(self, vm: str, part: str) -> str:
         assert part in ("spec", "intent", "placement", "instance"), part
         return f"{self.vms_prefix}{vm}/{part}"
+
+    @property
+    def volumes_prefix(self) -> str:
+        return f"{self.prefix}volumes/"
+
+    def volume(self, volume: str, part: str) -> str:
+        assert part in ("spec", "coordinator", "move"), part
+        return f"{self.volumes_prefix}{volume}/{part}"
+
+    def volume_disk(self, volume: str, disk: str) -> str:
+        return f"{self.volumes_prefix}{volume}/disks/{disk}"
+
+    def volume_op(self, volume: str, op_id: str) -> str:
+        return f"{self.volumes_prefix}{volume}/ops/{op_id}"
+
+    def split_volume_key(self, key: str) -> tuple[str, str, str] | None:
+        """'.../volumes/v1/spec' -> ('v1', 'spec', ''); '.../volumes/v1/disks/d1' ->
+        ('v1', 'disks', 'd1'); None for other keys."""
+        if not key.startswith(self.volumes_prefix):
+            return None
+        volume, _, rest = key[len(self.volumes_prefix) :].partition("/")
+        part, _, name = rest.partition("/")
+        if not volume or not part or (part in ("disks", "ops")) != bool(name):
+            return None
+        return volume, part, name
 
     @property
     def ha(self) -> str:

@@ -2,7 +2,7 @@
 instance}`` and the HA core's :class:`VmRecord` built from it. Pure.
 
     spec       {name, vcpus, memory_mib, disks, nics, image, probe_interval_ms (the VmSpec),
-                storage: [{disk, array, lun}], policy: {priority, preferred, possible,
+                storage: [{disk, array, lun, volume_disk?}], policy: {priority, preferred, possible,
                 anti_affinity, anti_affinity_hard}}
     intent     {running: bool, at}
     placement  {owner, generation, phase, reason, failovers: [t], restarts: [t], at}
@@ -121,11 +121,17 @@ def vm_record(
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DiskPlacement:
-    """Where one of a clustered VM's disks lives: a LUN on an array."""
+    """Where one of a clustered VM's disks lives: a LUN on an array; for a disk of a shared
+    volume, also the volume and the disk's name there (``volume/name``)."""
 
     disk: str
     array: str
     lun: str
+    volume_disk: str | None = None  # "<volume>/<disk>": a volume's disk (kept when the VM goes)
+
+    def to_json(self) -> dict[str, Any]:
+        data = {"disk": self.disk, "array": self.array, "lun": self.lun}
+        return data if self.volume_disk is None else {**data, "volume_disk": self.volume_disk}
 
 
 def lun_name(vm: str, disk: str) -> str:
@@ -158,8 +164,7 @@ class ClusteredVm:
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.spec.to_dict(),
-                "storage": [{"disk": p.disk, "array": p.array, "lun": p.lun}
-                            for p in self.storage],
+                "storage": [p.to_json() for p in self.storage],
                 "policy": policy_to_json(self.policy)}  # fmt: skip
 
     @classmethod
@@ -168,7 +173,8 @@ class ClusteredVm:
             return cls(
                 spec=VmSpec.from_dict(dict(data)),
                 storage=tuple(DiskPlacement(disk=str(p["disk"]), array=str(p["array"]),
-                                            lun=str(p["lun"]))
+                                            lun=str(p["lun"]),
+                                            volume_disk=_optional_str(p.get("volume_disk")))
                               for p in data.get("storage", [])),
                 policy=policy_from_json(data.get("policy", {})),
             )  # fmt: skip
@@ -176,6 +182,12 @@ class ClusteredVm:
             if isinstance(exc, InvalidInput):
                 raise
             raise InvalidInput(f"malformed clustered VM spec: {exc!r}") from None
+
+
+def _optional_str(value: object) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"expected a string, not {value!r}")
+    return value
 
 
 HA_SETTINGS = ("failover_on_isolation", "restart_limit", "restart_period_s", "failover_threshold",

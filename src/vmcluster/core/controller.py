@@ -15,7 +15,9 @@ windows). The decision folds in, in this order:
 4. drains: a draining node that holds no VM any more is drained (an event, recorded once in
    the recorded view's ``drained``);
 5. HA: :func:`vmcluster.core.ha.decide_vms` on the quarantine-aware view, moves carried out as a
-   clean stop first (:func:`vmcluster.core.ha.stop_before_moving`).
+   clean stop first (:func:`vmcluster.core.ha.stop_before_moving`);
+6. volumes: each shared volume's coordinator placed or moved, and admins' moves carried out
+   (:func:`vmcluster.core.volumes.coordinators`), by a leader that sees itself Up.
 
 The shell commits the events, the recorded view and the exits in one transaction guarded by the
 leader key, and runs each VM action as a job (fence at the arrays, then a compare-and-swap of
@@ -43,6 +45,13 @@ from vmcluster.core.quarantine import (
     quarantined,
     record_exit,
 )
+from vmcluster.core.volumes import (
+    CandidateNode,
+    Coordinator,
+    SetCoordinator,
+    VolumeSpec,
+    coordinators,
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,6 +75,9 @@ class Snapshot:
     armed: bool = True
     settings: HaSettings = field(default_factory=HaSettings)
     quarantine: QuarantineSettings = field(default_factory=QuarantineSettings)
+    volumes: Mapping[str, VolumeSpec] = field(default_factory=dict)
+    coordinators: Mapping[str, Coordinator] = field(default_factory=dict)
+    moves: Mapping[str, str] = field(default_factory=dict)  # volume -> node an admin asked for
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -83,7 +95,7 @@ class Resign:
     reason: str
 
 
-ControllerAction = EmitEvent | RecordView | RecordExits | Resign | VmAction
+ControllerAction = EmitEvent | RecordView | RecordExits | Resign | SetCoordinator | VmAction
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -97,11 +109,11 @@ class Decision:
         return tuple(a for a in self.actions if not isinstance(a, _RECORDS))
 
     @property
-    def records(self) -> tuple[EmitEvent | RecordView | RecordExits | Resign, ...]:
+    def records(self) -> tuple[EmitEvent | RecordView | RecordExits | Resign | SetCoordinator, ...]:
         return tuple(a for a in self.actions if isinstance(a, _RECORDS))
 
 
-_RECORDS = (EmitEvent, RecordView, RecordExits, Resign)
+_RECORDS = (EmitEvent, RecordView, RecordExits, Resign, SetCoordinator)
 
 
 def effective_view(
@@ -211,6 +223,15 @@ def decide(snapshot: Snapshot, now: float) -> Decision:
         vms = None
     elif vms is not None and vms.actions:
         reasons.append(vms.reason)
+    if better is None and leader is not None and leader.state in MAY_LEAD and snapshot.volumes:
+        for change in _coordinators(snapshot, view):
+            records.append(change)
+            node = change.node or "nobody"
+            reasons.append(
+                f"volume {change.volume}: {node} coordinates ({change.reason})"
+                if change.node
+                else f"volume {change.volume}: {change.reason}"
+            )
     if not reasons:
         up = sum(1 for node in view.nodes.values() if node.state is NodeState.UP)
         tail = f"; {vms.reason.removeprefix('no change: ')}" if vms is not None else ""
@@ -218,6 +239,18 @@ def decide(snapshot: Snapshot, now: float) -> Decision:
     else:
         reason = "; ".join(reasons)
     return Decision(actions=(*records, *(vms.actions if vms else ())), reason=reason, view=view)
+
+
+def _coordinators(snapshot: Snapshot, view: ClusterView) -> tuple[SetCoordinator, ...]:
+    candidates = {}
+    for name, node in view.nodes.items():
+        facts = snapshot.nodes.get(name, NodeFacts())
+        candidates[name] = CandidateNode(
+            state=node.state,
+            draining=facts.draining,
+            arrays=facts.arrays if facts.arrays_known else None,
+        )
+    return coordinators(snapshot.volumes, snapshot.coordinators, snapshot.moves, candidates)
 
 
 def _recorded(actions: tuple[EmitEvent | RecordView, ...], before: RecordedView) -> RecordedView:

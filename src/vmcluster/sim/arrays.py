@@ -11,7 +11,7 @@ leaves the older exports live.
 import asyncio
 from typing import TYPE_CHECKING
 
-from vmcluster.arrays.driver import ArrayStatus, LunInfo, export_name
+from vmcluster.arrays.driver import ArrayStatus, LunInfo, check_growth, export_name
 from vmcluster.errors import AlreadyExists, ArrayUnavailable
 from vmcluster.sim.model import Lun
 
@@ -55,6 +55,21 @@ class SimArrayDriver:
         await self._request()
         self.array._lun(lun)
         del self.array.luns[lun]
+        await self._answer()
+
+    async def resize_lun(self, lun: str, size_bytes: int) -> None:
+        await self._request()
+        record = self.array._lun(lun)
+        if check_growth(self.array.name, lun, record.size_bytes, size_bytes):
+            record.size_bytes = size_bytes
+        await self._answer()
+
+    async def copy_lun(self, source: str, target: str) -> None:
+        await self._request()
+        record = self.array._lun(source)
+        if target in self.array.luns:
+            raise AlreadyExists(f"array {self.array.name}: LUN {target!r} already exists")
+        self.array.luns[target] = Lun(size_bytes=record.size_bytes, data=dict(record.data))
         await self._answer()
 
     async def luns(self) -> list[LunInfo]:
