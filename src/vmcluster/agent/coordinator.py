@@ -116,13 +116,14 @@ class VolumeCoordinator:
             op = next_op(volume.ops)
             if op is None:
                 return
+            version = self.cache.version
             try:
                 await self._carry_out(volume, op)
             except StoreError as exc:
                 log.info(event("volume.op.store-failed", volume=name, op=op.id, reason=str(exc)))
                 await asyncio.sleep(RETRY_S)
-            version = self.cache.version
-            await self.cache.wait_changed(PERIOD_S, after=version - 1)
+            # until the cache has this step's commit (or a second: an array retry)
+            await self.cache.wait_changed(PERIOD_S, after=version)
 
     async def _collect(self, volume: StoredVolume) -> None:
         """Remove finished operations that nobody collected."""
