@@ -57,8 +57,10 @@ def test_names_shrinks_snapshots_and_attached_disks_are_refused() -> None:
         (op(OpKind.DELETE, "nope"), "disk vol1/nope does not exist"),
         (op(OpKind.RESIZE, "d1", size_bytes=256 * MIB),
          "disk vol1/d1 is 512M: a disk only grows (asked for 256M)"),
-        (op(OpKind.RESIZE, "s1", size_bytes=512 * MIB), "vol1/s1 is a snapshot: it cannot be resized"),
-        (op(OpKind.SNAPSHOT, "s2", source="s1"), "vol1/s1 is a snapshot; clone it to a disk instead"),
+        (op(OpKind.RESIZE, "s1", size_bytes=512 * MIB),
+         "vol1/s1 is a snapshot: it cannot be resized"),
+        (op(OpKind.SNAPSHOT, "s2", source="s1"),
+         "vol1/s1 is a snapshot; clone it to a disk instead"),
         (op(OpKind.SNAPSHOT, "s2", source="nope"), "disk vol1/nope does not exist"),
         (op(OpKind.DELETE, "d1"), "disk vol1/d1 is attached to VM web; delete the VM first"),
         (op(OpKind.DELETE_VOLUME),
@@ -106,7 +108,8 @@ def test_each_operation_makes_its_own_lun() -> None:
     again = disk_lun("vol1", "d1", "op-0000000000002-bbbbbbbb")
     assert first != again, "a disk made again must not reuse a LUN an old generation knows"
     long = disk_lun("v" * 63, "d" * 63, "op-1")
-    assert len(long) <= 63 and long[0].isalpha()
+    assert len(long) <= 63
+    assert long[0].isalpha()
 
 
 def test_the_first_unfinished_operation_comes_next() -> None:
@@ -116,7 +119,8 @@ def test_the_first_unfinished_operation_comes_next() -> None:
         "op-3": VolumeOp(id="op-3", kind=OpKind.DELETE, disk="c", state=OpState.RUNNING),
     }
     chosen = next_op(ops)
-    assert chosen is not None and chosen.id == "op-2"
+    assert chosen is not None
+    assert chosen.id == "op-2"
     assert next_op({"op-1": ops["op-1"]}) is None
 
 
