@@ -43,7 +43,7 @@ _EVENT = {
                    "node": {"type": "string"}},
 }  # fmt: skip
 _ERROR_KINDS = ["no_quorum", "invalid_input", "not_found", "already_exists", "invalid_state",
-                "error"]  # fmt: skip
+                "no_coordinator", "error"]  # fmt: skip
 _ERROR = {"type": "object", "required": ["error"],
           "properties": {"error": {"type": "string"}, "kind": {"enum": _ERROR_KINDS}}}  # fmt: skip
 _POLICY = {
@@ -106,6 +106,43 @@ _HA_SETTINGS = {
 }  # fmt: skip
 
 
+_VOLUME = {
+    "type": "object",
+    "required": ["name", "array", "size_bytes", "used_bytes", "free_bytes", "coordinator"],
+    "properties": {
+        "name": {"type": "string"}, "array": {"type": "string"},
+        "size_bytes": {"type": "integer"}, "used_bytes": {"type": "integer"},
+        "free_bytes": {"type": "integer"}, "disks": {"type": "integer"},
+        "coordinator": {"type": ["string", "null"]}, "term": {"type": "integer"},
+        "operations": {"type": "integer", "description": "metadata operations queued"},
+        "nodes": {"type": "object", "description": "(one volume) node -> mode (direct, "
+                  "redirected, no-access, unknown) and state"},
+        "disk_list": {"type": "array", "items": {"type": "object"}},
+    },
+}  # fmt: skip
+_DISK = {
+    "type": "object",
+    "properties": {
+        "volume": {"type": "string"}, "name": {"type": "string"}, "path": {"type": "string"},
+        "size_bytes": {"type": "integer"}, "kind": {"enum": ["disk", "snapshot"]},
+        "source": {"type": ["string", "null"]}, "lun": {"type": "string"},
+        "attached_to": {"type": ["string", "null"]}, "deleting": {"type": "boolean"},
+    },
+}  # fmt: skip
+_OPERATION = {
+    "type": "object",
+    "required": ["volume", "id", "state"],
+    "properties": {
+        "volume": {"type": "string"}, "id": {"type": "string"},
+        "kind": {"enum": ["create", "delete", "resize", "snapshot", "clone", "delete-volume"]},
+        "disk": {"type": "string"}, "state": {"enum": ["running", "done"]},
+        "by": {"type": ["string", "null"], "description": "the coordinator that carried it out"},
+        "result": _DISK,
+    },
+}  # fmt: skip
+_SIZE = {"type": "integer", "minimum": 1024 * 1024, "description": "bytes, whole MiB"}
+
+
 def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
@@ -126,6 +163,21 @@ _BODY_LIMITS = "a JSON object of at most 64 KiB, nested at most 16 deep, each ke
 def _body(schema: dict[str, Any]) -> dict[str, Any]:
     return {"required": True, "description": _BODY_LIMITS,
             "content": {"application/json": {"schema": schema}}}  # fmt: skip
+
+
+_VOLUME_PARAM = [{"name": "volume", "in": "path", "required": True, "schema": _NAME}]
+_DISK_PARAMS = [*_VOLUME_PARAM, {"name": "disk", "in": "path", "required": True, "schema": _NAME}]
+_OP_ANSWERS = {"202": _json(_OPERATION, "still running: ask again at /v1/volumes/{volume}/ops/"
+                        "{op}"),
+               "504": _json(_ERROR, "no coordinator took the operation in time (kind "
+                                    "no_coordinator): nothing was done"),
+               **_WRITE_ERRORS}  # fmt: skip
+
+
+def _disk_op(summary: str, body: dict[str, Any]) -> dict[str, Any]:
+    return {"post": {"summary": summary, "parameters": _DISK_PARAMS, "requestBody": _body(body),
+                     "responses": {"200": _json(_OPERATION), "201": _json(_OPERATION),
+                                   **_OP_ANSWERS}}}  # fmt: skip
 
 
 def _vm_action(summary: str) -> dict[str, Any]:
@@ -200,6 +252,58 @@ OPENAPI: dict[str, Any] = {
                                        "default": DEFAULT_CONSOLE_BYTES}}],
             "responses": {"200": _json({"type": "object"}), "404": _json(_ERROR, "no console"),
                           **_ERRORS}}},
+        "/v1/volumes": {
+            "get": {"summary": "Every shared volume",
+                    "responses": {"200": _json({"type": "array", "items": _VOLUME}), **_ERRORS}},
+            "post": {"summary": "Create a shared volume on an array",
+                     "requestBody": _body({"type": "object", "additionalProperties": False,
+                                           "required": ["name", "array", "size_bytes"],
+                                           "properties": {"name": _NAME, "array": _NAME,
+                                                          "size_bytes": _SIZE}}),
+                     "responses": {"201": _json(_VOLUME), **_WRITE_ERRORS}}},
+        "/v1/volumes/{volume}": {
+            "get": {"summary": "One volume, with each node's access and its disks",
+                    "parameters": _VOLUME_PARAM,
+                    "responses": {"200": _json(_VOLUME), "404": _json(_ERROR, "no such volume"),
+                                  **_ERRORS}},
+            "delete": {"summary": "Delete a volume that holds no disk (through its coordinator)",
+                       "parameters": _VOLUME_PARAM,
+                       "responses": {"200": _json({"type": "object"}), **_OP_ANSWERS}}},
+        "/v1/volumes/{volume}/move": {"post": {
+            "summary": "Move the volume's coordinator", "parameters": _VOLUME_PARAM,
+            "requestBody": _body({"type": "object", "additionalProperties": False,
+                                  "required": ["coordinator"],
+                                  "properties": {"coordinator": _NAME}}),
+            "responses": {"200": _json(_VOLUME), **_OP_ANSWERS}}},
+        "/v1/volumes/{volume}/ops/{op}": {"get": {
+            "summary": "An operation's outcome (waited for a few seconds)",
+            "parameters": [*_VOLUME_PARAM,
+                           {"name": "op", "in": "path", "required": True, "schema": _NAME}],
+            "responses": {"200": _json(_OPERATION), **_OP_ANSWERS}}},
+        "/v1/disks": {"get": {
+            "summary": "The disks and snapshots of every volume",
+            "parameters": [{"name": "volume", "in": "query", "schema": _NAME}],
+            "responses": {"200": _json({"type": "array", "items": _DISK}), **_ERRORS}}},
+        "/v1/volumes/{volume}/disks": {"post": {
+            "summary": "Create a disk in the volume", "parameters": _VOLUME_PARAM,
+            "requestBody": _body({"type": "object", "additionalProperties": False,
+                                  "required": ["name", "size_bytes"],
+                                  "properties": {"name": _NAME, "size_bytes": _SIZE}}),
+            "responses": {"201": _json(_OPERATION), **_OP_ANSWERS}}},
+        "/v1/volumes/{volume}/disks/{disk}": {"delete": {
+            "summary": "Delete a disk or snapshot that no VM uses", "parameters": _DISK_PARAMS,
+            "responses": {"200": _json({"type": "object"}), **_OP_ANSWERS}}},
+        "/v1/volumes/{volume}/disks/{disk}/resize": _disk_op(
+            "Grow a disk", {"type": "object", "additionalProperties": False,
+                            "required": ["size_bytes"], "properties": {"size_bytes": _SIZE}}),
+        "/v1/volumes/{volume}/disks/{disk}/snapshot": _disk_op(
+            "A read-only copy of the disk as it is now",
+            {"type": "object", "additionalProperties": False, "required": ["name"],
+             "properties": {"name": _NAME}}),
+        "/v1/volumes/{volume}/disks/{disk}/clone": _disk_op(
+            "A new disk with the data of this disk or snapshot",
+            {"type": "object", "additionalProperties": False, "required": ["name"],
+             "properties": {"name": _NAME}}),
         "/v1/ha": {"get": {"summary": "Whether HA is armed",
                            "responses": {"200": _json({"type": "object"}), **_ERRORS}}},
         "/v1/ha/arm": {"post": {"summary": "Resume automatic HA actions",

@@ -15,6 +15,7 @@ from vmcluster.cli.lab import lab
 from vmcluster.cli.path import path
 from vmcluster.cli.sim import sim
 from vmcluster.cli.vm import vm
+from vmcluster.cli.volume import disk, volume
 from vmcluster.errors import VmclusterError
 
 
@@ -59,6 +60,8 @@ cli.add_command(events)
 cli.add_command(sim)
 cli.add_command(forwarder)
 cli.add_command(path)
+cli.add_command(volume)
+cli.add_command(disk)
 
 
 def main() -> None:
