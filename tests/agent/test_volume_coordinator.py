@@ -298,3 +298,48 @@ def test_without_a_coordinator_operations_fail_and_nothing_is_done(tmp_path: Pat
         assert await c.array.luns() == []
 
     run(scenario, tmp_path)
+
+
+def test_vms_use_volume_disks_one_vm_per_disk(tmp_path: Path) -> None:
+    async def scenario(c: Volumes) -> None:
+        from vmcluster.service import vms
+
+        await vol.create_volume(c.ctx("n1"), {"name": "vol1", "array": "a1",
+                                              "size_bytes": GIB_BYTES})  # fmt: skip
+        await c.until(lambda: c.coordinator("vol1") is not None)
+        await vol.create_disk(c.ctx("n1"), "vol1", {"name": "d1", "size_bytes": 64 * MIB})
+        await c.until(lambda: "d1" in c.ctx("n2").records.volumes()["vol1"].disks)
+        lun = await c.lun_of("vol1/d1")
+
+        await vms.create(c.ctx("n2"), {"name": "web", "disks": ["vol1/d1"]})
+        await c.until(lambda: "web" in c.ctx("n3").records.stored())
+        web = c.ctx("n3").records.stored()["web"]
+        assert [(p.lun, p.volume_disk) for p in web.spec.storage] == [(lun, "vol1/d1")]
+        assert c.ctx("n3").records.attached("vol1") == {"d1": "web"}
+        with pytest.raises(InvalidState, match=r"^VM db: disk vol1/d1 is attached to VM web$"):
+            await vms.create(c.ctx("n3"), {"name": "db", "disks": ["vol1/d1"]})
+        with pytest.raises(InvalidState, match=r"^disk vol1/d1 is attached to VM web; delete"):
+            await vol.delete_disk(c.ctx("n3"), "vol1", "d1")
+        with pytest.raises(NotFound, match=r"^VM db: disk vol1/nope does not exist$"):
+            await vms.create(c.ctx("n3"), {"name": "db", "disks": ["vol1/nope"]})
+
+        # the disk outlives its VM, and the next VM fences above the generations it saw
+        await c.array.fence(lun, 5)
+        await vms.delete(c.ctx("n3"), "web")
+        await c.until(lambda: not c.ctx("n1").records.attached("vol1"))
+        assert lun in await c.luns(), "a volume's disk is kept when its VM goes"
+        await vms.create(c.ctx("n1"), {"name": "db", "disks": ["vol1/d1"]})
+        await c.until(lambda: "db" in c.ctx("n1").records.stored())
+        assert c.ctx("n1").records.stored()["db"].record.generation == 5
+
+        # a new disk made in the volume for a new VM
+        await vms.create(c.ctx("n2"), {"name": "app", "disks": [32 * MIB], "volume": "vol1"})
+        await c.until(lambda: "app" in c.ctx("n2").records.stored())
+        assert c.ctx("n2").records.attached("vol1") == {"d1": "db", "app-disk0": "app"}
+        with pytest.raises(InvalidState, match=r"^volume vol1 has 928M free; disk big-disk0 "
+                                               r"needs 2G$"):  # fmt: skip
+            await vms.create(c.ctx("n2"), {"name": "big", "disks": [2 * GIB_BYTES],
+                                           "volume": "vol1"})  # fmt: skip
+        assert "big" not in c.ctx("n2").records.stored()
+
+    run(scenario, tmp_path)

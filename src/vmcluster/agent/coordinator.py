@@ -196,6 +196,7 @@ class VolumeCoordinator:
                 puts[disk_key] = Put(value=dumps(disk_to_json(
                     replace(volume.disks[op.disk], deleting=True))))  # fmt: skip
                 expect[disk_key] = volume.disk_revisions[op.disk]
+                expect[self.keys.volume_attach(name, op.disk)] = 0  # and none has it now
         else:
             log.info(event("volume.op.completing", volume=name, op=op.id, kind=str(op.kind),
                            claimed_by=op.by, term=op.term))  # fmt: skip

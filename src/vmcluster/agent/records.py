@@ -57,6 +57,8 @@ class StoredVolume:
     ops: Mapping[str, VolumeOp]
     op_revisions: Mapping[str, int]
     op_times: Mapping[str, tuple[float, float | None]]  # id -> (submitted, finished)
+    attached: Mapping[str, str]  # disk -> the VM it is attached to
+    attach_revisions: Mapping[str, int]
 
     @property
     def name(self) -> str:
@@ -163,18 +165,16 @@ class ClusterRecords:
                 disks=disks, disk_revisions={n: r for n, (_, r) in parts.get("disks", {}).items()},
                 ops=ops, op_revisions={n: r for n, (_, r) in parts.get("ops", {}).items()},
                 op_times=times,
+                attached={n: str(v.get("vm")) for n, (v, _) in parts.get("attach", {}).items()},
+                attach_revisions={n: r for n, (_, r) in parts.get("attach", {}).items()},
             )  # fmt: skip
         return found
 
     def attached(self, volume: str) -> dict[str, str]:
-        """disk -> the VM it is attached to, for the disks of shared volume ``volume``."""
-        found = {}
-        for vm in self.stored().values():
-            for placement in vm.spec.storage:
-                owner, _, disk = (placement.volume_disk or "").partition("/")
-                if owner == volume:
-                    found[disk] = vm.name
-        return found
+        """disk -> the VM it is attached to, for the disks of shared volume ``volume`` (its
+        ``attach`` records, written with the VM's spec)."""
+        stored = self.volumes().get(volume)
+        return dict(stored.attached) if stored is not None else {}
 
     def armed(self) -> bool:
         return bool((self.cache.json(self.keys.ha) or {}).get("armed", True))

@@ -79,6 +79,7 @@ from vmcluster.service import nodes as nodeadmin
 from vmcluster.service import vms as vmservice
 from vmcluster.service import volumes as volservice
 from vmcluster.service.context import NodeContext, NoQuorum
+from vmcluster.service.fields import check_name
 
 log = get_logger(__name__)
 
@@ -174,7 +175,7 @@ async def _inputs(request: web.Request, handler: Handler) -> web.StreamResponse:
     match = request.match_info
     if match.http_exception is None:  # a route matched
         for param, value in match.items():
-            vmservice.check_name(value, what=PATH_NAMES[param])
+            check_name(value, what=PATH_NAMES[param])
         known = QUERY_PARAMS.get(match.handler, ())
         seen: set[str] = set()
         for key, _ in request.query.items():  # items() keeps repeated keys, iter() not

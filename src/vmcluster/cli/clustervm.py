@@ -37,7 +37,8 @@ def _failback(value: str) -> dict[str, Any]:
 
 
 def create(
-    *, name: str, memory_mib: int, vcpus: int, disks: list[int], image: str,
+    *, name: str, memory_mib: int, vcpus: int, disks: list[int | str], image: str,
+    volume: str | None,
     probe_interval: int, priority: str, preferred: str, possible: str, anti_affinity: str,
     failback: str, array: str | None, start: bool, via: str | None, output: str,
 ) -> None:  # fmt: skip
@@ -52,6 +53,8 @@ def create(
                             "policy": policy, "start": start}  # fmt: skip
     if array:
         body["array"] = array
+    if volume:
+        body["volume"] = volume
     created = _client(via).post("/v1/vms", body)
     if output == "json":
         print_json(created)
@@ -102,7 +105,9 @@ def stop(name: str, *, wait: bool, timeout: float, via: str | None) -> None:
 
 def delete(name: str, *, via: str | None) -> None:
     _client(via).delete(_path(name))
-    stdout.print(f"deleted VM {name} and its disks", markup=False)
+    stdout.print(
+        f"deleted VM {name} (its own LUNs deleted; disks of shared volumes kept)", markup=False
+    )
 
 
 def list_(*, via: str | None, output: str) -> None:
@@ -127,7 +132,9 @@ def show(name: str, *, via: str | None, output: str) -> None:
         ("generation", vm["generation"]), ("reason", vm["reason"]), ("intent", vm["intent"]),
         ("vcpus", vm["vcpus"]), ("memory", f"{vm['memory_mib']} MiB"),
         ("disks", ", ".join(f"{d['name']} {d['size_bytes'] // (1 << 20)} MiB on "
-                            f"{d['array']}/{d['lun']}" for d in vm["disks"])),
+                            + (f"volume {d['volume_disk']}" if d.get("volume_disk")
+                               else f"{d['array']}/{d['lun']}")
+                            for d in vm["disks"])),
         ("priority", policy["priority"]),
         ("preferred", ",".join(policy["preferred"]) or "-"),
         ("possible", ",".join(policy["possible"]) or "every node"),

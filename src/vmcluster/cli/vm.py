@@ -51,7 +51,7 @@ def vm() -> None:
     multiple=True,
     default=["256M"],
     show_default=True,
-    help="Disk size (K, M, G, T); repeat for more disks.",
+    help="Disk size (K, M, G, T), or VOLUME/DISK: a disk of a shared volume; repeat for more.",
 )
 @click.option(
     "--nic",
@@ -75,6 +75,8 @@ def vm() -> None:
 @click.option("--failback", default="never", metavar="never|immediate|HH-HH",
               help="Back to the preferred owner: never, at once, or in a UTC window.")  # fmt: skip
 @click.option("--array", default=None, help="The array for its disks (default: the first).")
+@click.option("--volume", "volume_name", default=None, metavar="VOLUME",
+              help="Make its new disks (--disk SIZE) in this shared volume.")  # fmt: skip
 @click.option("--start", "start_now", is_flag=True, help="Start it right away.")
 @click.option("--via", metavar="NODE", help="Ask this node's agent (default: any).")
 @local_option
@@ -82,8 +84,8 @@ def vm() -> None:
 def create(
     name: str, memory: str, vcpus: int, disks: tuple[str, ...], nics: tuple[str, ...],
     image: str, probe_interval: int, priority: str, preferred: str, possible: str,
-    anti_affinity: str, failback: str, array: str | None, start_now: bool, via: str | None,
-    local: bool, output: str,
+    anti_affinity: str, failback: str, array: str | None, volume_name: str | None,
+    start_now: bool, via: str | None, local: bool, output: str,
 ) -> None:  # fmt: skip
     """Create a VM (stopped unless --start): in the cluster, its disks LUNs on an array."""
     memory_bytes = parse_size(memory, what="memory size", default_unit="M")
@@ -93,7 +95,8 @@ def create(
         cluster_only = {"--priority": priority != "medium", "--preferred": preferred,
                         "--possible": possible, "--anti-affinity": anti_affinity,
                         "--failback": failback != "never", "--array": array,
-                        "--start": start_now, "--via": via}  # fmt: skip
+                        "--volume": volume_name, "--start": start_now, "--via": via,
+                        "--disk VOLUME/DISK": any("/" in d for d in disks)}  # fmt: skip
         given = [option for option, value in cluster_only.items() if value]
         if given:
             raise InvalidInput(f"{given[0]} is for clustered VMs: drop it or drop --local")
@@ -102,7 +105,8 @@ def create(
             raise InvalidInput("--nic needs --local: clustered VMs have no NICs yet")
         clustervm.create(
             name=name, memory_mib=memory_bytes // MIB, vcpus=vcpus,
-            disks=[parse_size(size, what="disk size") for size in disks], image=image,
+            disks=[d if "/" in d else parse_size(d, what="disk size") for d in disks],
+            image=image, volume=volume_name,
             probe_interval=probe_interval, priority=priority, preferred=preferred,
             possible=possible, anti_affinity=anti_affinity, failback=failback, array=array,
             start=start_now, via=via, output=output,

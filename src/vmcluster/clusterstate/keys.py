@@ -17,6 +17,7 @@
     /vmcluster/v1/<cluster>/volumes/<v>/move    an admin's request to move the coordinator
     /vmcluster/v1/<cluster>/volumes/<v>/disks/<d>  a disk or snapshot: size, LUN, kind
     /vmcluster/v1/<cluster>/volumes/<v>/ops/<id>   a queued metadata operation and its result
+    /vmcluster/v1/<cluster>/volumes/<v>/attach/<d> the VM a disk is attached to (one at most)
     /vmcluster/v1/<cluster>/ha                  armed or disarmed
     /vmcluster/v1/<cluster>/quarantine          unclean exits per node (written by the leader)
 
@@ -84,6 +85,9 @@ class Keys:
     def volume_disk(self, volume: str, disk: str) -> str:
         return f"{self.volumes_prefix}{volume}/disks/{disk}"
 
+    def volume_attach(self, volume: str, disk: str) -> str:
+        return f"{self.volumes_prefix}{volume}/attach/{disk}"
+
     def volume_op(self, volume: str, op_id: str) -> str:
         return f"{self.volumes_prefix}{volume}/ops/{op_id}"
 
@@ -94,7 +98,7 @@ class Keys:
             return None
         volume, _, rest = key[len(self.volumes_prefix) :].partition("/")
         part, _, name = rest.partition("/")
-        if not volume or not part or (part in ("disks", "ops")) != bool(name):
+        if not volume or not part or (part in ("disks", "ops", "attach")) != bool(name):
             return None
         return volume, part, name
 

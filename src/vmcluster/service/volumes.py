@@ -34,7 +34,7 @@ from vmcluster.core.volumes import (
 )
 from vmcluster.errors import AlreadyExists, InvalidInput, InvalidState, NoCoordinator, NotFound
 from vmcluster.service.context import NodeContext
-from vmcluster.service.vms import check_name, field_of
+from vmcluster.service.fields import check_name, field_of
 
 CLAIM_TIMEOUT_S = 6.0  # an operation no coordinator took by then is withdrawn
 ANSWER_TIMEOUT_S = 8.0  # a request waits this long for the outcome, then answers "running"
