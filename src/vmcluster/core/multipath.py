@@ -26,6 +26,11 @@ their outcome shows in the path's reason).
   once). With no path up, standby paths are used at once.
 - Policy ``failover`` sends everything on the first usable path; ``round-robin`` spreads requests
   over all usable paths.
+- Redirected paths (``redirected``: through another node's forwarder, over the cluster network,
+  to the same export) carry I/O only while no direct path is up: direct up, then redirected up,
+  then direct standby, then redirected standby. The disk's :class:`Route` says which kind
+  carries its I/O (a :class:`RouteChanged` event when that changes, for a disk that has
+  redirected paths).
 - With no usable path, requests **wait**; a request that waited ``no_path_timeout_s`` is failed
   with EIO (then QEMU's ``werror=stop`` pauses the guest). A path that comes back takes the queue,
   in order.
@@ -57,6 +62,12 @@ class DiskState(StrEnum):
     ACTIVE = "active"  # at least one usable path
     WAITING = "waiting"  # no usable path: requests wait
     FENCED = "fenced"  # the array refused this generation's export
+
+
+class Route(StrEnum):
+    DIRECT = "direct"  # over the node's own storage paths
+    REDIRECTED = "redirected"  # through another node's forwarder
+    NONE = "no-access"  # no usable path (or fenced)
 
 
 class Policy(StrEnum):
@@ -152,7 +163,14 @@ class DiskChanged:
     at: float
 
 
-Event = PathChanged | DiskChanged
+@dataclass(frozen=True, slots=True)
+class RouteChanged:
+    route: Route
+    reason: str
+    at: float
+
+
+Event = PathChanged | DiskChanged | RouteChanged
 
 
 @dataclass(slots=True)
@@ -210,11 +228,15 @@ class Multipath:
         *,
         policy: Policy = Policy.FAILOVER,
         timings: PathTimings | None = None,
+        redirected: Iterable[str] = (),
         now: float,
     ) -> None:
         self.policy = policy
         self.timings = timings or PathTimings()
         self._paths = {name: _Path(name, since=now) for name in paths}
+        self._redirected = frozenset(redirected)
+        if not self._redirected <= set(self._paths):
+            raise ValueError("redirected paths must be paths of the disk")
         if not self._paths:
             raise ValueError("a disk needs at least one path")
         self._order = list(self._paths)
@@ -226,6 +248,7 @@ class Multipath:
         self._rr = 0
         self.fenced = False
         self._disk_state = DiskState.WAITING
+        self._route = Route.NONE
         for path in self._paths.values():
             path.deadline = now + self.timings.connect_timeout_s
             self._actions.append(Connect(path.name))
@@ -242,6 +265,13 @@ class Multipath:
     @property
     def state(self) -> DiskState:
         return self._disk_state
+
+    @property
+    def route(self) -> Route:
+        return self._route
+
+    def is_redirected(self, path: str) -> bool:
+        return path in self._redirected
 
     def paths(self) -> list[PathView]:
         return [
@@ -434,6 +464,17 @@ class Multipath:
         if state is not self._disk_state:
             self._disk_state = state
             self._events.append(DiskChanged(state, reason, now))
+        usable = self._usable()
+        if self.fenced or not usable:
+            route = Route.NONE
+        elif usable[0].name in self._redirected:
+            route = Route.REDIRECTED
+        else:
+            route = Route.DIRECT
+        if route is not self._route:
+            self._route = route
+            if self._redirected:  # without redirected paths, the disk's state says it all
+                self._events.append(RouteChanged(route, reason, now))
 
     def _retry_later(self, p: _Path, reason: str, now: float) -> None:
         """A reconnect of a down path failed: the next one after the backoff."""
@@ -483,8 +524,15 @@ class Multipath:
         self._drain_waiting(now)
 
     def _usable(self) -> list[_Path]:
-        up = [p for p in self._paths.values() if p.state is PathState.UP]
-        return up or [p for p in self._paths.values() if p.state is PathState.STANDBY]
+        """The paths I/O goes to now: the first non-empty of direct up, redirected up, direct
+        standby, redirected standby."""
+        for state in (PathState.UP, PathState.STANDBY):
+            for redirected in (False, True):
+                found = [p for p in self._paths.values()
+                         if p.state is state and (p.name in self._redirected) == redirected]
+                if found:
+                    return found
+        return []
 
     def _choose(self) -> _Path | None:
         usable = self._usable()
