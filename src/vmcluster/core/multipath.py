@@ -528,8 +528,11 @@ class Multipath:
         standby, redirected standby."""
         for state in (PathState.UP, PathState.STANDBY):
             for redirected in (False, True):
-                found = [p for p in self._paths.values()
-                         if p.state is state and (p.name in self._redirected) == redirected]
+                found = [
+                    p
+                    for p in self._paths.values()
+                    if p.state is state and (p.name in self._redirected) == redirected
+                ]
                 if found:
                     return found
         return []

@@ -87,6 +87,27 @@ class ForwarderClient:
         answer = await self.call({"op": "detach", "disk": disk, "generation": generation})
         return bool(answer.get("detached"))
 
+    async def relay(self, listen: list[str], arrays: dict[str, list[str]]) -> dict[str, Any]:
+        """Relay other nodes' redirected I/O to ``arrays`` (name -> portals), listening on
+        ``listen`` (HOST:PORT each); idempotent."""
+        answer = await self.call({"op": "relay", "listen": listen, "arrays": arrays})
+        status: dict[str, Any] = answer["relay"]
+        return status
+
+    async def retarget(self, disk: str, generation: int,
+                       paths: list[tuple[str, str]]) -> dict[str, Any]:  # fmt: skip
+        """New addresses for a disk's redirected paths (name, HOST:PORT)."""
+        answer = await self.call(
+            {
+                "op": "retarget",
+                "disk": disk,
+                "generation": generation,
+                "paths": [{"name": n, "address": a} for n, a in paths],
+            }
+        )
+        status: dict[str, Any] = answer["disk"]
+        return status
+
     async def status(self) -> list[dict[str, Any]]:
         disks: list[dict[str, Any]] = (await self.call({"op": "status"}))["disks"]
         return disks

@@ -4,8 +4,13 @@ One JSON object per line each way. Requests::
 
     {"op": "attach", "disk": "web1.root", "generation": 4, "export": "web1-root.g4",
      "paths": [{"name": "storage-a", "address": "10.77.11.101:10809"}, ...],
-     "policy": "failover", "timings": {"no_path_timeout_s": 20}}
+     "policy": "failover", "timings": {"no_path_timeout_s": 20},
+     "relays": ["relay-cluster1", ...], "relay_array": "a1"}    # redirected paths (optional)
     {"op": "detach", "disk": "web1.root", "generation": 4}
+    {"op": "relay", "listen": ["10.77.1.11:10811", ...],
+     "arrays": {"a1": ["10.77.11.101:10809", ...]}}     # relay other nodes' I/O to these arrays
+    {"op": "retarget", "disk": "web1.root", "generation": 4,
+     "paths": [{"name": "relay-cluster1", "address": "10.77.1.12:10811"}, ...]}
     {"op": "status"}
     {"op": "watch"}          # then one event object per line, as they happen
 
@@ -54,11 +59,24 @@ class Status:
 
 
 @dataclass(frozen=True, slots=True)
+class RelayConfig:
+    listen: tuple[Address, ...]
+    arrays: dict[str, tuple[Address, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class Retarget:
+    disk: str
+    generation: int
+    paths: tuple[tuple[str, Address], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Watch:
     pass
 
 
-ControlRequest = Attach | Detach | Status | Watch
+ControlRequest = Attach | Detach | Status | Watch | RelayConfig | Retarget
 
 
 def parse_request(line: bytes) -> ControlRequest:
@@ -90,7 +108,37 @@ def _parse(line: bytes) -> ControlRequest:
         return Detach(_disk(data, "detach"), _generation(data, "detach"))
     if op == "attach":
         return Attach(_attach(data))
-    raise ControlError(f"unknown control op {op!r} (attach, detach, status, watch)")
+    if op == "relay":
+        return _relay(data)
+    if op == "retarget":
+        _only(data, {"op", "disk", "generation", "paths"}, "retarget")
+        return Retarget(_disk(data, "retarget"), _generation(data, "retarget"),
+                        tuple(_paths(data, "retarget")))  # fmt: skip
+    raise ControlError(f"unknown control op {op!r} (attach, detach, status, watch, relay, "
+                       "retarget)")  # fmt: skip
+
+
+def _addresses(raw: object, what: str) -> tuple[Address, ...]:
+    if not isinstance(raw, list) or len(raw) > 8:
+        raise ControlError(f"relay: {what} must be a list of at most 8 HOST:PORT")
+    try:
+        return tuple(Address.parse(str(a)) for a in raw)
+    except ValueError as exc:
+        raise ControlError(f"relay: {what}: {exc}") from None
+
+
+def _relay(data: dict[str, Any]) -> RelayConfig:
+    _only(data, {"op", "listen", "arrays"}, "relay")
+    listen = _addresses(data.get("listen"), "listen")
+    arrays = data.get("arrays")
+    if not isinstance(arrays, dict) or len(arrays) > 64:
+        raise ControlError("relay: arrays must be an object: array name -> its portals")
+    found = {}
+    for name, portals in arrays.items():
+        if not isinstance(name, str) or not _PATH.match(name):
+            raise ControlError(f"relay: array name {name!r} must be 1-32 of a-z, 0-9, '-'")
+        found[name] = _addresses(portals, f"array {name}")
+    return RelayConfig(listen, found)
 
 
 def _only(data: dict[str, Any], allowed: set[str], op: str) -> None:
@@ -113,8 +161,29 @@ def _generation(data: dict[str, Any], op: str) -> int:
     return generation
 
 
+def _paths(data: dict[str, Any], op: str) -> list[tuple[str, Address]]:
+    raw_paths = data.get("paths")
+    if not isinstance(raw_paths, list) or not raw_paths or len(raw_paths) > 8:
+        raise ControlError(f"{op}: paths must be a list of 1-8 {{name, address}} objects")
+    paths: list[tuple[str, Address]] = []
+    for item in raw_paths:
+        if not isinstance(item, dict) or set(item) != {"name", "address"}:
+            raise ControlError(f'{op}: each path must be {{"name": ..., "address": ...}}')
+        name, address = item["name"], item["address"]
+        if not isinstance(name, str) or not _PATH.match(name):
+            raise ControlError(f"{op}: path name {name!r} must be 1-32 of a-z, 0-9, '-'")
+        if any(name == n for n, _ in paths):
+            raise ControlError(f"{op}: path {name!r} is listed twice")
+        try:
+            paths.append((name, Address.parse(str(address))))
+        except ValueError as exc:
+            raise ControlError(f"{op}: path {name}: {exc}") from None
+    return paths
+
+
 def _attach(data: dict[str, Any]) -> DiskSpec:
-    _only(data, {"op", "disk", "generation", "export", "paths", "policy", "timings"}, "attach")
+    _only(data, {"op", "disk", "generation", "export", "paths", "policy", "timings", "relays",
+                 "relay_array"}, "attach")  # fmt: skip
     disk, generation = _disk(data, "attach"), _generation(data, "attach")
     export = data.get("export")
     if not isinstance(export, str) or not export or len(export.encode()) > _EXPORT_MAX:
@@ -122,22 +191,16 @@ def _attach(data: dict[str, Any]) -> DiskSpec:
     if not export.endswith(f".g{generation}"):  # the storage fence: one generation, its own
         raise ControlError(f"attach: export {export!r} is not generation {generation}'s "
                            f"(<lun>.g{generation})")  # fmt: skip
-    raw_paths = data.get("paths")
-    if not isinstance(raw_paths, list) or not raw_paths or len(raw_paths) > 8:
-        raise ControlError("attach: paths must be a list of 1-8 {name, address} objects")
-    paths: list[tuple[str, Address]] = []
-    for item in raw_paths:
-        if not isinstance(item, dict) or set(item) != {"name", "address"}:
-            raise ControlError('attach: each path must be {"name": ..., "address": ...}')
-        name, address = item["name"], item["address"]
-        if not isinstance(name, str) or not _PATH.match(name):
-            raise ControlError(f"attach: path name {name!r} must be 1-32 of a-z, 0-9, '-'")
-        if any(name == n for n, _ in paths):
-            raise ControlError(f"attach: path {name!r} is listed twice")
-        try:
-            paths.append((name, Address.parse(str(address))))
-        except ValueError as exc:
-            raise ControlError(f"attach: path {name}: {exc}") from None
+    paths = _paths(data, "attach")
+    relays = data.get("relays", [])
+    names = [n for n, _ in paths]
+    if not isinstance(relays, list) or not all(isinstance(r, str) and r in names for r in relays):
+        raise ControlError("attach: relays must list paths of the disk (its redirected paths)")
+    if len(relays) == len(names) and relays:
+        raise ControlError("attach: a disk needs a direct path besides its redirected ones")
+    relay_array = data.get("relay_array")
+    if relays and (not isinstance(relay_array, str) or not _PATH.match(relay_array)):
+        raise ControlError("attach: relay_array must name the array the relays reach")
     try:
         policy = Policy(data.get("policy", "failover"))
     except ValueError:
@@ -145,7 +208,8 @@ def _attach(data: dict[str, Any]) -> DiskSpec:
                            "round-robin") from None  # fmt: skip
     timings = _timings(data.get("timings", {}))
     return DiskSpec(disk=disk, generation=generation, export=export, paths=tuple(paths),
-                    policy=policy, timings=timings)  # fmt: skip
+                    policy=policy, timings=timings, relays=tuple(relays),
+                    relay_array=relay_array if relays else None)  # fmt: skip
 
 
 def _timings(raw: object) -> PathTimings:
@@ -171,9 +235,13 @@ def attach_request(spec: DiskSpec) -> dict[str, Any]:
     defaults = PathTimings()
     timings = {f.name: getattr(spec.timings, f.name) for f in fields(PathTimings)
                if getattr(spec.timings, f.name) != getattr(defaults, f.name)}  # fmt: skip
-    return {"op": "attach", "disk": spec.disk, "generation": spec.generation,
-            "export": spec.export, "policy": str(spec.policy), "timings": timings,
-            "paths": [{"name": n, "address": str(a)} for n, a in spec.paths]}  # fmt: skip
+    request = {"op": "attach", "disk": spec.disk, "generation": spec.generation,
+               "export": spec.export, "policy": str(spec.policy), "timings": timings,
+               "paths": [{"name": n, "address": str(a)} for n, a in spec.paths]}  # fmt: skip
+    if spec.relays:
+        request["relays"] = list(spec.relays)
+        request["relay_array"] = spec.relay_array
+    return request
 
 
 def encode(message: dict[str, Any]) -> bytes:

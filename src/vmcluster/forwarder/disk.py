@@ -34,8 +34,11 @@ from vmcluster.core.multipath import (
     PathTimings,
     Policy,
     Probe,
+    Route,
+    RouteChanged,
     Send,
 )
+from vmcluster.forwarder import relay
 from vmcluster.forwarder.budget import InFlightBudget
 from vmcluster.forwarder.downstream import Session
 from vmcluster.forwarder.upstream import Address, Upstream
@@ -80,6 +83,8 @@ class DiskSpec:
     paths: tuple[tuple[str, Address], ...]
     policy: Policy = Policy.FAILOVER
     timings: PathTimings = field(default_factory=PathTimings)
+    relays: tuple[str, ...] = ()  # redirected paths: to another node's relay (forwarder/relay.py)
+    relay_array: str | None = None  # the array those relays carry the disk to
 
 
 @dataclass(slots=True)
@@ -128,7 +133,8 @@ class ForwardedDisk:
         self.detached = False
         self.stats = {"requests": 0, "resent": 0, "failed": 0, "bytes_read": 0, "bytes_written": 0}
         self.core = Multipath([n for n, _ in spec.paths], policy=spec.policy,
-                              timings=spec.timings, now=self._loop.time())  # fmt: skip
+                              timings=spec.timings, redirected=spec.relays,
+                              now=self._loop.time())  # fmt: skip
         self._run()
 
     # ----- attach / detach -----
@@ -174,6 +180,23 @@ class ForwardedDisk:
             self._timer.cancel()
         self._budget.forget(self)
         self.socket_path.unlink(missing_ok=True)
+
+    def retarget(self, paths: tuple[tuple[str, Address], ...]) -> list[str]:
+        """New addresses for redirected paths (the coordinator moved): a connected one is
+        dropped, its requests re-sent elsewhere, and it reconnects to its new address. The
+        names of paths that are not this disk's redirected ones, which are left alone."""
+        wrong = [name for name, _ in paths if name not in self.spec.relays]
+        now = self._loop.time()
+        for name, address in paths:
+            if name in wrong or self._addresses[name] == address:
+                continue
+            before = self._addresses[name]
+            self._addresses[name] = address
+            log.info(event("forwarder.path.retargeted", disk=self.spec.disk, path=name,
+                           old=str(before), new=str(address)))  # fmt: skip
+            self.core.failed(name, f"its relay moved from {before} to {address}", now)
+        self._run()
+        return wrong
 
     # ----- requests from clients -----
 
@@ -312,8 +335,10 @@ class ForwardedDisk:
         try:
             for which in ("data", "probe"):
                 on_reply = self._data_reply if which == "data" else self._probe_reply
+                relayed = path in self.spec.relays and self.spec.relay_array is not None
                 conn = await Upstream.open(
                     address, self.spec.export, timeout_s=timeout,
+                    preamble=relay.preamble(self.spec.relay_array or "") if relayed else b"",
                     on_ready=functools.partial(self._ready, path, epoch, which),
                     on_reply=functools.partial(on_reply, path, epoch),
                     on_lost=functools.partial(self._lost, path, epoch),
@@ -423,6 +448,12 @@ class ForwardedDisk:
                           "state": str(ev.state), "reason": ev.reason, "at": wall}  # fmt: skip
                 level = log.warning if ev.state is PathState.DOWN else log.info
                 level(event(name, disk=self.spec.disk, path=ev.path, reason=ev.reason))
+            elif isinstance(ev, RouteChanged):
+                name = f"forwarder.disk.{ev.route}"
+                record = {"event": "route.changed", "disk": self.spec.disk,
+                          "route": str(ev.route), "reason": ev.reason, "at": wall}  # fmt: skip
+                level = log.info if ev.route is Route.DIRECT else log.warning
+                level(event(name, disk=self.spec.disk, reason=ev.reason))
             else:
                 assert isinstance(ev, DiskChanged)
                 name = f"forwarder.disk.{ev.state}"
@@ -467,6 +498,7 @@ class ForwardedDisk:
             "export": self.spec.export,
             "socket": str(self.socket_path),
             "state": str(self.core.state),
+            "route": str(self.core.route),
             "policy": str(self.spec.policy),
             "size_bytes": self.export.size if self.export else None,
             "clients": len(self._sessions),
@@ -477,6 +509,7 @@ class ForwardedDisk:
             "stats": dict(self.stats),
             "paths": [
                 {"name": p.name, "address": str(self._addresses[p.name]), "state": str(p.state),
+                 "redirected": p.name in self.spec.relays,
                  "since": now_wall - (now_mono - p.since), "reason": p.reason,
                  "in_flight": p.in_flight, "failures": p.failures}
                 for p in self.core.paths()

@@ -25,12 +25,15 @@ from vmcluster.forwarder.control import (
     Attach,
     ControlError,
     Detach,
+    RelayConfig,
+    Retarget,
     Status,
     Watch,
     encode,
     parse_request,
 )
 from vmcluster.forwarder.disk import AttachError, ForwardedDisk
+from vmcluster.forwarder.relay import Relay
 from vmcluster.logs import event, get_logger
 
 log = get_logger(__name__)
@@ -51,6 +54,7 @@ class Forwarder:
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self._server: asyncio.AbstractServer | None = None
         self._budget = InFlightBudget()  # the disks' data in flight, shared among them
+        self.relay = Relay()  # other nodes' redirected I/O, carried to the arrays
 
     async def serve(self) -> None:
         """Until cancelled (or SIGTERM/SIGINT): then every disk is detached."""
@@ -75,6 +79,7 @@ class Forwarder:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        await self.relay.close()
         for disk in list(self.disks.values()):
             await disk.detach()
         self.disks.clear()
@@ -125,9 +130,29 @@ class Forwarder:
         finally:
             writer.close()
 
-    async def _answer(self, request: Attach | Detach | Status) -> dict[str, Any]:
+    async def _answer(
+        self, request: Attach | Detach | Status | RelayConfig | Retarget
+    ) -> dict[str, Any]:
         if isinstance(request, Status):
-            return {"ok": True, "disks": [d.status() for d in self.disks.values()]}
+            return {"ok": True, "disks": [d.status() for d in self.disks.values()],
+                    "relay": self.relay.status()}  # fmt: skip
+        if isinstance(request, RelayConfig):
+            try:
+                await self.relay.configure(request.listen, request.arrays)
+            except OSError as exc:
+                return {"ok": False, "kind": "error", "error": f"relay: cannot listen on "
+                        f"{', '.join(map(str, request.listen))}: {exc}"}  # fmt: skip
+            return {"ok": True, "relay": self.relay.status()}
+        if isinstance(request, Retarget):
+            disk = self.disks.get((request.disk, request.generation))
+            if disk is None:
+                return {"ok": False, "kind": "invalid", "error": f"disk {request.disk} "
+                        f"generation {request.generation} is not attached"}  # fmt: skip
+            wrong = disk.retarget(request.paths)
+            if wrong:
+                return {"ok": False, "kind": "invalid", "error": f"disk {request.disk}: "
+                        f"{wrong[0]} is not one of its redirected paths"}  # fmt: skip
+            return {"ok": True, "disk": disk.status()}
         if isinstance(request, Detach):
             key = (request.disk, request.generation)
             if key in self._attaching:  # it is torn down as soon as its attach ends

@@ -77,8 +77,10 @@ class Upstream(asyncio.Protocol):
         on_reply: Callable[[Reply], None],
         on_lost: Callable[[str, bool], None],
         on_batch: Callable[[], None] = lambda: None,
+        preamble: bytes = b"",
     ) -> None:
         self.codec = ClientConnection(export, contexts=(BASE_ALLOCATION,))
+        self._preamble = preamble  # sent first: a relay's line (forwarder/relay.py)
         self._on_ready = on_ready
         self._on_reply = on_reply
         self._on_lost = on_lost
@@ -99,10 +101,11 @@ class Upstream(asyncio.Protocol):
         on_reply: Callable[[Reply], None],
         on_lost: Callable[[str, bool], None],
         on_batch: Callable[[], None] = lambda: None,
+        preamble: bytes = b"",
     ) -> "Upstream":
         loop = asyncio.get_running_loop()
         protocol = cls(export, on_ready=on_ready, on_reply=on_reply, on_lost=on_lost,
-                       on_batch=on_batch)  # fmt: skip
+                       on_batch=on_batch, preamble=preamble)  # fmt: skip
         async with asyncio.timeout(timeout_s):
             await loop.create_connection(lambda: protocol, address.host, address.port)
         return protocol
@@ -118,6 +121,8 @@ class Upstream(asyncio.Protocol):
                 self._sock = sock
                 self._fd = sock.fileno()
         self.transport.set_write_buffer_limits(high=1 << 24)
+        if self._preamble:
+            self.transport.write(self._preamble)
 
     def data_received(self, data: bytes) -> None:
         if self._lost:
