@@ -50,6 +50,7 @@ from vmcluster.agent.lease import (
 from vmcluster.agent.membership import Membership
 from vmcluster.agent.paths import PathWatch
 from vmcluster.agent.records import ClusterRecords
+from vmcluster.agent.relays import RelayFollower, RelayRoutes
 from vmcluster.agent.vms import VmService
 from vmcluster.agent.watchdoglink import WatchdogLink
 from vmcluster.api.server import serve
@@ -140,11 +141,12 @@ class Agent:
             driver=driver, has_quorum=self.has_quorum, event_record=self.events.record,
             attached=self.records.attached, wall=self.wall,
         )  # fmt: skip
+        self.relay_routes = RelayRoutes(config=config, cache=self.cache, records=self.records)
         self.vms = VmService(
             config=config, keys=self.keys, store=store, cache=self.cache, records=self.records,
             quorum=self.quorum, clock=clock, has_quorum=self.has_quorum,
             emit_later=self.events.emit_later, host=io.host, watchdog=io.watchdog,
-            incarnation=self.incarnation,
+            incarnation=self.incarnation, relays=self.relay_routes.targets,
         )  # fmt: skip
         self.context = NodeContext(
             config=config, secrets=secrets, keys=self.keys, store=store, cache=self.cache,
@@ -156,6 +158,10 @@ class Agent:
         self.paths = PathWatch(
             node=me, keys=self.keys, store=store, quorum=self.quorum,
             has_quorum=self.has_quorum, emit_later=self.events.emit_later,
+            client=ForwarderClient(Path(config.storage.forwarder_socket)),
+        )  # fmt: skip
+        self.relays = RelayFollower(
+            config=config, cache=self.cache, records=self.records, routes=self.relay_routes,
             client=ForwarderClient(Path(config.storage.forwarder_socket)),
         )  # fmt: skip
         self.ready = asyncio.Event()
@@ -206,6 +212,7 @@ class Agent:
                 tg.create_task(self.vms.run(), name="vms")
                 if self.config.storage.forwarder:
                     tg.create_task(self.paths.run(), name="paths")
+                    tg.create_task(self.relays.run(), name="relays")
                 self.ready.set()
         finally:
             try:

@@ -46,6 +46,7 @@ paths = ["storage-a", "storage-b"]         # names of the paths, in the order of
 no_path_timeout_s = 20                     # requests wait this long for a path, then fail
 probe_interval_s = 0.1                     # a probe read on every path this often
 probe_timeout_s = 0.05                     # a path whose probe takes longer is failed
+relay_port = 10811                         # relays other nodes' redirected I/O (cluster nets)
 
 [arrays.a1]                                # an array, over each storage network (both paths):
 service = ["10.0.11.101:10810", "10.0.12.101:10810"]   # its array service (management)
@@ -250,6 +251,7 @@ class StorageSettings:
     no_path_timeout_s: float = 20.0
     probe_interval_s: float = 0.1
     probe_timeout_s: float = 0.05
+    relay_port: int = 10811  # the forwarder's relay of other nodes' redirected I/O
 
     def __post_init__(self) -> None:
         if not isinstance(self.forwarder, bool):
@@ -267,6 +269,9 @@ class StorageSettings:
         _seconds("no_path_timeout_s", self.no_path_timeout_s, 0.1, 3600, section="storage")
         _seconds("probe_interval_s", self.probe_interval_s, 0.01, 10, section="storage")
         _seconds("probe_timeout_s", self.probe_timeout_s, 0.005, 10, section="storage")
+        port = self.relay_port
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise InvalidInput(f"storage.relay_port {port!r} must be a port number (1-65535)")
 
     def path_name(self, index: int) -> str:
         return self.paths[index] if index < len(self.paths) else f"path{index + 1}"
@@ -384,7 +389,8 @@ class AgentConfig:
                   f"paths = {json.dumps(list(st.paths))}",
                   f"no_path_timeout_s = {st.no_path_timeout_s}",
                   f"probe_interval_s = {st.probe_interval_s}",
-                  f"probe_timeout_s = {st.probe_timeout_s}"]  # fmt: skip
+                  f"probe_timeout_s = {st.probe_timeout_s}",
+                  f"relay_port = {st.relay_port}"]  # fmt: skip
         for name, array in self.arrays.items():
             lines += ["", f"[arrays.{name}]", f"service = {json.dumps(list(array.service))}",
                       f"nbd = {json.dumps(list(array.nbd))}"]  # fmt: skip

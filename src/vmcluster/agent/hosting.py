@@ -75,13 +75,15 @@ class VmHost:
         arrays: dict[str, ArrayAccess],
         on_exit: Callable[[LocalInstance], None],
         storage: StorageSettings | None = None,
+        relays: Callable[[str], tuple[tuple[str, str], ...]] | None = None,
     ) -> None:
         self.node = node
         self.data_dir = data_dir
         self.settings = settings
         self.arrays = arrays
         self.on_exit = on_exit
-        self.disks = DiskAttacher(node=node, settings=storage or StorageSettings(), arrays=arrays)
+        self.disks = DiskAttacher(node=node, settings=storage or StorageSettings(), arrays=arrays,
+                                  relays=relays)  # fmt: skip
         self.instances: dict[tuple[str, int], LocalInstance] = {}
         self.launching: dict[tuple[str, int], Path] = {}  # (vm, generation) -> QEMU's pid file
         # QEMU launched while its start was cancelled (the agent stopping): on record for the

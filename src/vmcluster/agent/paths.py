@@ -1,7 +1,8 @@
 """This node's storage paths as the block forwarder sees them, made visible to the cluster.
 
 The agent keeps a watch on its forwarder's control socket (vmcluster.forwarder.control). Every
-change the forwarder reports (a path down, in standby, up; a disk waiting, active, fenced)
+change the forwarder reports (a path down, in standby, up; a disk waiting, active, fenced; a
+shared volume's disk direct, redirected or without access)
 becomes a cluster event (``path.down`` ... with subject ``<node>/<disk>``), and the current state
 of every attached disk and its paths is published under ``nodes/<node>/paths`` on the node's
 lease (so it vanishes with the node), at most every ``PUBLISH_EVERY_S``. The API and
@@ -91,6 +92,8 @@ class PathWatch:
                             f"path {message.get('path')}: {message.get('reason')}")  # fmt: skip
         elif kind == "disk.changed":
             self.emit_later(f"disk.{message.get('state')}", subject, str(message.get("reason")))
+        elif kind == "route.changed":  # disk.direct, disk.redirected, disk.no-access
+            self.emit_later(f"disk.{message.get('route')}", subject, str(message.get("reason")))
 
     async def _publish(self) -> None:
         published: tuple[Any, ...] | None = None

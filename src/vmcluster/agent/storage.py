@@ -12,7 +12,7 @@ process) and detaches only those of instances that no longer run (:meth:`DiskAtt
 """
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from vmcluster.agent.config import ArrayAccess, StorageSettings
@@ -33,11 +33,16 @@ def disk_id(vm: str, disk: str) -> str:
 
 
 class DiskAttacher:
-    def __init__(self, *, node: str, settings: StorageSettings,
-                 arrays: dict[str, ArrayAccess]) -> None:  # fmt: skip
+    """``relays``: volume -> its disks' redirected paths now, (name, HOST:PORT) each
+    (agent/relays.py); a disk of a shared volume gets them besides its direct paths."""
+
+    def __init__(self, *, node: str, settings: StorageSettings, arrays: dict[str, ArrayAccess],
+                 relays: Callable[[str], tuple[tuple[str, str], ...]] | None = None,
+                 ) -> None:  # fmt: skip
         self.node = node
         self.settings = settings
         self.arrays = arrays
+        self.relays = relays
         self.client = ForwarderClient(Path(settings.forwarder_socket))
 
     def spec(self, vm: ClusteredVm, generation: int) -> list[DiskSpec]:
@@ -52,9 +57,15 @@ class DiskAttacher:
             array = self._array(vm, placement.array)
             paths = tuple((s.path_name(i), Address.parse(portal))
                           for i, portal in enumerate(array.nbd))  # fmt: skip
+            relays: tuple[tuple[str, Address], ...] = ()
+            if placement.volume_disk is not None and self.relays is not None:
+                volume = placement.volume_disk.partition("/")[0]
+                relays = tuple((n, Address.parse(a)) for n, a in self.relays(volume))
             specs.append(DiskSpec(disk=disk_id(vm.name, placement.disk), generation=generation,
-                                  export=f"{placement.lun}.g{generation}", paths=paths,
-                                  policy=Policy(s.multipath_policy), timings=timings))  # fmt: skip
+                                  export=f"{placement.lun}.g{generation}",
+                                  paths=paths + relays, policy=Policy(s.multipath_policy),
+                                  timings=timings, relays=tuple(n for n, _ in relays),
+                                  relay_array=placement.array if relays else None))  # fmt: skip
         return specs
 
     def _array(self, vm: ClusteredVm, name: str) -> ArrayAccess:

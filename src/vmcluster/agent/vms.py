@@ -41,8 +41,10 @@ class VmService:
         host: Callable[..., VmHost] = VmHost,
         watchdog: Callable[..., WatchdogLink] = WatchdogLink,
         incarnation: int = 0,
+        relays: Callable[[str], tuple[tuple[str, str], ...]] | None = None,
     ) -> None:
-        """``host`` and ``watchdog`` make this node's QEMU instances and its link to the
+        """``relays``: where volume disks' redirected paths lead (agent/relays.py). ``host``
+        and ``watchdog`` make this node's QEMU instances and its link to the
         watchdog process (the simulator gives its own); ``incarnation``: the agent's."""
         self.cache = cache
         self.has_quorum = has_quorum
@@ -56,6 +58,7 @@ class VmService:
         self.host = host(
             node=config.node, data_dir=Path(config.data_dir), settings=config.vms,
             arrays=dict(config.arrays), on_exit=self._exited, storage=config.storage,
+            relays=relays,
         )  # fmt: skip
         self.watchdog = watchdog(
             config=config, host=self.host, quorum=quorum, incarnation=incarnation

@@ -97,8 +97,10 @@ def show(name: str, via: str | None, output: str) -> None:
                    if v["coordinator"] else "(none)"),
                   ("Operations", v["operations"])])  # fmt: skip
     print()
-    print_table(["NODE", "STATE", "ACCESS"],
-                [(n, m["state"], m["mode"]) for n, m in v["nodes"].items()])  # fmt: skip
+    print_table(["NODE", "STATE", "ACCESS", "DISKS", "PATHS"],
+                [(n, m["state"], m["mode"], m["disks"],
+                  " ".join(f"{p['name']}:{p['state']}" for p in m["paths"]))
+                 for n, m in v["nodes"].items()])  # fmt: skip
     if v["disk_list"]:
         print()
         print_table(DISK_HEADERS, [_disk_row(d) for d in v["disk_list"]])

@@ -80,17 +80,46 @@ def _candidates(ctx: NodeContext) -> dict[str, CandidateNode]:
             for name, node in view.nodes.items()}  # fmt: skip
 
 
-def _node_modes(ctx: NodeContext, array: str) -> dict[str, dict[str, Any]]:
-    """Each node's access to ``array``: direct (it reaches the array), no-access, or unknown."""
+def _volume_disks(ctx: NodeContext, volume: str) -> set[str]:
+    """The forwarder ids (``<vm>.<disk>``) of the VMs' disks that live in ``volume``."""
+    found = set()
+    for vm in ctx.records.stored().values():
+        for placement in vm.spec.storage:
+            if (placement.volume_disk or "").partition("/")[0] == volume:
+                found.add(f"{vm.name}.{placement.disk}")
+    return found
+
+
+def _node_modes(ctx: NodeContext, volume: str, array: str) -> dict[str, dict[str, Any]]:
+    """Each node's access to the volume: the route of its attached disks of the volume as its
+    forwarder reports them (redirected wins: one redirected disk makes the node redirected),
+    else whether it reaches the array (direct, no-access; unknown if not reported), with the
+    paths of those disks."""
     facts = ctx.records.node_facts()
+    ours = _volume_disks(ctx, volume)
+    nodes = ctx.cache.nodes()
     modes = {}
     for name, node in sorted(ctx.view().nodes.items()):
+        published = nodes.get(name, {}).get("paths", {}).get("disks", [])
+        disks = [d for d in published if d.get("disk") in ours]
+        routes = {str(d.get("route", "")) for d in disks}
         known = facts.get(name)
-        if node.state is not NodeState.UP or known is None or not known.arrays_known:
+        if node.state is not NodeState.UP:
+            mode = "unknown"
+        elif "redirected" in routes:
+            mode = "redirected"
+        elif "no-access" in routes:
+            mode = "no-access"
+        elif "direct" in routes:
+            mode = "direct"
+        elif known is None or not known.arrays_known:
             mode = "unknown"
         else:
             mode = "direct" if array in known.arrays else "no-access"
-        modes[name] = {"mode": mode, "state": str(node.state)}
+        paths = sorted({(str(p.get("name")), str(p.get("state")))
+                        for d in disks for p in d.get("paths", [])})  # fmt: skip
+        modes[name] = {"mode": mode, "state": str(node.state), "disks": len(disks),
+                       "paths": [{"name": n, "state": st} for n, st in paths]}  # fmt: skip
     return modes
 
 
@@ -113,7 +142,7 @@ def volume_json(ctx: NodeContext, volume: StoredVolume, *, detail: bool) -> dict
     }  # fmt: skip
     if detail:
         users = ctx.records.attached(spec.name)
-        data["nodes"] = _node_modes(ctx, spec.array)
+        data["nodes"] = _node_modes(ctx, spec.name, spec.array)
         data["disk_list"] = [disk_json(spec.name, d, users.get(d.name))
                              for _, d in sorted(volume.disks.items())]  # fmt: skip
     return data
