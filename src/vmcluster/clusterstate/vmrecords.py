@@ -113,7 +113,10 @@ def vm_record(
             instance=None if instance is None else Instance(
                 node=str(instance["node"]), generation=int(instance["generation"]),
                 status=InstanceStatus(instance["status"])),
-            arrays=frozenset(str(p["array"]) for p in spec.get("storage", [])),
+            # The arrays its owner must reach itself: a shared volume's disk is reached through
+            # the volume's coordinator too (redirected I/O), so it binds the VM to no node.
+            arrays=frozenset(str(p["array"]) for p in spec.get("storage", [])
+                             if not p.get("volume_disk")),
         )  # fmt: skip
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"VM {name}: malformed record: {exc!r}") from None
