@@ -42,6 +42,16 @@ the longest pause between two replies, and the longest latency around the failba
 the writer waits for every reply, flushes, and the file is read back: every block must hold its
 last write. Requests lost (no reply), errored, or wrong must be 0.
 
+Redirected I/O: two more forwarders stand for coordinators: each relays (forwarder/relay.py) to
+the array over a third path, p3 (vmcb-n3 10.253.3.1 <-> vmcb-a3), which no cut touches. The
+target ``redirected``: a disk of the uvloop forwarder whose only direct path never connects, so
+that its I/O goes through its redirected path to the first coordinator's relay (qemu-img ->
+forwarder -> relay -> qsd: one hop more than ``uvloop``, its reference). Then --cuts cycles,
+with our writer at --stall-depth: p1 and p2 cut (to redirected), the redirected path moved to
+the other coordinator's relay after --hold-s (a coordinator move, as the agent's retarget does
+it), p1 back after --hold-s (to direct once trusted), then p2. The stalls: the longest latency
+of a request in flight in each step's window; every block is read back at the end.
+
 Memory: per request size (64 KiB, 1 MiB) a fresh forwarder (uvloop) with --disks disks (exports
 of 64 MiB files of their own) and one ``qemu-img bench -w -d 32`` on each, all at once for
 --memory-s seconds (then SIGTERM to each writer); the forwarder's VmRSS (/proc/PID/status) every
@@ -50,7 +60,9 @@ imports the forwarder's modules, and one that imports vmcluster.cli.main (what `
 
 Goals (the forwarder with uvloop, its default; the asyncio loop's in met_asyncio): >= 90 % of
 direct on seq read and write and on depth-1 read and write, >= 50 % of unix at depth 32 (read
-and write); stall <= 100 ms on every cut; 0 requests lost, errored or wrong; peak RSS <= 64 MiB.
+and write); stall <= 100 ms on every cut; 0 requests lost, errored or wrong; peak RSS <= 64 MiB;
+redirected >= 70 % of direct throughput and >= 50 % of its IOPS, a mode change's stall
+<= 200 ms, a coordinator move's <= 500 ms, 0 redirected requests lost.
 A missed goal is reported in "met", not in the exit status. Exits 1 if a check fails (lost,
 errored or wrong data, a process that died) or a step cannot run, 2 without root or tools.
 Everything it creates (namespace, veths, processes by PID, files) goes in finally blocks.
@@ -134,6 +146,16 @@ GOALS = {
     "failover_stall_ms": 100.0,
     "failover_requests_lost": 0,
     "forwarder_rss_mib": 64.0,
+    # redirected I/O (through a coordinator's relay) against the node's own direct forwarder
+    "redirected_seq_write_vs_direct": 0.7,
+    "redirected_seq_read_vs_direct": 0.7,
+    "redirected_rand_read_d1_vs_direct": 0.5,
+    "redirected_rand_write_d1_vs_direct": 0.5,
+    "redirected_rand_read_d32_vs_direct": 0.5,
+    "redirected_rand_write_d32_vs_direct": 0.5,
+    "mode_change_stall_ms": 200.0,
+    "coordinator_move_stall_ms": 500.0,
+    "redirect_requests_lost": 0,
 }
 
 
@@ -172,6 +194,10 @@ PATHS = (
     StoragePath("p1", f"{PREFIX}n1", f"{PREFIX}a1", "10.253.1"),
     StoragePath("p2", f"{PREFIX}n2", f"{PREFIX}a2", "10.253.2"),
 )
+# The coordinators' own path to the array (their relays use it): cutting p1 and p2 leaves it.
+COORDINATOR_PATH = StoragePath("p3", f"{PREFIX}n3", f"{PREFIX}a3", "10.253.3")
+ALL_PATHS = (*PATHS, COORDINATOR_PATH)
+DEAD = Address("127.0.0.1", 9)  # nothing listens: a direct path that never connects
 
 
 def _link_exists(ifname: str) -> bool:
@@ -190,16 +216,16 @@ def _check_free() -> None:
     if netns.exists(NETNS):
         raise BenchFailed(f"network namespace {NETNS} exists (an earlier run?): remove it with "
                           f"`ip netns delete {NETNS}`")  # fmt: skip
-    for p in PATHS:
+    for p in ALL_PATHS:
         if _link_exists(p.node_if):
             raise BenchFailed(f"link {p.node_if} exists (an earlier run?): remove it with "
                               f"`ip link delete {p.node_if}`")  # fmt: skip
     addresses = json.loads(netns.ip(None, "-j", "-4", "addr", "show") or "[]")
     for link in addresses:
         for info in link.get("addr_info", []):
-            if any(str(info.get("local", "")).startswith(p.subnet + ".") for p in PATHS):
+            if any(str(info.get("local", "")).startswith(p.subnet + ".") for p in ALL_PATHS):
                 raise BenchFailed(f"{info['local']} on {link['ifname']} overlaps the bench's "
-                                  "storage subnets 10.253.1.0/24 and 10.253.2.0/24")  # fmt: skip
+                                  "storage subnets 10.253.1-3.0/24")  # fmt: skip
 
 
 def _stop(proc: "subprocess.Popen[bytes]", timeout_s: float = 10.0) -> None:
@@ -266,7 +292,7 @@ class Array:
         self.unix_log_path = work / "qsd-unix.log"
         stack.callback(netns.delete, NETNS)  # written down before it exists, as the lab does
         netns.add(NETNS)
-        for p in PATHS:
+        for p in ALL_PATHS:
             stack.callback(_delete_link, p.node_if)
             netns.ip(None, "link", "add", p.node_if, "type", "veth", "peer", "name", p.array_if,
                      "netns", NETNS)  # fmt: skip
@@ -293,7 +319,8 @@ class Array:
 
     def _wait_ready(self, timeout_s: float = 15.0) -> None:
         deadline = time.monotonic() + timeout_s
-        targets: list[tuple[int, Any]] = [(socket.AF_INET, (p.array_ip, NBD_PORT)) for p in PATHS]
+        targets: list[tuple[int, Any]] = [(socket.AF_INET, (p.array_ip, NBD_PORT))
+                                          for p in ALL_PATHS]  # fmt: skip
         targets.append((socket.AF_UNIX, str(self.unix_path)))
         for family, address in targets:
             while True:
@@ -362,10 +389,16 @@ class Forwarder:
         self.start_s = round(time.monotonic() - started, 2)
         _log(f"  forwarder pid {self.pid} up after {self.start_s} s")
 
-    def attach(self, disk: str, export: str) -> str:
+    def attach(self, disk: str, export: str, spec: DiskSpec | None = None) -> str:
         """The disk's NBD socket."""
-        answer = asyncio.run(ForwarderClient(self.ctl).attach(_spec(disk, export)))
+        answer = asyncio.run(ForwarderClient(self.ctl).attach(spec or _spec(disk, export)))
         return str(answer["socket"])
+
+    def relay(self, listen: Address) -> Address:
+        """Relay other forwarders' redirected I/O to the array over the coordinators' path."""
+        arrays = {"a1": [str(COORDINATOR_PATH.address)]}
+        asyncio.run(ForwarderClient(self.ctl).relay([str(listen)], arrays))
+        return listen
 
     def bytes_written(self) -> int:
         disks = asyncio.run(ForwarderClient(self.ctl).status())
@@ -392,6 +425,24 @@ def _forwarder(work: Path, loop: str, tag: str, malloc: str = "tuned") -> Iterat
         except BaseException:
             _log(f"forwarder ({loop}) log, last lines:\n{_tail(log_path)}")
             raise
+
+
+def _redirected_spec(disk: str, relay: Address, direct: tuple[tuple[str, Address], ...]
+                     ) -> DiskSpec:  # fmt: skip
+    return DiskSpec(
+        disk=disk,
+        generation=GENERATION,
+        export=EXPORT,
+        paths=(*direct, ("r1", relay)),
+        relays=("r1",),
+        relay_array="a1",
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _relay(stack: contextlib.ExitStack, work: Path) -> str | None:
@@ -882,6 +933,129 @@ def _stall(array: Array, work: Path, lun_bytes: int, args: argparse.Namespace) -
     }
 
 
+# ----- redirected I/O: the mode changes and the coordinator move -----
+
+
+async def _watch_routes(client: ForwarderClient, into: list[dict[str, Any]]) -> None:
+    async for record in client.watch():
+        if record.get("event") == "route.changed":
+            into.append({**record, "at_mono": record["at"] - time.time() + time.monotonic()})
+
+
+async def _until_route(events: list[dict[str, Any]], route: str, after: float,
+                       fwd: Forwarder) -> float:  # fmt: skip
+    deadline = time.monotonic() + PATH_WAIT_S
+    while time.monotonic() < deadline:
+        fwd.check_alive()
+        for ev in events:
+            if ev["route"] == route and ev["at_mono"] >= after - 0.005:
+                return float(ev["at_mono"])
+        await asyncio.sleep(0.01)
+    raise BenchFailed(f"the disk's route did not become {route} within {PATH_WAIT_S:g} s")
+
+
+async def _redirect_run(node: Forwarder, relays: tuple[Address, Address], blocks: int,
+                        cycles: int, hold_s: float, depth: int,
+                        ) -> tuple[Writer, list[Window]]:  # fmt: skip
+    """Per cycle: both direct paths cut (to redirected), the coordinator moved (the relay
+    path retargeted to the other coordinator), a direct path back (to direct)."""
+    disk = "redirect"
+    client = ForwarderClient(node.ctl)
+    spec = _redirected_spec(disk, relays[0], tuple((p.name, p.address) for p in PATHS))
+    sock = (await client.attach(spec))["socket"]
+    events: list[dict[str, Any]] = []
+    watcher = asyncio.create_task(_watch_routes(client, events))
+    loop = asyncio.get_running_loop()
+    _, writer = await loop.create_unix_connection(lambda: Writer(EXPORT, blocks, depth), sock)
+    windows: list[Window] = []
+    target = 0
+    try:
+        async with asyncio.timeout(10):
+            await writer.ready
+        writer.start()
+        for _ in range(cycles):
+            await _wait_all_up(client, disk, node)
+            await asyncio.sleep(STEADY_S)
+            cut_at = time.monotonic()
+            for path in PATHS:
+                await _cut("link", path, down=True)
+            redirected_at = await _until_route(events, "redirected", cut_at, node)
+            await asyncio.sleep(hold_s)
+            target = 1 - target
+            moved_at = time.monotonic()
+            await client.retarget(disk, GENERATION, [("r1", str(relays[target]))])
+            await asyncio.sleep(hold_s)
+            restore_at = time.monotonic()
+            await _cut("link", PATHS[0], down=False)
+            direct_at = await _until_route(events, "direct", restore_at, node)
+            await asyncio.sleep(STEADY_S)
+            await _cut("link", PATHS[1], down=False)
+            windows.append({"cut_at": cut_at, "redirected_at": redirected_at,
+                            "moved_at": moved_at, "restore_at": restore_at,
+                            "direct_at": direct_at, "end_at": time.monotonic()})  # fmt: skip
+            _log(
+                f"  cycle {len(windows)}: redirected after {redirected_at - cut_at:.3f} s, "
+                f"direct again {direct_at - restore_at:.2f} s after a path came back"
+            )
+            if writer.lost is not None:
+                raise BenchFailed(f"redirect writer: {writer.lost}")
+        await writer.stop(REPLY_WAIT_S)
+    finally:
+        writer.close()
+        watcher.cancel()
+        await asyncio.wait([watcher])
+        for path in PATHS:
+            with contextlib.suppress(BenchFailed):
+                await _cut("link", path, down=False)
+    await client.detach(disk, GENERATION)
+    return writer, windows
+
+
+def _redirect(array: Array, work: Path, coordinators: tuple[Forwarder, Forwarder],
+              relays: tuple[Address, Address], lun_bytes: int,
+              args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+    with _forwarder(work, "uvloop", "redirect") as node:
+        run = _redirect_run(node, relays, lun_bytes // BLOCK, args.cuts, args.hold_s,
+                            args.stall_depth)  # fmt: skip
+        writer, windows = asyncio.run(run)
+    for fwd in coordinators:
+        fwd.check_alive()
+    array.check_alive()
+    cycles = []
+    for w in windows:
+        # each change's window: from it until the next step (or the end)
+        to_redirected = _overlapping(writer, w["cut_at"], w["moved_at"])
+        moved = _overlapping(writer, w["moved_at"], w["restore_at"])
+        to_direct = _overlapping(writer, w["restore_at"], w["end_at"])
+        cycles.append({
+            "to_redirected_stall_ms": _ms(max(to_redirected, default=0.0)),
+            "redirected_after_cut_ms": _ms(w["redirected_at"] - w["cut_at"]),
+            "coordinator_move_stall_ms": _ms(max(moved, default=0.0)),
+            "to_direct_stall_ms": _ms(max(to_direct, default=0.0)),
+            "direct_after_restore_ms": _ms(w["direct_at"] - w["restore_at"]),
+        })  # fmt: skip
+    total = len(writer.starts)
+    lost = sum(1 for e in writer.ends if e is None)
+    wrong = _verify(array.files[EXPORT], total, lun_bytes // BLOCK) if writer.lost is None else []
+    mode = [max(c["to_redirected_stall_ms"], c["to_direct_stall_ms"]) for c in cycles]
+    moves = [c["coordinator_move_stall_ms"] for c in cycles]
+    return {
+        "what": f"4 KiB writes at depth {args.stall_depth} through a node's forwarder with "
+        "paths p1, p2 and a redirected path r1 to a coordinator's forwarder (its relay reaches "
+        f"the array over p3), {args.cuts} cycle(s): p1 and p2 cut (ip link down), after "
+        f"{args.hold_s:g} s r1 moved to the other coordinator's relay, after {args.hold_s:g} s "
+        "p1 back, then p2",
+        "mode_change_stall_ms": max(mode, default=None),
+        "coordinator_move_stall_ms": max(moves, default=None),
+        "per_cycle": cycles,
+        "requests": total,
+        "requests_lost": lost,
+        "requests_errored": len(writer.errors),
+        "blocks_wrong": len(wrong),
+        "writer_lost_connection": writer.lost,
+    }
+
+
 # ----- the forwarder's memory -----
 
 
@@ -963,7 +1137,7 @@ def _io_goals(ratio: dict[str, dict[str, float | None]], loop: str) -> dict[str,
     goals = {}
     for name, threshold in GOALS.items():
         load, sep, target = name.partition("_vs_")
-        if sep:
+        if sep and not name.startswith("redirected_"):
             goals[name] = _goal(threshold, ratio[f"vs_{target}"][load], ">=",
                                 f"forwarder ({loop}) / {target}, {load}")  # fmt: skip
     return goals
@@ -996,7 +1170,7 @@ def _environment(args: argparse.Namespace, lun_mib: int) -> dict[str, Any]:
                     "node": f"{p.node_if} {p.node_ip}/24",
                     "array": f"{p.array_if} {p.array_ip}/24",
                 }
-                for p in PATHS
+                for p in ALL_PATHS
             },
             "unix": "a second qsd on the same file (file.locking=off), NBD on a unix socket: one "
             "qsd has one NBD server",
@@ -1066,17 +1240,23 @@ def _run_all(args: argparse.Namespace, work: Path, stack: contextlib.ExitStack) 
     _log(f"array: {NETNS}, {len(luns)} exports, paths {', '.join(p.name for p in PATHS)}")
     array = Array(stack, work, luns)
     loads = _loads(lun_bytes, args.quick)
+    coordinators = (stack.enter_context(_forwarder(work, "uvloop", "coordinator1")),
+                    stack.enter_context(_forwarder(work, "uvloop", "coordinator2")))  # fmt: skip
+    relays = (coordinators[0].relay(Address("127.0.0.1", _free_port())),
+              coordinators[1].relay(Address("127.0.0.1", _free_port())))  # fmt: skip
     with (
         _forwarder(work, "uvloop", "uvloop") as fast,
         _forwarder(work, "asyncio", "asyncio") as slow,
         _forwarder(work, "uvloop", "uvloop-malloc", malloc="default") as untuned,
     ):
+        redirected = _redirected_spec("redirected", relays[0], (("dead", DEAD),))
         targets = {
             "direct_tcp": array.tcp_opts(EXPORT),
             "qsd_unix": array.unix_opts(EXPORT),
             "uvloop": _unix_opts(fast.attach("bench", EXPORT), EXPORT),
             "asyncio": _unix_opts(slow.attach("bench", EXPORT), EXPORT),
             "uvloop_malloc_default": _unix_opts(untuned.attach("bench", EXPORT), EXPORT),
+            "redirected": _unix_opts(fast.attach("redirected", EXPORT, redirected), EXPORT),
         }
         relay = _relay(stack, work)
         if relay is not None:
@@ -1089,6 +1269,8 @@ def _run_all(args: argparse.Namespace, work: Path, stack: contextlib.ExitStack) 
     array.check_alive()
     _log(f"failover stall: {args.cuts} cuts of each of {', '.join(args.cut_kinds)}")
     stall = _stall(array, work, lun_bytes, args)
+    _log(f"redirected I/O: {args.cuts} cycle(s) of cut, coordinator move, path back")
+    redirect = _redirect(array, work, coordinators, relays, lun_bytes, args)
     memory: dict[str, Any] = {}
     for size in MEMORY_SIZES:
         _log(f"memory: {args.disks} disks, qemu-img bench -w -d {MEMORY_DEPTH} -s {size}")
@@ -1104,7 +1286,37 @@ def _run_all(args: argparse.Namespace, work: Path, stack: contextlib.ExitStack) 
     ratio = {name: {"vs_direct": _ratios(_io(measured[name]), measured["direct_tcp"]),
                     "vs_unix": _ratios(_io(measured[name]), measured["qsd_unix"])}
              for name in COMPARED if name in measured}  # fmt: skip
+    ratio["redirected"] = {"vs_direct": _ratios(_io(measured["redirected"]), measured["uvloop"])}
     goals = _io_goals(ratio["uvloop"], "uvloop")
+    for load in (
+        "seq_write",
+        "seq_read",
+        "rand_read_d1",
+        "rand_write_d1",
+        "rand_read_d32",
+        "rand_write_d32",
+    ):
+        name = f"redirected_{load}_vs_direct"
+        goals[name] = _goal(GOALS[name], ratio["redirected"]["vs_direct"][load], ">=",
+                            f"redirected (through a coordinator's relay) / the node's "
+                            f"forwarder direct, {load}")  # fmt: skip
+    redirect_lost = (redirect["requests_lost"] + redirect["requests_errored"]
+                     + redirect["blocks_wrong"])  # fmt: skip
+    goals["mode_change_stall_ms"] = _goal(
+        GOALS["mode_change_stall_ms"],
+        redirect["mode_change_stall_ms"],
+        "<=",
+        "the longest request latency when a node goes redirected and when it returns to direct",
+    )
+    goals["coordinator_move_stall_ms"] = _goal(
+        GOALS["coordinator_move_stall_ms"],
+        redirect["coordinator_move_stall_ms"],
+        "<=",
+        "the longest request latency of a redirected node when its coordinator moves",
+    )
+    goals["redirect_requests_lost"] = _goal(GOALS["redirect_requests_lost"], redirect_lost, "==",
+                                            "redirect writer requests lost + errored + blocks "
+                                            "read back wrong")  # fmt: skip
     lost = stall["requests_lost"] + stall["requests_errored"] + stall["blocks_wrong"]
     goals["failover_stall_ms"] = _goal(GOALS["failover_stall_ms"], stall["stall_ms"]["max"],
                                        "<=", "the longest request latency around a path cut, "
@@ -1118,6 +1330,7 @@ def _run_all(args: argparse.Namespace, work: Path, stack: contextlib.ExitStack) 
     met = {name: goal["met"] for name, goal in goals.items()}
     met["all"] = all(met.values())
     met_asyncio = {n: g["met"] for n, g in _io_goals(ratio["asyncio"], "asyncio").items()}
+    lost += redirect_lost
     environment["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     environment["elapsed_s"] = round(time.monotonic() - started, 1)
     return {
@@ -1130,7 +1343,13 @@ def _run_all(args: argparse.Namespace, work: Path, stack: contextlib.ExitStack) 
             "forwarder_uvloop": measured["uvloop"],
             "forwarder_asyncio": measured["asyncio"],
             "forwarder_uvloop_malloc_default": measured["uvloop_malloc_default"],
+            "forwarder_redirected": {
+                "what": "qemu-img -> the forwarder (uvloop) -> its redirected path -> a "
+                "coordinator's forwarder (relay) -> qsd over p3; its direct path never connects",
+                **measured["redirected"],
+            },
             "failover_stall": stall,
+            "redirect": redirect,
             "memory": memory,
         },
         "reference": {
@@ -1152,7 +1371,9 @@ def _run_all(args: argparse.Namespace, work: Path, stack: contextlib.ExitStack) 
         },
         "ratio": ratio,
         "environment": environment,
-        "checks_passed": lost == 0 and stall["writer_lost_connection"] is None,
+        "checks_passed": lost == 0
+        and stall["writer_lost_connection"] is None
+        and redirect["writer_lost_connection"] is None,
     }
 
 

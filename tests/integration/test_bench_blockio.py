@@ -28,8 +28,9 @@ LOADS = {"seq_write", "seq_read", "rand_read_d1", "rand_write_d1", "rand_read_d3
 GOALS = {f"{load}_vs_direct" for load in ("seq_write", "seq_read", "rand_read_d1",
                                           "rand_write_d1")} | {
     "rand_read_d32_vs_unix", "rand_write_d32_vs_unix", "failover_stall_ms",
-    "failover_requests_lost", "forwarder_rss_mib",
-}  # fmt: skip
+    "failover_requests_lost", "forwarder_rss_mib", "mode_change_stall_ms",
+    "coordinator_move_stall_ms", "redirect_requests_lost",
+} | {f"redirected_{load}_vs_direct" for load in LOADS}  # fmt: skip
 
 
 def _run_quick(output: Path) -> tuple[int, str, str]:
@@ -67,8 +68,8 @@ def test_quick_run_prints_every_figure_and_goal_and_leaves_nothing(tmp_path: Pat
 
     figure, reference = result["figure"], result["reference"]
     tables = [figure["forwarder_uvloop"], figure["forwarder_asyncio"],
-              figure["forwarder_uvloop_malloc_default"], reference["direct_tcp"],
-              reference["qsd_unix"]]  # fmt: skip
+              figure["forwarder_uvloop_malloc_default"], figure["forwarder_redirected"],
+              reference["direct_tcp"], reference["qsd_unix"]]  # fmt: skip
     if shutil.which("socat") is not None:
         tables.append(reference["relay"])
     for table in tables:
@@ -98,6 +99,12 @@ def test_quick_run_prints_every_figure_and_goal_and_leaves_nothing(tmp_path: Pat
         assert isinstance(stall[count], int)
     assert isinstance(result["checks_passed"], bool)
 
+    redirect = figure["redirect"]
+    (cycle,) = redirect["per_cycle"]  # quick: one cycle
+    for key in ("to_redirected_stall_ms", "coordinator_move_stall_ms", "to_direct_stall_ms"):
+        assert isinstance(cycle[key], int | float)
+    assert set(result["ratio"]["redirected"]["vs_direct"]) == LOADS
+
     memory = figure["memory"]
     for size in ("64k", "1024k"):
         assert memory[size]["disks"] == 2
@@ -106,3 +113,4 @@ def test_quick_run_prints_every_figure_and_goal_and_leaves_nothing(tmp_path: Pat
     assert not Path("/run/netns/vmcb-array").exists()
     assert not _link_exists("vmcb-n1")
     assert not _link_exists("vmcb-n2")
+    assert not _link_exists("vmcb-n3")

@@ -22,7 +22,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import cast
 
-from vmcluster.forwarder.upstream import Address
+from vmcluster.forwarder.upstream import _QUICKACK, Address
 from vmcluster.logs import event, get_logger
 
 log = get_logger(__name__)
@@ -48,19 +48,27 @@ def _nodelay(transport: asyncio.BaseTransport) -> None:
 class _Side(asyncio.Protocol):
     """One connection of a relayed pair; what it reads goes to its peer."""
 
-    def __init__(self, relay: "Relay") -> None:
+    def __init__(self, relay: "Relay", *, quick_ack: bool = False) -> None:
         self.relay = relay
         self.transport: asyncio.Transport | None = None
         self.peer: _Side | None = None
         self.early: list[bytes] = []  # read before the peer existed
         self.closed = False
+        self.quick_ack = quick_ack and _QUICKACK is not None
+        self._fd = -1
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         _nodelay(transport)
         self.transport.set_write_buffer_limits(high=HIGH_WATER_BYTES)
+        sock = transport.get_extra_info("socket")
+        self._fd = sock.fileno() if sock is not None else -1
 
     def data_received(self, data: bytes) -> None:
+        if self.quick_ack and self._fd >= 0:
+            # The array's NBD server may hold its next reply (Nagle) until its last one is
+            # ACKed: ACK at once, as the forwarder's own upstream connections do.
+            _QUICKACK(self._fd)  # type: ignore[misc]
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.write(data)
             self.relay.bytes_relayed += len(data)
@@ -143,7 +151,7 @@ class _Incoming(_Side):
         loop = asyncio.get_running_loop()
         failures = []
         for portal in portals:
-            upstream = _Side(self.relay)
+            upstream = _Side(self.relay, quick_ack=True)
 
             def side(made: _Side = upstream) -> _Side:
                 return made
