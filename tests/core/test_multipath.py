@@ -44,6 +44,8 @@ from vmcluster.core.multipath import (
     PathView,
     Policy,
     Probe,
+    Route,
+    RouteChanged,
     Send,
 )
 
@@ -734,6 +736,7 @@ class ShellModel(RuleBasedStateMachine):
     exact = True
     overlap = False
     submit_after_fence = False
+    redirected = False  # the last path (of two or three) is a redirected one
 
     def __init__(self) -> None:
         super().__init__()
@@ -770,7 +773,9 @@ class ShellModel(RuleBasedStateMachine):
         self.link = dict.fromkeys(self.names, False)  # connected, not aborted since
         self.attempt = dict.fromkeys(self.names, False)  # a Connect under way
         self.probing = dict.fromkeys(self.names, False)  # a Probe not answered yet
-        self.m = Multipath(self.names, policy=policy, timings=self.timings, now=self.now)
+        self.relays = self.names[-1:] if self.redirected and count > 1 else []
+        self.m = Multipath(self.names, policy=policy, timings=self.timings,
+                           redirected=self.relays, now=self.now)  # fmt: skip
         self.process()
 
     # ----- checking outputs -----
@@ -793,6 +798,8 @@ class ShellModel(RuleBasedStateMachine):
                 assert (self.state[event.path], event.state) in ALLOWED, event
                 self.state[event.path] = event.state
                 self.since[event.path] = event.at
+            elif isinstance(event, RouteChanged):
+                assert self.relays, "a route event from a disk without redirected paths"
             else:
                 assert event.state is not self.disk, event
                 self.disk = event.state
@@ -803,6 +810,8 @@ class ShellModel(RuleBasedStateMachine):
         usable = any(s in USABLE for s in self.state.values())
         expected = FENCED if self.fenced else ACTIVE if usable else WAITING
         assert m.state is self.disk is expected
+        # (8) the route: direct while a direct path is usable before any redirected one is
+        assert m.route is self.expected_route(), (m.route, self.state)
         stuck = "on any path"  # a request in flight twice the request timeout is failed
         if not self.fenced and any(isinstance(a, Fail) and not a.reason.endswith(stuck)
                                    for a in actions):  # fmt: skip
@@ -815,6 +824,16 @@ class ShellModel(RuleBasedStateMachine):
             self.check_timer(actions)
         self.check_deadline()
         return actions
+
+    def expected_route(self) -> Route:
+        if self.fenced:
+            return Route.NONE
+        for state in (UP, STANDBY):
+            if any(self.state[p] is state and p not in self.relays for p in self.names):
+                return Route.DIRECT
+            if any(self.state[p] is state for p in self.relays):
+                return Route.REDIRECTED
+        return Route.NONE
 
     def check_deadline(self) -> None:
         """The core wakes up no later than its next obligation (same sums as the core's)."""
@@ -1103,6 +1122,16 @@ def test_invariants_hold_with_default_timings_overlapping_writes_and_late_submit
     """The default (decimal) timings and clock steps, whose sums round; writes that share
     blocks, so the stale-write guard holds some; requests submitted after the fence."""
     run_state_machine_as_test(EveryInput, settings=PROPERTIES)
+
+
+class WithARedirectedPath(ShellModel):
+    redirected = True
+
+
+def test_invariants_hold_with_a_redirected_path() -> None:
+    """The last of two or three paths is redirected: it carries I/O only while no direct path
+    is up, and the disk's route says which kind does."""
+    run_state_machine_as_test(WithARedirectedPath, settings=PROPERTIES)
 
 
 def test_a_fence_drops_a_reconnect_under_way_too() -> None:
