@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from tests.api.test_api_input import Api, assert_refused, run
 
+from tests.api.test_api_input import Api, assert_refused, run
 from vmcluster.core.units import MIB
 
 
