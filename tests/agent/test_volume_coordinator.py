@@ -23,6 +23,7 @@ from vmcluster.core.units import MIB
 from vmcluster.errors import (
     AlreadyExists,
     ArrayUnavailable,
+    HypervisorError,
     InvalidInput,
     InvalidState,
     NoCoordinator,
@@ -341,5 +342,30 @@ def test_vms_use_volume_disks_one_vm_per_disk(tmp_path: Path) -> None:
             await vms.create(c.ctx("n2"), {"name": "big", "disks": [2 * GIB_BYTES],
                                            "volume": "vol1"})  # fmt: skip
         assert "big" not in c.ctx("n2").records.stored()
+
+    run(scenario, tmp_path)
+
+
+def test_a_step_the_array_refuses_for_good_is_rolled_back(tmp_path: Path) -> None:
+    async def scenario(c: Volumes) -> None:
+        await vol.create_volume(c.ctx("n1"), {"name": "vol1", "array": "a1",
+                                              "size_bytes": GIB_BYTES})  # fmt: skip
+        await c.until(lambda: c.coordinator("vol1") is not None)
+        await vol.create_disk(c.ctx("n1"), "vol1", {"name": "d1", "size_bytes": 64 * MIB})
+        original = c.array.copy_lun
+
+        async def half_made_copy(source: str, target: str) -> None:
+            await original(source, target)  # the target LUN exists ...
+            raise HypervisorError(f"array a1: the copy of LUN {source} to {target} failed: "
+                                  "I/O error (test)")  # ... but the copy failed
+
+        c.array.copy_lun = half_made_copy  # type: ignore[method-assign]
+        with pytest.raises(InvalidState, match=r"^array a1: the copy of LUN .* failed: I/O error"):
+            await vol.copy_disk(c.ctx("n2"), "vol1", "d1", {"name": "s1"}, snapshot=True)
+        disks = c.ctx("n2").records.volumes()["vol1"].disks
+        assert sorted(disks) == ["d1"], "no half-made snapshot in the records"
+        assert await c.luns() == [disks["d1"].lun], "and none left at the array"
+        events = [v["kind"] for _, v in c.ctx("n2").cache.events(20)]
+        assert "volume.op.failed" in events
 
     run(scenario, tmp_path)
