@@ -77,6 +77,7 @@ class VolumeCoordinator:
         self.attached = attached  # volume -> disk -> the VM it is attached to
         self.wall = wall
         self._workers: dict[str, asyncio.Task[None]] = {}
+        self._finished: set[str] = set()  # operations this node committed done or failed
 
     async def run(self) -> None:
         seen = -1
@@ -113,17 +114,31 @@ class VolumeCoordinator:
                     volume.coordinator.node != self.node:  # fmt: skip
                 return
             await self._collect(volume)
-            op = next_op(volume.ops)
+            self._finished &= set(volume.ops)
+            op = next_op({i: o for i, o in volume.ops.items() if i not in self._finished})
             if op is None:
                 return
-            version = self.cache.version
             try:
                 await self._carry_out(volume, op)
             except StoreError as exc:
                 log.info(event("volume.op.store-failed", volume=name, op=op.id, reason=str(exc)))
                 await asyncio.sleep(RETRY_S)
-            # until the cache has this step's commit (or a second: an array retry)
-            await self.cache.wait_changed(PERIOD_S, after=version)
+            await self._caught_up()
+
+    async def _caught_up(self) -> None:
+        """Until the cache has the database's revision as of now (at most PERIOD_S): what is
+        read next is not older than what was just committed, so a finished operation is never
+        carried out again."""
+        try:
+            target = (await self.store.get_prefix(self.keys.cluster_record)).revision
+        except StoreError:
+            return
+        deadline = asyncio.get_running_loop().time() + PERIOD_S
+        while self.cache.revision < target:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            await self.cache.wait_changed(left, after=self.cache.version)
 
     async def _collect(self, volume: StoredVolume) -> None:
         """Remove finished operations that nobody collected."""
@@ -226,6 +241,7 @@ class VolumeCoordinator:
         puts[event_key] = Put(value=value)
         if await self.store.commit(Commit(expect=self._expect(volume, op.id, revision),
                                           puts=puts, deletes=deletes)):  # fmt: skip
+            self._finished.add(op.id)
             log.info(event(EVENT_KINDS[op.kind], volume=name, op=op.id, disk=op.disk,
                            summary=done.summary))  # fmt: skip
 
@@ -244,6 +260,7 @@ class VolumeCoordinator:
         puts[event_key] = Put(value=value)
         if await self.store.commit(Commit(expect=self._expect(volume, op.id, revision),
                                           puts=puts)):  # fmt: skip
+            self._finished.add(op.id)
             log.info(event("volume.op.failed", volume=volume.name, op=op.id, kind=str(op.kind),
                            reason=why))  # fmt: skip
 
