@@ -10,7 +10,14 @@ import click
 
 from vmcluster.api.client import ApiClient
 from vmcluster.cli.cluster import via_option
-from vmcluster.cli.common import data_dir, output_option, print_fields, print_json, print_table
+from vmcluster.cli.common import (
+    data_dir,
+    output_option,
+    print_fields,
+    print_json,
+    print_table,
+    stdout,
+)
 from vmcluster.cli.target import api_client
 from vmcluster.core.units import format_size, parse_size
 from vmcluster.errors import InvalidInput
@@ -65,7 +72,9 @@ def create(name: str, array_name: str, size: str, via: str | None, output: str) 
     if output == "json":
         print_json(made)
         return
-    print(f"volume {name} created on array {array_name} ({_size(made['size_bytes'])})")
+    stdout.print(
+        f"volume {name} created on array {array_name} ({_size(made['size_bytes'])})", markup=False
+    )
 
 
 @volume.command("list")
@@ -96,13 +105,13 @@ def show(name: str, via: str | None, output: str) -> None:
                   ("Coordinator", f"{v['coordinator']} (term {v['term']})"
                    if v["coordinator"] else "(none)"),
                   ("Operations", v["operations"])])  # fmt: skip
-    print()
+    stdout.print()
     print_table(["NODE", "STATE", "ACCESS", "DISKS", "PATHS"],
                 [(n, m["state"], m["mode"], m["disks"],
                   " ".join(f"{p['name']}:{p['state']}" for p in m["paths"]))
                  for n, m in v["nodes"].items()])  # fmt: skip
     if v["disk_list"]:
-        print()
+        stdout.print()
         print_table(DISK_HEADERS, [_disk_row(d) for d in v["disk_list"]])
 
 
@@ -114,7 +123,9 @@ def show(name: str, via: str | None, output: str) -> None:
 def move(name: str, node: str, via: str | None) -> None:
     """Move a volume's coordinator to another node (one that reaches its array)."""
     moved = api_client(data_dir(), via).post(f"/v1/volumes/{name}/move", {"coordinator": node})
-    print(f"volume {name}: coordinator {moved['coordinator']} (term {moved['term']})")
+    stdout.print(
+        f"volume {name}: coordinator {moved['coordinator']} (term {moved['term']})", markup=False
+    )
 
 
 @volume.command("delete")
@@ -123,7 +134,7 @@ def move(name: str, node: str, via: str | None) -> None:
 def delete(name: str, via: str | None) -> None:
     """Delete a volume that holds no disk."""
     api_client(data_dir(), via).delete(f"/v1/volumes/{name}")
-    print(f"volume {name} deleted")
+    stdout.print(f"volume {name} deleted", markup=False)
 
 
 # ----- disks -----
@@ -148,9 +159,9 @@ def _done(client: ApiClient, answer: dict[str, Any], output: str, sentence: str)
         print_json(answer)
         return
     if answer.get("state") == "running":
-        print(f"{sentence}: still running (operation {answer['id']})")
+        stdout.print(f"{sentence}: still running (operation {answer['id']})", markup=False)
         return
-    print(sentence)
+    stdout.print(sentence, markup=False)
 
 
 @disk.command("create")
@@ -234,4 +245,4 @@ def disk_delete(path: str, via: str | None) -> None:
     """Delete a disk or snapshot that no VM uses (its data is gone)."""
     volume_name, name = _split(path)
     api_client(data_dir(), via).delete(f"/v1/volumes/{volume_name}/disks/{name}")
-    print(f"disk {path} deleted")
+    stdout.print(f"disk {path} deleted", markup=False)

@@ -159,11 +159,14 @@ def check(
     disks: Mapping[str, VolumeDisk],
     attached: Mapping[str, str],
     queued: int = 0,
+    running: frozenset[str] = frozenset(),
 ) -> str | None:
     """Why ``op`` cannot be carried out on the volume as it is (one line), or None.
 
     ``attached``: disk -> the VM it is attached to; ``queued``: operations queued before it
-    (a volume is deleted only with none)."""
+    (a volume is deleted only with none); ``running``: the VMs that run or are to run (a disk
+    of theirs is not grown: its exports are made again for the resize, which a connected
+    forwarder would take for the fence)."""
     name = f"{spec.name}/{op.disk}"
     disk = disks.get(op.disk)
     if op.kind is OpKind.DELETE_VOLUME:
@@ -191,6 +194,10 @@ def check(
         if op.size_bytes < disk.size_bytes:
             return (f"disk {name} is {format_size(disk.size_bytes)}: a disk only grows "
                     f"(asked for {format_size(op.size_bytes)})")  # fmt: skip
+        vm = attached.get(op.disk)
+        if vm is not None and vm in running:
+            return (f"disk {name} is attached to VM {vm}, which runs: stop it to grow the "
+                    "disk (growing a running VM's disk is not supported yet)")  # fmt: skip
         return _fits(spec, disks, f"growing {op.disk}", op.size_bytes - disk.size_bytes)
     source = disks.get(op.source or "")
     if source is None:
