@@ -65,8 +65,9 @@ def test_with_both_paths_cut_io_goes_through_the_coordinator_and_comes_back(
     _need("qemu-img")
     coordinator, node, relay = _pair(procs, short_dir, qsd)
     direct = {name: cable.address() for name, cable in cables.items()}
-    disk = asyncio.run(node.client().attach(_spec(direct, relay)))
-    assert disk["route"] == "direct"
+    asyncio.run(node.client().attach(_spec(direct, relay)))
+    # the relay may connect first: the disk is redirected until a direct path is up
+    disk = node.wait_for("direct", lambda d: d["route"] == "direct")
     with Watch(node.ctl) as watch:
         writer, data = _start_writer(procs, tmp_path, disk, 24 * MIB)
         node.wait_for("4 MiB written", lambda d: d["stats"]["bytes_written"] >= 4 * MIB)
