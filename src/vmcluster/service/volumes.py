@@ -253,6 +253,8 @@ async def wait_op(ctx: NodeContext, volume: str, op_id: str,
                 if stored is None:
                     return {"volume": volume, "id": op_id, "state": "done", "deleted": True}
                 raise NotFound(f"volume {volume}: no operation {op_id}")
+            if time.monotonic() >= answer_by:  # this node's copy lags: the client asks again
+                return {"volume": volume, "id": op_id, "state": "running"}
             await ctx.cache.wait_changed(0.2, after=seen)
             continue
         assert stored is not None
