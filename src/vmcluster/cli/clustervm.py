@@ -63,14 +63,23 @@ def create(
 
 
 def _wait_for(
-    client: ApiClient, name: str, states: set[str], timeout: float, what: str
+    client: ApiClient,
+    name: str,
+    states: set[str],
+    timeout: float,
+    what: str,
+    *,
+    failed_before: int | None = None,
 ) -> dict[str, Any]:
+    """Poll until the VM is in one of ``states``. ``failed_before``: the generation it had
+    failed at before the request: an agent whose copy lags may still show that failure, which
+    is no news (a failure at a later generation is)."""  # fmt: skip
     deadline = time.monotonic() + timeout
     while True:
         vm: dict[str, Any] = client.get(_path(name))
         if vm["state"] in states:
             return vm
-        if vm["state"] == "failed":
+        if vm["state"] == "failed" and vm["generation"] != failed_before:
             raise InvalidState(f"VM {name} failed: {vm['reason']}")
         if time.monotonic() >= deadline:
             why = f": {vm['reason']}" if vm["reason"] else ""
@@ -81,11 +90,13 @@ def _wait_for(
 
 def start(name: str, *, wait: bool, timeout: float, via: str | None, output: str) -> None:
     client = _client(via)
+    before: dict[str, Any] = client.get(_path(name)) if wait else {}
     client.post(_path(name, "/start"))
     if not wait:
         stdout.print(f"start of VM {name} requested", markup=False)
         return
-    vm = _wait_for(client, name, {"running"}, timeout, "run")
+    failed_before = before["generation"] if before.get("state") == "failed" else None
+    vm = _wait_for(client, name, {"running"}, timeout, "run", failed_before=failed_before)
     if output == "json":
         print_json(vm)
     else:
