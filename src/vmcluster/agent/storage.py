@@ -58,7 +58,8 @@ class DiskAttacher:
             paths = tuple((s.path_name(i), Address.parse(portal))
                           for i, portal in enumerate(array.nbd))  # fmt: skip
             relays: tuple[tuple[str, Address], ...] = ()
-            if placement.volume_disk is not None and self.relays is not None:
+            if placement.volume_disk is not None and self.relays is not None and \
+                    s.redirected_io:  # fmt: skip
                 volume = placement.volume_disk.partition("/")[0]
                 relays = tuple((n, Address.parse(a)) for n, a in self.relays(volume))
             specs.append(DiskSpec(disk=disk_id(vm.name, placement.disk), generation=generation,
