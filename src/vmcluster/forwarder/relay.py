@@ -13,16 +13,23 @@ other (the relay then closes the node's side at once).
 The relay knows only the arrays its agent told it of (op ``relay`` on the control socket) and
 connects only to their portals: it is no open proxy. Each side of a pair stops reading while the
 other side's send buffer is full, so a slow array or node holds back its peer instead of
-filling memory.
+filling memory (a side not read is looked at for a reset every 100 ms).
+
+Nothing a node sent through the relay may reach the array after the node gave the path up: it
+re-sends those requests another way, and its stale-write guard (core/multipath.py) lets newer
+writes over the same blocks go after ``stale_write_guard_s``. So when the node's side goes, the
+relay resets its array side (the kernel drops what it still held, where a plain close would have
+it retried for a minute and delivered when a cut link came back), and the array side's kernel
+may hold unacknowledged data for at most ``sockopts.ARRAY_USER_TIMEOUT_S``, for when the node's
+reset never reaches the relay.
 """
 
 import asyncio
-import contextlib
-import socket
 from dataclasses import dataclass, field
 from typing import cast
 
-from vmcluster.forwarder.upstream import _QUICKACK, Address
+from vmcluster.forwarder import sockopts
+from vmcluster.forwarder.upstream import Address
 from vmcluster.logs import event, get_logger
 
 log = get_logger(__name__)
@@ -32,34 +39,33 @@ MAX_PREAMBLE_BYTES = 128
 PREAMBLE_TIMEOUT_S = 2.0
 CONNECT_TIMEOUT_S = 1.0
 HIGH_WATER_BYTES = 4 << 20  # a side's send buffer that pauses its peer's reading
+PAUSED_CHECK_S = 0.1  # how often a side that is not read is looked at for a reset
 
 
 def preamble(array: str) -> bytes:
     return PREAMBLE + array.encode() + b"\n"
 
 
-def _nodelay(transport: asyncio.BaseTransport) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 class _Side(asyncio.Protocol):
-    """One connection of a relayed pair; what it reads goes to its peer."""
+    """One connection of a relayed pair; what it reads goes to its peer. ``array_side``: the
+    relay's own connection to the array."""
 
-    def __init__(self, relay: "Relay", *, quick_ack: bool = False) -> None:
+    def __init__(self, relay: "Relay", *, array_side: bool = False) -> None:
         self.relay = relay
         self.transport: asyncio.Transport | None = None
         self.peer: _Side | None = None
         self.early: list[bytes] = []  # read before the peer existed
         self.closed = False
-        self.quick_ack = quick_ack and _QUICKACK is not None
+        self.array_side = array_side
+        self.quick_ack = array_side and sockopts.QUICKACK is not None
         self._fd = -1
+        self._paused_watch: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        _nodelay(transport)
+        sockopts.nodelay(transport)
+        if self.array_side:
+            sockopts.bound_unacknowledged(transport, sockopts.ARRAY_USER_TIMEOUT_S)
         self.transport.set_write_buffer_limits(high=HIGH_WATER_BYTES)
         sock = transport.get_extra_info("socket")
         self._fd = sock.fileno() if sock is not None else -1
@@ -68,7 +74,7 @@ class _Side(asyncio.Protocol):
         if self.quick_ack and self._fd >= 0:
             # The array's NBD server may hold its next reply (Nagle) until its last one is
             # ACKed: ACK at once, as the forwarder's own upstream connections do.
-            _QUICKACK(self._fd)  # type: ignore[misc]
+            sockopts.QUICKACK(self._fd)  # type: ignore[misc]
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.write(data)
             self.relay.bytes_relayed += len(data)
@@ -78,17 +84,47 @@ class _Side(asyncio.Protocol):
     def pause_writing(self) -> None:  # my send buffer is full: my peer stops reading
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.pause_reading()
+            self.peer._watch_paused()
 
     def resume_writing(self) -> None:
         if self.peer is not None and self.peer.transport is not None:
+            self.peer._stop_watching()
             self.peer.transport.resume_reading()
+
+    def _watch_paused(self) -> None:
+        """A connection that is not read would not notice a reset: look for one now and then."""
+        if self._paused_watch is None and not self.closed:
+            loop = asyncio.get_running_loop()
+            self._paused_watch = loop.call_later(PAUSED_CHECK_S, self._check_paused)
+
+    def _check_paused(self) -> None:
+        self._paused_watch = None
+        if self.closed or self.transport is None:
+            return
+        if sockopts.pending_error(self.transport):
+            self.transport.abort()  # connection_lost follows, and takes the peer with it
+            return
+        self._watch_paused()
+
+    def _stop_watching(self) -> None:
+        if self._paused_watch is not None:
+            self._paused_watch.cancel()
+            self._paused_watch = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.peer is not None and self.peer.transport is not None and not self.peer.closed:
-            # The array cut its side (a fence, a dead path): the node sees it at once, and
-            # so does the array when the node goes.
-            self.peer.transport.close()
+        self._stop_watching()
+        peer = self.peer
+        if peer is None or peer.transport is None or peer.closed:
+            return
+        if peer.array_side:
+            # The node gave this path up and sends its requests another way: what the relay
+            # still holds for the array must never land after them (a reset drops it).
+            sockopts.reset(peer.transport)
+        else:
+            # The array cut its side (a fence, a dead path): the node sees it at once, after
+            # the replies that came before.
+            peer.transport.close()
 
     def link(self, peer: "_Side") -> None:
         self.peer = peer
@@ -151,7 +187,7 @@ class _Incoming(_Side):
         loop = asyncio.get_running_loop()
         failures = []
         for portal in portals:
-            upstream = _Side(self.relay, quick_ack=True)
+            upstream = _Side(self.relay, array_side=True)
 
             def side(made: _Side = upstream) -> _Side:
                 return made
@@ -163,8 +199,7 @@ class _Incoming(_Side):
                 failures.append(f"{portal}: {exc or 'timed out'}")
                 continue
             if self.closed:  # the node went away meanwhile
-                assert upstream.transport is not None
-                upstream.transport.close()
+                sockopts.reset(upstream.transport)
                 return
             upstream.link(self)
             self.link(upstream)
@@ -228,10 +263,9 @@ class Relay:
     async def close(self) -> None:
         await self.close_listeners()
         for conn in list(self.connections):
-            if conn.transport is not None:
-                conn.transport.abort()
-            if conn.peer is not None and conn.peer.transport is not None:
-                conn.peer.transport.abort()
+            sockopts.reset(conn.transport)
+            if conn.peer is not None:
+                sockopts.reset(conn.peer.transport)
 
     def status(self) -> dict[str, object]:
         return {"listen": [str(a) for a in self.listen], "arrays": sorted(self.arrays),

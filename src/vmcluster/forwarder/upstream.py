@@ -6,45 +6,21 @@ leaves requests in flight, so that no request or reply waits for a delayed ACK
 (docs/nbd-tcp-stall.md). With nothing left in flight the array holds no reply back, and the next
 request carries the ACK: no system call is spent. :meth:`abort` drops the connection with a
 reset (SO_LINGER 0): what was queued but not sent is discarded, not delivered late after the
-path comes back.
+path comes back; and the kernel may hold unacknowledged data for at most
+``sockopts.ARRAY_USER_TIMEOUT_S`` (also after the process is gone).
 """
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import socket
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
+from vmcluster.forwarder import sockopts
 from vmcluster.forwarder.sending import send_chunks
 from vmcluster.protocols.nbdclient import ClientConnection, Negotiated, Reply
 from vmcluster.protocols.nbdwire import BASE_ALLOCATION, Cmd, NbdError, OptionRefused, Rep
-
-_LINGER_RESET = struct.pack("ii", 1, 0)
-
-
-def _libc_setsockopt() -> Callable[[int], None] | None:
-    """setsockopt(fd, TCP_QUICKACK, 1) straight on the descriptor: uvloop's transport socket
-    makes a socket object (and a getsockname call) for every setsockopt, several µs a reply."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        call = libc.setsockopt
-    except (OSError, AttributeError):
-        return None
-    one = ctypes.c_int(1)
-    size = ctypes.sizeof(one)
-    level, name = socket.IPPROTO_TCP, socket.TCP_QUICKACK
-
-    def quickack(fd: int) -> None:
-        call(fd, level, name, ctypes.byref(one), size)  # an error only costs the quick ACK
-
-    return quickack
-
-
-_QUICKACK = _libc_setsockopt()
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +96,7 @@ class Upstream(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self._sock = sock
                 self._fd = sock.fileno()
+        sockopts.bound_unacknowledged(self.transport, sockopts.ARRAY_USER_TIMEOUT_S)
         self.transport.set_write_buffer_limits(high=1 << 24)
         if self._preamble:
             self.transport.write(self._preamble)
@@ -156,8 +133,8 @@ class Upstream(asyncio.Protocol):
         last one: ACK at once (the kernel turns quick ACKs off again by itself)."""
         if self._sock is None:
             return
-        if _QUICKACK is not None:
-            _QUICKACK(self._fd)
+        if sockopts.QUICKACK is not None:
+            sockopts.QUICKACK(self._fd)
         else:
             with contextlib.suppress(OSError):
                 self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
@@ -195,11 +172,7 @@ class Upstream(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        transport.abort()
+        sockopts.reset(transport)
 
     def close(self) -> None:
         """A soft disconnect (NBD_CMD_DISC) when idle; no callback follows."""
@@ -221,6 +194,5 @@ class Upstream(asyncio.Protocol):
         if self._lost:
             return
         self._lost = True
-        if self.transport is not None:
-            self.transport.abort()
+        sockopts.reset(self.transport)
         self._on_lost(reason, refused)
