@@ -16,6 +16,8 @@ import pytest
 from tests.support import kill_by_pid, run_cli
 
 from vmcluster.forwarder.client import ForwarderClient
+from vmcluster.guest.check import scan_records
+from vmcluster.guest.record import SECTOR_BYTES, sector_of
 from vmcluster.lab.lab import Lab
 from vmcluster.lab.plan import Network
 from vmcluster.lab.procs import Tracked, forget, spawn
@@ -100,10 +102,31 @@ def _events(kind_prefix: str) -> list[dict[str, Any]]:
     return [e for e in events if e["kind"].startswith(kind_prefix)]
 
 
+def _where_records_are(lab: Lab, vm: str, first: int) -> str:
+    """For a failed check: where the records of ``vm`` from seq ``first`` on are found, in
+    every LUN of every array of the lab (its own LUN or another), and what the gaps hold."""
+    lines = []
+    for array in lab.plan().arrays:
+        for path in sorted((lab.host_dir(array.name) / "luns").glob("*.raw")):
+            disk = path.read_bytes()
+            mine = {seq: r for seq, r in scan_records(disk) if r.vm == vm and seq >= first}
+            if not mine:
+                continue
+            seqs = sorted(mine)
+            gaps = [s for s in range(first, seqs[-1]) if s not in mine][:10]
+            held = {s: disk[sector_of(s) * SECTOR_BYTES:][:24] for s in gaps[:3]}
+            lines.append(f"{array.name}/{path.name}: {len(seqs)} records {seqs[0]}..{seqs[-1]}, "
+                         f"generations {sorted({r.generation for r in mine.values()})}, "
+                         f"missing {gaps}, slots hold {held}")  # fmt: skip
+    return "; ".join(lines) or "no record of it anywhere"
+
+
 def _check_probe(lab: Lab) -> list[dict[str, Any]]:
     result = run_cli("lab", "check", "-o", "json", "--name", lab.name)
     report = json.loads(result.out)
     for vm in report:
+        if vm["lost_acks"]:
+            vm["where"] = _where_records_are(lab, vm["vm"], vm["highest_on_disk"] + 1)
         assert vm["lost_acks"] == 0, vm
         assert vm["stale_writes"] == 0, vm
     assert result.code == 0, result.err

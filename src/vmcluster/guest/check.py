@@ -87,7 +87,7 @@ def check_vm(
     retired: Mapping[int, int] | None = None,
 ) -> VmCheck:
     """Check the consoles of ``vm`` against its disk image; see the module docstring."""
-    on_disk = dict(_scan(disk))
+    on_disk = dict(scan_records(disk))
     prefix = 0
     while prefix + 1 in on_disk:
         prefix += 1
@@ -133,7 +133,7 @@ def _acks(consoles: Sequence[ConsoleLog]) -> dict[tuple[int, int], set[str]]:
     return acks
 
 
-def _scan(disk: bytes) -> Iterator[tuple[int, Record]]:
+def scan_records(disk: bytes) -> Iterator[tuple[int, Record]]:
     """Every valid record on the disk with its seq, gaps or not, in seq order."""
     magic = MAGIC.encode()
     last = capacity(len(disk))
