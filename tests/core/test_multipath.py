@@ -1174,3 +1174,52 @@ def test_the_stale_write_guard_lasts_as_long_as_the_first_copy_was_held() -> Non
     assert Send(2, "b") not in m.actions()  # 2 s after the failure: still held
     m.handle_timer(10.0)
     assert Send(2, "b") in m.actions()
+
+
+def test_a_refusal_while_the_array_grows_the_disk_is_retried_not_fenced() -> None:
+    m = attached("a")
+    write(m, 1, 0.0)
+    assert m.actions() == [Send(1, "a")]
+    m.failed("a", "the array closed the connection", 0.5)  # its export retired for the resize
+    assert m.actions() == [Abort("a", "the array closed the connection")]
+    m.handle_timer(0.625)
+    assert m.actions() == [Connect("a")]
+    m.refused("a", "export not found", 0.75, resizing=True)
+    (abort,) = m.actions()  # the refused connection dropped; nothing failed: the write waits
+    assert isinstance(abort, Abort)
+    assert m.state is not FENCED
+    assert (m.in_flight, m.waiting) == (0, 1)
+    assert "growing the disk" in m.paths()[0].reason
+    deadline = m.next_deadline()
+    assert deadline is not None
+    m.handle_timer(deadline)
+    assert m.actions() == [Connect("a")]
+    m.connected("a", deadline + 0.01)  # the export is back, grown
+    assert m.actions() == [Send(1, "a", resend=True)]
+    assert m.state is not FENCED
+
+
+def test_the_resize_window_ends_in_the_fence() -> None:
+    m = attached("a")
+    write(m, 1, 0.0)
+    m.actions()
+    m.failed("a", "reset", 0.5)
+    now = 0.5
+    m.refused("a", "export not found", now, resizing=True)
+    window = m.timings.resize_window_s
+    done: list[object] = []
+    while m.state is not FENCED:
+        deadline = m.next_deadline()
+        assert deadline is not None
+        assert deadline <= now + window + 10, "the window must end"
+        now = deadline
+        m.handle_timer(now)
+        actions = m.actions()
+        done += actions
+        if any(isinstance(a, Connect) for a in actions):
+            m.refused("a", "export not found", now, resizing=True)
+    assert now > 0.5 + window
+    done += m.actions()
+    assert [a for a in done if isinstance(a, Fail)], "the write is not left waiting for ever"
+    fenced = [e for e in events(m) if isinstance(e, DiskChanged) and e.state is FENCED]
+    assert "growing the disk for over" in fenced[-1].reason

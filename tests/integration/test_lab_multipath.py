@@ -114,7 +114,7 @@ def _where_records_are(lab: Lab, vm: str, first: int) -> str:
                 continue
             seqs = sorted(mine)
             gaps = [s for s in range(first, seqs[-1]) if s not in mine][:10]
-            held = {s: disk[sector_of(s) * SECTOR_BYTES:][:24] for s in gaps[:3]}
+            held = {s: disk[sector_of(s) * SECTOR_BYTES :][:64] for s in gaps[:3]}
             lines.append(f"{array.name}/{path.name}: {len(seqs)} records {seqs[0]}..{seqs[-1]}, "
                          f"generations {sorted({r.generation for r in mine.values()})}, "
                          f"missing {gaps}, slots hold {held}")  # fmt: skip
@@ -127,8 +127,8 @@ def _check_probe(lab: Lab) -> list[dict[str, Any]]:
     for vm in report:
         if vm["lost_acks"]:
             vm["where"] = _where_records_are(lab, vm["vm"], vm["highest_on_disk"] + 1)
-        assert vm["lost_acks"] == 0, vm
-        assert vm["stale_writes"] == 0, vm
+        assert vm["lost_acks"] == 0, json.dumps(vm)
+        assert vm["stale_writes"] == 0, json.dumps(vm)
     assert result.code == 0, result.err
     return list(report)
 

@@ -94,6 +94,9 @@ class PathWatch:
             self.emit_later(f"disk.{message.get('state')}", subject, str(message.get("reason")))
         elif kind == "route.changed":  # disk.direct, disk.redirected, disk.no-access
             self.emit_later(f"disk.{message.get('route')}", subject, str(message.get("reason")))
+        elif kind == "disk.grown":
+            size = message.get("size_bytes")
+            self.emit_later("disk.grown", subject, f"the array serves it at {size} bytes")
 
     async def _publish(self) -> None:
         published: tuple[Any, ...] | None = None

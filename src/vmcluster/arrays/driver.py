@@ -60,6 +60,15 @@ def export_name(lun: str, generation: int) -> str:
     return f"{lun}.g{generation}"
 
 
+RESIZING_SUFFIX = ".resizing"
+
+
+def resizing_marker(export: str) -> str:
+    """The export an array serves while ``export`` is made again to grow its LUN: a client
+    refused ``export`` that finds this one open is not fenced, only early, and tries again."""
+    return export + RESIZING_SUFFIX
+
+
 def parse_export_name(name: str) -> tuple[str, int] | None:
     """``(lun, generation)`` for a generation's export name ``<lun>.g<N>``, else None."""
     match = GENERATION_NAME_RE.fullmatch(name)

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from vmcluster.arrays.driver import (
+    RESIZING_SUFFIX,
     ArrayStatus,
     LunInfo,
     check_generation,
@@ -56,6 +57,7 @@ from vmcluster.arrays.driver import (
     check_size,
     export_name,
     parse_export_name,
+    resizing_marker,
 )
 from vmcluster.errors import (
     AlreadyExists,
@@ -222,19 +224,48 @@ class QsdArray:
             async with self._session() as session:
                 # An NBD export does not let its node be resized: its exports are retired for
                 # the resize (their clients cut: they reconnect, and are told the new size)
-                # and made again under the same names.
+                # and made again under the same names. Meanwhile a marker export says so
+                # (driver.resizing_marker), so that a client refused in that moment knows it
+                # is not fenced. The array's lock keeps fences out until the exports are back.
                 live = [e for e in await self._lun_exports(session, lun) if not e.shutting_down]
-                for export in live:
-                    await self._retire(session, lun, export)
+                await self._mark_resizing(session, lun, [e.id for e in live])
                 try:
-                    await session.execute("block_resize", {"node-name": f"lun-{lun}",
-                                                           "size": size_bytes})  # fmt: skip
-                finally:
                     for export in live:
-                        await self._add_export(session, lun, export.id)
+                        await self._retire(session, lun, export)
+                    try:
+                        await session.execute("block_resize", {"node-name": f"lun-{lun}",
+                                                               "size": size_bytes})  # fmt: skip
+                    finally:
+                        for export in live:
+                            await self._add_export(session, lun, export.id)
+                finally:
+                    await self._unmark_resizing(session, lun)
             record.size_bytes = size_bytes
             config.save(self.config_path)
         log.info(event("array.lun.resized", array=self.name, lun=lun, size_bytes=size_bytes))
+
+    async def _mark_resizing(self, session: QmpSession, lun: str, exports: list[str]) -> None:
+        node = f"resizing-{lun}"
+        nodes = await session.execute("query-named-block-nodes", {"flat": True})
+        if node not in {str(n.get("node-name")) for n in nodes}:
+            await session.execute("blockdev-add", {"driver": "null-co", "node-name": node,
+                                                   "size": 512, "read-zeroes": True})  # fmt: skip
+        have = {e.id for e in await self._live_exports(session)}
+        for export in exports:
+            marker = resizing_marker(export)
+            if marker not in have:
+                await session.execute("block-export-add", {
+                    "type": "nbd", "id": marker, "node-name": node, "name": marker,
+                    "writable": False})  # fmt: skip
+
+    async def _unmark_resizing(self, session: QmpSession, lun: str) -> None:
+        node = f"resizing-{lun}"
+        for export in await self._live_exports(session):
+            if export.node == node and not export.shutting_down:
+                await session.execute("block-export-del", {"id": export.id, "mode": "hard"})
+                await self._wait_gone(session, export.id)
+        with contextlib.suppress(HypervisorError):  # not there: nothing to remove
+            await session.execute("blockdev-del", {"node-name": node})
 
     async def copy_lun(self, source: str, target: str) -> None:
         """A new LUN ``target`` with ``source``'s data at this moment: a full backup job from
@@ -443,14 +474,18 @@ class QsdArray:
                 if lun not in ArrayConfig.load(self.config_path).luns:
                     raise NotFound(f"array {self.name}: no LUN {lun!r}")
                 live = await self._lun_exports(session, lun)
-        return sorted(e.id for e in live if not e.shutting_down)
+        return sorted(e.id for e in live if not e.shutting_down
+                      and not e.id.endswith(RESIZING_SUFFIX))  # fmt: skip
 
     async def status(self) -> ArrayStatus:
         async with self._locked(), self._session() as session:
             live = await self._live_exports(session)
             luns = len(ArrayConfig.load(self.config_path).luns)
-        return ArrayStatus(name=self.name, luns=luns,
-                           exports=sum(not e.shutting_down for e in live))  # fmt: skip
+        return ArrayStatus(
+            name=self.name,
+            luns=luns,
+            exports=sum(not e.shutting_down and not e.id.endswith(RESIZING_SUFFIX) for e in live),
+        )
 
     async def restore_if_forgotten(self) -> bool:
         """:meth:`restore` if the daemon lacks the block node of a configured LUN (it restarted

@@ -36,7 +36,10 @@ their outcome shows in the path's reason).
   in order.
 - An export refused at the array (the storage fence retired this generation) **fences** the disk:
   every request in flight or waiting, and every later one, fails with EIO; no path is retried,
-  no other generation is ever tried (the shell only knows this one).
+  no other generation is ever tried (the shell only knows this one). Except while the array
+  grows the disk: it makes the export again then, and says so with a marker export
+  (``arrays.driver.resizing_marker``); a refusal seen with the marker open is a failure, retried,
+  for at most ``resize_window_s``.
 
 The stale-write guard. A write re-sent after its path failed may still be inside the array from
 the first sending and land late. The re-sent copy carries the same data, so that is harmless,
@@ -95,6 +98,7 @@ class PathTimings:
     failback_after_s: float = 1.0
     no_path_timeout_s: float = 20.0
     stale_write_guard_s: float = 2.0
+    resize_window_s: float = 10.0  # how long a refusal with the array's resizing marker waits
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
@@ -247,6 +251,7 @@ class Multipath:
         self._events: deque[Event] = deque()
         self._rr = 0
         self.fenced = False
+        self._resizing_since: float | None = None  # the first refusal with the resizing marker
         self._disk_state = DiskState.WAITING
         self._route = Route.NONE
         for path in self._paths.values():
@@ -346,6 +351,7 @@ class Multipath:
         if not (p.state is PathState.CONNECTING or retry) or self.fenced:
             return
         p.connecting = False
+        self._resizing_since = None
         first = p.failures == 0
         p.backoff_s = 0.0
         p.probe_sent_at = None
@@ -379,10 +385,23 @@ class Multipath:
             return
         self._fail(p, reason, now)
 
-    def refused(self, path: str, reason: str, now: float) -> None:
-        """The array refused the export on ``path``: this generation is fenced."""
+    def refused(self, path: str, reason: str, now: float, *, resizing: bool = False) -> None:
+        """The array refused the export on ``path``: this generation is fenced. Unless the array
+        said (``resizing``: its resizing marker is open) that it is making the export again to
+        grow the disk: then the path is tried again as after a failure, for at most
+        ``resize_window_s`` from the first such refusal (then it is the fence after all: the
+        safety is the array's, which refuses a fenced generation for ever; the window only
+        delays noticing it)."""
         if self.fenced:
             return
+        if resizing:
+            if self._resizing_since is None:
+                self._resizing_since = now
+            if now - self._resizing_since <= self.timings.resize_window_s:
+                self.failed(path, f"{reason}; the array is growing the disk, trying again", now)
+                return
+            reason = (f"{reason} (the array has been growing the disk for over "
+                      f"{self.timings.resize_window_s:g} s)")  # fmt: skip
         self.fenced = True
         for p in self._paths.values():
             if p.state is not PathState.DOWN or p.connecting:

@@ -18,10 +18,11 @@ import functools
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from vmcluster.arrays.driver import resizing_marker
 from vmcluster.core.multipath import (
     Abort,
     Connect,
@@ -101,6 +102,7 @@ class _PathLink:
     data_ready: bool = False
     probe_ready: bool = False
     task: "asyncio.Task[None] | None" = None
+    size: int = 0  # the export's size as this link negotiated it
 
 
 class ForwardedDisk:
@@ -126,6 +128,7 @@ class ForwardedDisk:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._settled = asyncio.Event()
+        self._asking: dict[tuple[str, int], asyncio.Task[None]] = {}  # marker checks running
         self.upstream: ExportInfo | None = None
         self._upstream_contexts: dict[str, int] = {}
         self._contexts_seen: dict[int, str] = {}
@@ -304,13 +307,21 @@ class ForwardedDisk:
                 negotiated.contexts.values() else (),
             )  # fmt: skip
         elif _shape(info, negotiated.contexts) != _shape(self.upstream, self._contexts_seen):
-            # Another path must lead to the very same export: same size, flags, block sizes
-            # and metadata contexts (the requests are re-sent there unchanged).
-            self.core.failed(path, f"export differs on this path (size {info.size}, "
-                             f"blocks {info.min_block}/{info.max_payload})",
-                             self._loop.time())  # fmt: skip
-            self._run()
-            return
+            if (
+                _shape(replace(info, size=self.upstream.size), negotiated.contexts)
+                == _shape(self.upstream, self._contexts_seen)
+                and info.size > self.upstream.size
+            ):
+                self._grown(path, info)
+            else:
+                # Another path must lead to the very same export: same size, flags, block
+                # sizes and metadata contexts (the requests are re-sent there unchanged).
+                self.core.failed(path, f"export differs on this path (size {info.size}, "
+                                 f"blocks {info.min_block}/{info.max_payload})",
+                                 self._loop.time())  # fmt: skip
+                self._run()
+                return
+        link.size = info.size
         if which == "data":
             link.data_ready = True
         else:
@@ -319,15 +330,78 @@ class ForwardedDisk:
             self.core.connected(path, self._loop.time())
             self._run()
 
+    def _grown(self, path: str, info: ExportInfo) -> None:
+        """The array grew the disk (same export, larger): new clients are told the new size,
+        clients connected before keep the old one (their requests stay within it), and paths
+        still connected at the old size reconnect."""
+        assert self.upstream is not None
+        assert self.export is not None
+        before = self.upstream.size
+        self.upstream = info
+        self.export = replace(self.export, size=info.size)
+        log.info(event("forwarder.disk.grown", disk=self.spec.disk, path=path, old=before,
+                       size_bytes=info.size))  # fmt: skip
+        now = self._loop.time()
+        for name, link in self._links.items():
+            if name != path and link.size and link.size < info.size:
+                self.core.failed(name, f"the export grew to {info.size} bytes: reconnecting",
+                                 now)  # fmt: skip
+        self._on_event({"event": "disk.grown", "disk": self.spec.disk, "size_bytes": info.size,
+                        "at": time.time()})  # fmt: skip
+
     def _lost(self, path: str, epoch: int, reason: str, refused: bool) -> None:
         if self._links[path].epoch != epoch or self.detached:
             return
-        now = self._loop.time()
         if refused:
-            self.core.refused(path, reason, now)
-        else:
-            self.core.failed(path, reason, now)
+            # Fenced, or the array making the export again to grow the disk: ask it first.
+            if (path, epoch) not in self._asking:
+                task = self._loop.create_task(self._refused(path, epoch, reason))
+                self._asking[(path, epoch)] = task
+            return
+        self.core.failed(path, reason, self._loop.time())
         self._run()
+
+    async def _refused(self, path: str, epoch: int, reason: str) -> None:
+        try:
+            resizing = await self._resizing(path)
+        finally:
+            self._asking.pop((path, epoch), None)
+        if self._links[path].epoch != epoch or self.detached:
+            return
+        now = self._loop.time()
+        if resizing is None:
+            self.core.failed(path, f"{reason}; the array did not say whether it grows the disk",
+                             now)  # fmt: skip
+        else:
+            self.core.refused(path, reason, now, resizing=resizing)
+        self._run()
+
+    async def _resizing(self, path: str) -> bool | None:
+        """Whether the array serves the resizing marker of this disk's export on ``path``
+        (None: no answer)."""
+        answer: asyncio.Future[bool | None] = self._loop.create_future()
+
+        def settle(value: bool | None) -> None:
+            if not answer.done():
+                answer.set_result(value)
+
+        relayed = path in self.spec.relays and self.spec.relay_array is not None
+        timeout = self.spec.timings.connect_timeout_s
+        conn: Upstream | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                conn = await Upstream.open(
+                    self._addresses[path], resizing_marker(self.spec.export), timeout_s=timeout,
+                    preamble=relay.preamble(self.spec.relay_array or "") if relayed else b"",
+                    on_ready=lambda _: settle(True), on_reply=lambda _: None,
+                    on_lost=lambda _, refused: settle(False if refused else None),
+                )  # fmt: skip
+                return await answer
+        except (OSError, TimeoutError):
+            return None
+        finally:
+            if conn is not None:
+                conn.abort()
 
     async def _connect(self, path: str, epoch: int) -> None:
         address = self._addresses[path]

@@ -57,14 +57,14 @@ def _socket(transport: asyncio.BaseTransport) -> socket.socket | None:
 def nodelay(transport: asyncio.BaseTransport) -> None:
     sock = _socket(transport)
     if sock is not None:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def bound_unacknowledged(transport: asyncio.BaseTransport, seconds: float) -> None:
     sock = _socket(transport)
     if sock is not None:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(seconds * 1000))
 
 
@@ -73,8 +73,8 @@ def reset(transport: asyncio.Transport | None) -> None:
     if transport is None:
         return
     sock = _socket(transport)
-    if sock is not None:
-        with contextlib.suppress(OSError):
+    if sock is not None and not transport.is_closing():
+        with contextlib.suppress(OSError, ValueError):  # ValueError: uvloop's, once closed
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
     transport.abort()
 
@@ -86,5 +86,5 @@ def pending_error(transport: asyncio.BaseTransport) -> int:
         return 0
     try:
         return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
-    except OSError as exc:
-        return exc.errno or -1
+    except (OSError, ValueError) as exc:
+        return getattr(exc, "errno", None) or -1
