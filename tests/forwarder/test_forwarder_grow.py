@@ -105,6 +105,7 @@ def test_the_arrays_resize_under_a_writing_forwarder_ends_grown_never_fenced(
 ) -> None:
     _need("qemu-io", "qemu-img")
     driver, port = array.array, array.port
+
     async def make() -> str:
         await driver.create_lun("l1", 16 * MIB)
         return await driver.fence("l1", 1)  # generation 1's export
