@@ -14,10 +14,14 @@ import pytest
 from tests.agent.test_agent_shell import CuttableStore
 
 from vmcluster.agent.agent import Agent, AgentIO
+from vmcluster.agent.cache import ClusterCache
 from vmcluster.agent.config import AgentConfig, ArrayAccess, Secrets
+from vmcluster.agent.records import ClusterRecords
 from vmcluster.arrays.driver import ArrayDriver
 from vmcluster.arrays.fake import FakeArray
 from vmcluster.clusterstate.fake import FakeStore
+from vmcluster.clusterstate.keys import dumps
+from vmcluster.clusterstate.store import Entry
 from vmcluster.core.cluster import NodeState
 from vmcluster.core.units import MIB
 from vmcluster.errors import (
@@ -343,7 +347,38 @@ def test_vms_use_volume_disks_one_vm_per_disk(tmp_path: Path) -> None:
                                            "volume": "vol1"})  # fmt: skip
         assert "big" not in c.ctx("n2").records.stored()
 
+        # db is stopped: its disk grows; running without its disks in the owner's forwarder it
+        # would not (the array makes the export again to grow it: only the forwarder rides it
+        # out), served by the forwarder it does
+        assert c.ctx("n1").records.not_growable() == {}
+        await vol.resize_disk(c.ctx("n1"), "vol1", "d1", {"size_bytes": 96 * MIB})
+        await c.until(lambda: c.ctx("n1").records.volumes()["vol1"].disks["d1"].size_bytes
+                      == 96 * MIB)  # fmt: skip
+        runs = {
+            "vms/db/intent": {"running": True},
+            "vms/db/placement": {"owner": "n2", "generation": 5, "phase": "running"},
+        }
+        assert _with(c.ctx("n1"), runs).not_growable() == {
+            "db": "VM db runs on n2 without its disks served by the block forwarder (yet)"
+        }
+        disk = {"disk": "db.disk0", "generation": 5, "state": "active"}
+        paths = {"nodes/n2/paths": {"forwarder": "up", "disks": [disk]}}
+        served = _with(c.ctx("n1"), {**runs, **paths})
+        assert served.not_growable() == {}
+
     run(scenario, tmp_path)
+
+
+def _with(ctx: NodeContext, parts: dict[str, Any]) -> ClusterRecords:
+    """``ctx``'s records with ``parts`` (key under the cluster's prefix -> JSON) put over them."""
+    cache = ClusterCache(ctx.store, ctx.keys)
+    cache.entries = dict(ctx.cache.entries)
+    prefix = ctx.keys.vm("x", "spec").split("vms/")[0]
+    for key, value in parts.items():
+        full = prefix + key
+        cache.entries[full] = Entry(key=full, value=dumps(value), create_revision=1,
+                                    mod_revision=10**6)  # fmt: skip
+    return ClusterRecords(cache, ctx.keys)
 
 
 def test_a_step_the_array_refuses_for_good_is_rolled_back(tmp_path: Path) -> None:

@@ -2,9 +2,12 @@
 
 Direct calls, no event loop: the placements as read, what runs here, and the exact actions."""
 
+from dataclasses import replace
+
 from vmcluster.core.ha import Instance, InstanceStatus, VmPhase
 from vmcluster.core.reconcile import (
     ForgetEnded,
+    GrowDisk,
     KillInstance,
     Local,
     NoteEnded,
@@ -106,3 +109,29 @@ def test_an_admin_start_after_the_guest_powered_off_is_not_undone() -> None:
 def test_other_nodes_placements_are_ignored() -> None:
     assert reconcile(ME, placed(owner="n2"), Local()) == ()
     assert reconcile(ME, placed(owner=None, phase=VmPhase.PENDING), Local()) == ()
+
+
+def _sized(size: int, *, want_running: bool = True) -> dict[str, Placed]:
+    (vm,) = placed(instance=InstanceStatus.RUNNING, want_running=want_running).values()
+    return {"web": replace(vm, disk_sizes={"root": size, "data": 8 << 20})}
+
+
+def test_a_disk_grown_in_the_records_is_grown_in_the_running_qemu() -> None:
+    have = {("web", 2): {"root": 16 << 20, "data": 8 << 20}}
+    local = Local(running=frozenset({("web", 2)}), disk_sizes=have)
+    assert reconcile(ME, _sized(32 << 20), local) == (
+        GrowDisk(vm="web", generation=2, disk="root", size_bytes=32 << 20),
+    )
+    assert reconcile(ME, _sized(16 << 20), local) == ()  # as large already
+    assert reconcile(ME, _sized(8 << 20), local) == ()  # never shrunk
+
+
+def test_no_disk_is_grown_while_busy_stopping_or_unknown() -> None:
+    have = {("web", 2): {"root": 16 << 20, "data": 8 << 20}}
+    busy = Local(running=frozenset({("web", 2)}), busy=frozenset({("web", 2)}), disk_sizes=have)
+    assert reconcile(ME, _sized(32 << 20), busy) == ()
+    stopping = reconcile(ME, _sized(32 << 20, want_running=False),
+                         Local(running=frozenset({("web", 2)}), disk_sizes=have))  # fmt: skip
+    assert not [a for a in stopping if isinstance(a, GrowDisk)]
+    unknown = Local(running=frozenset({("web", 2)}))  # QEMU's sizes not read (yet)
+    assert reconcile(ME, _sized(32 << 20), unknown) == ()

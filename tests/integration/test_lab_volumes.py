@@ -2,7 +2,8 @@
 on one shared volume on two nodes at once; one node loses one storage path (direct on the other),
 then both (redirected through the coordinator), then gets one back (direct again); the
 coordinator loses its own paths while that node is redirected through it (the coordinator moves
-and the redirected node follows); disk operations from every node. The probe checker ends each
+and the redirected node follows); disk operations from every node; a running VM's disk grown
+(the guest sees the new size). The probe checker ends each
 test: zero lost ACKs, zero stale writes."""
 
 import time
@@ -143,6 +144,16 @@ def test_the_coordinators_node_crashes_and_the_vms_elsewhere_never_stop(lab: Lab
     # moved as soon as the crashed node looked isolated or down (its lease, not yet expired,
     # lets it write nothing: every coordinator commit compares the volume's coordinator term)
     assert any(f": {coordinator} is " in e["reason"] for e in events), events
+
+    # the running VM's disk grown through the new coordinator: the guest is told, and writes on
+    console = lab.host_dir(x) / "data" / "vms" / "sv3" / f"g{sv3['generation']}.console"
+    _cli("disk", "resize", "vol2/q1", "--size", "24M", "--via", x)
+    _until(lambda: f"disk size now {(24 << 20) // 512} sectors" in console.read_text("utf-8",
+           "replace"), what="the guest to see q1 grown")  # fmt: skip
+    _writes_on(lab, sv3)
+    assert {d["name"]: d["size_bytes"] for d in _volume("vol2")["disk_list"]}["q1"] == 24 << 20
+    assert any(e["subject"] == f"{x}/sv3.disk0" for e in _events("disk.grown"))
+    assert "vm.disk.grown vm=sv3" in (lab.host_dir(x) / "agent.log").read_text()
 
     now = _vm("sv3")
     assert (now["owner"], now["generation"]) == (x, sv3["generation"]), "the VM never stopped"

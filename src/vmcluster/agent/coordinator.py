@@ -202,12 +202,8 @@ class VolumeCoordinator:
         expect = self._expect(volume, op.id, revision)
         if op.state is OpState.PENDING:
             queued = sum(1 for o in volume.ops.values() if o.state in UNFINISHED) - 1
-            running = frozenset(
-                vm.name
-                for vm in self.records.stored().values()
-                if vm.record.want_running or vm.record.instance is not None
-            )
-            why = check(op, volume.spec, volume.disks, self.attached(name), queued, running)
+            blocked = self.records.not_growable() if op.kind is OpKind.RESIZE else {}
+            why = check(op, volume.spec, volume.disks, self.attached(name), queued, blocked)
             if why is not None:
                 await self._fail(volume, op, revision, why)
                 return None

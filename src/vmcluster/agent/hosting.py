@@ -31,7 +31,14 @@ from vmcluster.errors import HypervisorError, VmclusterError
 from vmcluster.guest.image import ImageInfo, get_image
 from vmcluster.hypervisor import process
 from vmcluster.hypervisor.accel import choose_accel, qemu_binary
-from vmcluster.hypervisor.cmdline import Accel, DiskSource, Launch, build_argv
+from vmcluster.hypervisor.cmdline import (
+    DISK_CACHE,
+    Accel,
+    DiskSource,
+    Launch,
+    build_argv,
+    disk_file,
+)
 from vmcluster.hypervisor.qmp import QmpSession
 from vmcluster.logs import event, get_logger
 
@@ -40,6 +47,7 @@ log = get_logger(__name__)
 KILL_WAIT_S = 10.0
 POWERDOWN_REPEAT_S = 2.0
 SOCKET_PATH_MAX = 100
+GROW_WAIT_S = 15.0  # for the forwarder to serve a grown disk at its new size
 
 
 @dataclass(slots=True, kw_only=True)
@@ -55,6 +63,7 @@ class LocalInstance:
     guest_powered_off: bool = False
     lost_disk: bool = False  # an I/O error stopped the guest: killed, reported crashed
     session: QmpSession | None = None  # the one QMP connection (QEMU's monitor takes one client)
+    disk_sizes: dict[str, int] = field(default_factory=dict)  # disk -> its size in QEMU
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list["asyncio.Task[None]"] = field(default_factory=list)
 
@@ -225,6 +234,8 @@ class VmHost:
         self.instances[instance.key] = instance
         self.unwatched.pop(instance.key, None)  # watched as an instance from here on
         instance.session = session
+        with contextlib.suppress(HypervisorError):  # (unknown sizes: nothing is grown)
+            instance.disk_sizes = await _disk_sizes(session)
         self._watch(instance, session)
         return instance
 
@@ -343,6 +354,44 @@ class VmHost:
 
     # ----- stop -----
 
+    async def grow_disk(self, instance: LocalInstance, disk: str, size_bytes: int) -> None:
+        """Give the running guest ``disk`` at ``size_bytes``, which the array has grown: once
+        the forwarder serves it at that size, a second NBD connection is opened to it, QEMU's
+        disk node is switched over to it (its requests drained first) and grown; the guest is
+        told. QEMU's NBD client cannot grow the connection it has."""
+        session = instance.session
+        if session is None or not session.connected:
+            raise HypervisorError(f"VM {instance.vm}: no QMP connection to grow disk {disk}")
+        served = None
+        deadline = time.monotonic() + GROW_WAIT_S
+        while time.monotonic() < deadline:
+            served = await self.disks.served(instance.vm, disk, instance.generation)
+            if served is None:
+                raise HypervisorError(f"VM {instance.vm}: disk {disk} is not served by the "
+                                      "forwarder: it cannot grow while the VM runs")  # fmt: skip
+            if served[1] >= size_bytes:
+                break
+            await asyncio.sleep(0.1)
+        if served is None or served[1] < size_bytes:
+            raise HypervisorError(f"VM {instance.vm}: the forwarder does not serve disk {disk} "
+                                  f"at {size_bytes} bytes yet")  # fmt: skip
+        node = f"disk-{disk}"
+        child = f"{node}-{size_bytes}"
+        nodes = await session.execute("query-named-block-nodes", {"flat": True})
+        names = {str(n.get("node-name")) for n in nodes}
+        if child not in names:
+            await session.execute("blockdev-add", {**disk_file(served[0]), "node-name": child})
+        await session.execute("blockdev-reopen", {"options": [
+            {"driver": "raw", "node-name": node, "file": child, "cache": DISK_CACHE}]})  # fmt: skip
+        for old in sorted(names - {child}):
+            if old.startswith(f"{node}-"):  # an earlier grow's connection (the first goes alone)
+                with contextlib.suppress(HypervisorError):
+                    await session.execute("blockdev-del", {"node-name": old})
+        await session.execute("block_resize", {"node-name": node, "size": size_bytes})
+        instance.disk_sizes[disk] = size_bytes
+        log.info(event("vm.disk.grown", vm=instance.vm, generation=instance.generation,
+                       disk=disk, size_bytes=size_bytes))  # fmt: skip
+
     async def kill(self, instance: LocalInstance) -> None:
         instance.stop_requested = True
         process.send_signal(instance.proc, signal.SIGKILL)
@@ -399,6 +448,17 @@ class VmHost:
         for instance in list(self.instances.values()):
             for task in instance.tasks:
                 task.cancel()
+
+
+async def _disk_sizes(session: QmpSession) -> dict[str, int]:
+    """disk -> the size QEMU gives the guest, from its block nodes ``disk-<name>``."""
+    sizes = {}
+    for block in await session.execute("query-block"):
+        inserted = block.get("inserted") or {}
+        node = str(inserted.get("node-name", ""))
+        if node.startswith("disk-"):
+            sizes[node.removeprefix("disk-")] = int(inserted["image"]["virtual-size"])
+    return sizes
 
 
 def console_logs(vm_dir: Path) -> dict[int, Path]:

@@ -11,19 +11,20 @@ checked again just before QEMU launches.
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, assert_never
 
 from vmcluster.agent.cache import ClusterCache
 from vmcluster.agent.hosting import LocalInstance, VmHost
 from vmcluster.agent.lease import QuorumState
-from vmcluster.agent.records import ClusterRecords, StoredVm
+from vmcluster.agent.records import ClusterRecords, StoredVm, StoredVolume
 from vmcluster.clusterstate.keys import Keys, dumps, loads
 from vmcluster.clusterstate.store import Commit, Put, Store, StoreError
 from vmcluster.clusterstate.vmrecords import instance_to_json
 from vmcluster.core.ha import RUNS, Instance, InstanceStatus
 from vmcluster.core.reconcile import (
     ForgetEnded,
+    GrowDisk,
     KillInstance,
     Local,
     NoteEnded,
@@ -39,6 +40,7 @@ from vmcluster.logs import event, get_logger
 log = get_logger(__name__)
 
 STOP_TIMEOUT_S = 30.0
+GROW_RETRY_S = 10.0
 RECONCILE_PERIOD_S = 0.5
 Key = tuple[str, int]
 
@@ -70,6 +72,7 @@ class Reconciler:
         # ... because the guest powered off, with the intent's revision at that moment
         self._guest_off: dict[Key, int] = {}
         self._busy: dict[Key, asyncio.Task[None]] = {}  # starts and stops under way
+        self._grow_retry: dict[Key, float] = {}  # a failed disk grow is tried again after this
         self._wake = asyncio.Event()
 
     def note_crashed(self, keys: list[Key]) -> None:
@@ -100,9 +103,14 @@ class Reconciler:
 
     async def _reconcile(self) -> None:
         stored = self.records.stored()
-        placed = {name: placed_of(vm) for name, vm in stored.items()}
+        shared = any(p.volume_disk for vm in stored.values() for p in vm.spec.storage)
+        volumes = self.records.volumes() if shared else {}
+        placed = {name: placed_of(vm, volumes) for name, vm in stored.items()}
+        now = time.monotonic()
         local = Local(running=frozenset(self.host.instances), busy=frozenset(self._busy),
-                      ended=dict(self._ended), guest_off=dict(self._guest_off))  # fmt: skip
+                      ended=dict(self._ended), guest_off=dict(self._guest_off),
+                      disk_sizes={key: i.disk_sizes for key, i in self.host.instances.items()
+                                  if self._grow_retry.get(key, 0.0) <= now})  # fmt: skip
         for action in reconcile(self.me, placed, local):
             key = (action.vm, action.generation)
             if isinstance(action, StartInstance):
@@ -119,8 +127,26 @@ class Reconciler:
                 self._guest_off.pop(key, None)
             elif isinstance(action, Report):
                 await self._report(action)
+            elif isinstance(action, GrowDisk):
+                self._grow(action)
             else:
                 assert_never(action)
+
+    def _grow(self, action: GrowDisk) -> None:
+        key = (action.vm, action.generation)
+        instance = self.host.instances[key]
+
+        async def grow() -> None:
+            try:
+                await self.host.grow_disk(instance, action.disk, action.size_bytes)
+            except VmclusterError as exc:  # tried again later; the guest keeps the old size
+                self._grow_retry[key] = time.monotonic() + GROW_RETRY_S
+                log.warning(event("vm.disk.grow-failed", vm=action.vm, disk=action.disk,
+                                  size_bytes=action.size_bytes, reason=str(exc)))  # fmt: skip
+            else:
+                self._grow_retry.pop(key, None)
+
+        self._spawn(key, grow())
 
     def _spawn(self, key: tuple[str, int], work: Any) -> None:
         async def runner() -> None:
@@ -222,9 +248,19 @@ class Reconciler:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def placed_of(vm: StoredVm) -> Placed:
+def placed_of(vm: StoredVm, volumes: Mapping[str, StoredVolume] | None = None) -> Placed:
+    """``vm``'s placement as the reconciler takes it; with ``volumes``, the sizes its shared
+    volumes' disks have in the records (a disk grown while the VM runs)."""
     record = vm.record
+    sizes = {}
+    for placement in vm.spec.storage:
+        if placement.volume_disk is not None and volumes:
+            volume, _, name = placement.volume_disk.partition("/")
+            found = volumes.get(volume)
+            disk = found.disks.get(name) if found is not None else None
+            if disk is not None:
+                sizes[placement.disk] = disk.size_bytes
     return Placed(vm=vm.name, owner=record.owner, generation=record.generation,
                   phase=record.phase, want_running=record.want_running, instance=record.instance,
                   placement_revision=vm.revisions.get("placement", 0),
-                  intent_revision=vm.revisions.get("intent", 0))  # fmt: skip
+                  intent_revision=vm.revisions.get("intent", 0), disk_sizes=sizes)  # fmt: skip

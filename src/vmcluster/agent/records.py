@@ -23,7 +23,7 @@ from vmcluster.clusterstate.volumerecords import (
 from vmcluster.core.changes import RecordedView
 from vmcluster.core.cluster import ClusterView
 from vmcluster.core.controller import NodeFacts, Snapshot
-from vmcluster.core.ha import HaSettings, VmRecord
+from vmcluster.core.ha import HaSettings, InstanceStatus, VmRecord
 from vmcluster.core.quarantine import QuarantineSettings
 from vmcluster.core.volumes import Coordinator, VolumeDisk, VolumeOp, VolumeSpec
 from vmcluster.errors import VmclusterError
@@ -175,6 +175,27 @@ class ClusterRecords:
         ``attach`` records, written with the VM's spec)."""
         stored = self.volumes().get(volume)
         return dict(stored.attached) if stored is not None else {}
+
+    def not_growable(self) -> dict[str, str]:
+        """VM -> why its disks cannot grow now: it runs (or is to run) and its node does not
+        serve its disks through the block forwarder yet (QEMU would reach the array straight and
+        lose the disk while the array makes its export again, docs/volumes.md)."""
+        nodes = self.cache.nodes()
+        out = {}
+        for vm in self.stored().values():
+            r = vm.record
+            if not (
+                r.want_running
+                or (r.instance is not None and r.instance.status is InstanceStatus.RUNNING)
+            ):
+                continue
+            published = nodes.get(r.owner or "", {}).get("paths", {}).get("disks", [])
+            served = {(d.get("disk"), d.get("generation")) for d in published}
+            if any((f"{vm.name}.{p.disk}", r.generation) not in served for p in vm.spec.storage):
+                where = f"on {r.owner}" if r.owner else "to be placed"
+                out[vm.name] = (f"VM {vm.name} runs {where} without its disks served by the "
+                                "block forwarder (yet)")  # fmt: skip
+        return out
 
     def armed(self) -> bool:
         return bool((self.cache.json(self.keys.ha) or {}).get("armed", True))

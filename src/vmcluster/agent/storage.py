@@ -97,6 +97,20 @@ class DiskAttacher:
             raise
         return tuple(sources)
 
+    async def served(self, vm: str, disk: str, generation: int) -> tuple[NbdUnixDisk, int] | None:
+        """Where the forwarder serves ``disk`` of (vm, generation), and at what size; None if
+        it does not (or there is no forwarder)."""
+        if not self.settings.forwarder:
+            return None
+        wanted = disk_id(vm, disk)
+        for status in await self.client.status():
+            if status["disk"] == wanted and status["generation"] == generation:
+                size = status.get("size_bytes")
+                return NbdUnixDisk(socket=Path(status["socket"]), export=status["export"]), int(
+                    size or 0
+                )
+        return None
+
     async def release(self, vm: str, generation: int) -> None:
         """Detach every disk of (vm, generation) the forwarder holds (none: nothing to do)."""
         if not self.settings.forwarder:

@@ -198,7 +198,7 @@ def disk_list(volume_name: str | None, via: str | None, output: str) -> None:
 @via_option
 @output_option
 def disk_resize(path: str, size: str, via: str | None, output: str) -> None:
-    """Grow a disk (a disk never shrinks)."""
+    """Grow a disk, also while its VM runs (the guest is told); a disk never shrinks."""
     volume_name, name = _split(path)
     client = api_client(data_dir(), via)
     answer = client.post(f"/v1/volumes/{volume_name}/disks/{name}/resize",

@@ -17,7 +17,9 @@ the actions that make them agree:
   not been written since the power-off (compared against the intent's revision then): an admin
   start that came after the power-off is never undone;
 - ended instances that are no longer placed here are forgotten (a re-created VM may reuse the
-  name and generation).
+  name and generation);
+- a disk of a running instance that the cluster's records say is larger than QEMU has it (a
+  shared volume's disk grown while the VM runs) is grown in QEMU too (the guest is told).
 """
 
 from collections.abc import Mapping
@@ -40,6 +42,7 @@ class Placed:
     instance: Instance | None = None  # what the database says about the instance
     placement_revision: int = 0  # compared by every write about this placement
     intent_revision: int = 0
+    disk_sizes: Mapping[str, int] = field(default_factory=dict)  # disk -> its size in the records
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,6 +57,7 @@ class Local:
     busy: frozenset[Key] = frozenset()
     ended: Mapping[Key, InstanceStatus] = field(default_factory=dict)
     guest_off: Mapping[Key, int] = field(default_factory=dict)
+    disk_sizes: Mapping[Key, Mapping[str, int]] = field(default_factory=dict)  # as QEMU has them
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -104,7 +108,19 @@ class Report:
     stop_intent_revision: int | None = None
 
 
-NodeAction = StartInstance | StopInstance | KillInstance | NoteEnded | ForgetEnded | Report
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GrowDisk:
+    """Grow ``disk`` of the running instance to ``size_bytes`` in QEMU (the array has)."""
+
+    vm: str
+    generation: int
+    disk: str
+    size_bytes: int
+
+
+NodeAction = (
+    StartInstance | StopInstance | KillInstance | NoteEnded | ForgetEnded | Report | GrowDisk
+)
 
 
 def _status(key: Key, local: Local) -> InstanceStatus | None:
@@ -164,4 +180,11 @@ def reconcile(me: str, placed: Mapping[str, Placed], local: Local) -> tuple[Node
         actions.append(Report(vm=key[0], generation=key[1], status=status,
                               placement_revision=vm.placement_revision,
                               stop_intent_revision=stop_intent))  # fmt: skip
+    for key, vm in sorted(run.items()):
+        have = local.disk_sizes.get(key, {})
+        if key not in local.running or key in busy_or_starting:
+            continue
+        for disk, size in sorted(vm.disk_sizes.items()):
+            if disk in have and size > have[disk]:
+                actions.append(GrowDisk(vm=key[0], generation=key[1], disk=disk, size_bytes=size))
     return tuple(actions)

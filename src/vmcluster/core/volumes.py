@@ -159,14 +159,14 @@ def check(
     disks: Mapping[str, VolumeDisk],
     attached: Mapping[str, str],
     queued: int = 0,
-    running: frozenset[str] = frozenset(),
+    not_growable: Mapping[str, str] | None = None,
 ) -> str | None:
     """Why ``op`` cannot be carried out on the volume as it is (one line), or None.
 
     ``attached``: disk -> the VM it is attached to; ``queued``: operations queued before it
-    (a volume is deleted only with none); ``running``: the VMs that run or are to run (a disk
-    of theirs is not grown: its exports are made again for the resize, which a connected
-    forwarder would take for the fence)."""
+    (a volume is deleted only with none); ``not_growable``: VM -> why a disk of it cannot grow
+    now (it runs without the block forwarder between QEMU and the array: the array makes the
+    disk's exports again to grow it, which only the forwarder rides out)."""
     name = f"{spec.name}/{op.disk}"
     disk = disks.get(op.disk)
     if op.kind is OpKind.DELETE_VOLUME:
@@ -195,9 +195,9 @@ def check(
             return (f"disk {name} is {format_size(disk.size_bytes)}: a disk only grows "
                     f"(asked for {format_size(op.size_bytes)})")  # fmt: skip
         vm = attached.get(op.disk)
-        if vm is not None and vm in running:
-            return (f"disk {name} is attached to VM {vm}, which runs: stop it to grow the "
-                    "disk (growing a running VM's disk is not supported yet)")  # fmt: skip
+        blocked = (not_growable or {}).get(vm or "")
+        if vm is not None and blocked is not None:
+            return f"disk {name} cannot grow now: {blocked}; try again, or stop the VM"
         return _fits(spec, disks, f"growing {op.disk}", op.size_bytes - disk.size_bytes)
     source = disks.get(op.source or "")
     if source is None:

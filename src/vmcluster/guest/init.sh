@@ -107,6 +107,11 @@ say "resuming after seq $seq"
 
 usec=$((INTERVAL_MS * 1000))
 while [ "$seq" -lt "$MAXSEQ" ]; do
+    read -r now < /sys/block/vda/size
+    if [ "$now" != "$SECTORS" ]; then  # the disk was grown (or shrunk) while the guest runs
+        SECTORS=$now MAXSEQ=$((now - BASE - 1))
+        say "disk size now $SECTORS sectors"
+    fi
     next=$((seq + 1))
     if printf '%s %s %s %s %s\n' "$MAGIC" "$NAME" "$GEN" "$BOOT" "$next" |
         dd of=$DISK bs=512 seek=$((BASE + next)) count=1 conv=notrunc,sync,fsync oflag=direct \

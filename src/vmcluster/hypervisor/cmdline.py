@@ -103,7 +103,11 @@ def kernel_cmdline(launch: Launch) -> str:
     return " ".join(words)
 
 
-def _disk_file(source: DiskSource) -> dict[str, object]:
+# Writeback cache with flushes honoured: a guest fsync reaches the disk.
+DISK_CACHE = {"direct": False, "no-flush": False}
+
+
+def disk_file(source: DiskSource) -> dict[str, object]:
     if isinstance(source, NbdDisk):
         # No reconnect: when the array cuts this export (the storage fence), I/O fails at once
         # and werror/rerror=stop pause the guest; it never writes through a newer generation.
@@ -150,9 +154,8 @@ def build_argv(launch: Launch, qemu_binary: str = "qemu-system-x86_64") -> list[
                 {
                     "driver": "raw",
                     "node-name": f"disk-{disk.name}",
-                    "file": _disk_file(source),
-                    # Writeback cache with flushes honoured: a guest fsync reaches the disk.
-                    "cache": {"direct": False, "no-flush": False},
+                    "file": disk_file(source),
+                    "cache": DISK_CACHE,
                 }
             ),
             "-device",

@@ -362,13 +362,9 @@ async def resize_disk(ctx: NodeContext, volume_name: str, disk: str,
         raise InvalidInput(f"{where} is {format_size(current.size_bytes)}: a disk only grows "
                            f"(asked for {format_size(size)})")  # fmt: skip
     user = ctx.records.attached(volume_name).get(disk)
-    if user is not None:
-        vm = ctx.records.stored().get(user)
-        if vm is not None and (vm.record.want_running or vm.record.instance is not None):
-            raise InvalidState(
-                f"{where} is attached to VM {user}, which runs: stop it to grow "
-                "the disk (growing a running VM's disk is not supported yet)"
-            )
+    blocked = ctx.records.not_growable().get(user or "")
+    if user is not None and blocked is not None:
+        raise InvalidState(f"{where} cannot grow now: {blocked}; try again, or stop the VM")
     return await submit(ctx, volume, VolumeOp(id=_new_op_id(), kind=OpKind.RESIZE, disk=disk,
                                               size_bytes=size))  # fmt: skip
 
