@@ -385,6 +385,12 @@ class _Link:
         self.up: asyncio.Transport | None = None
         self.alive = True  # False: blackholed; what arrives is dropped, the sockets stay open
         self.early = bytearray()  # from the forwarder before the array's side is connected
+        # held (a link that is down, then up again): what arrives is kept, each way, and
+        # delivered when the cable is restored, as a sender's kernel retransmits it then;
+        # unless the sender reset its socket (its kernel dropped it)
+        self.held: dict[str, bytearray] | None = None
+        self.ended: set[str] = set()  # sides that closed gracefully while held
+        self.sides: list[_Side] = []
 
     def close(self) -> None:
         for t in (self.down, self.up):
@@ -401,6 +407,7 @@ class _Side(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
+        self.link.sides.append(self)
         sock = transport.get_extra_info("socket")
         if sock is not None:  # a wire adds no Nagle delay of its own
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -416,6 +423,10 @@ class _Side(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if not self.link.alive:
             return
+        if self.link.held is not None:
+            self.link.held[self.which] += data
+            self.relay.caught += len(data)
+            return
         peer = self._peer()
         if peer is None:
             self.link.early += data
@@ -423,8 +434,23 @@ class _Side(asyncio.Protocol):
             peer.write(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        held = self.link.held
+        if held is not None and exc is None:  # a FIN waits behind what its sender sent
+            self.link.ended.add(self.which)
+            return
+        if held is not None:  # a reset: the sender's kernel dropped what it had not delivered
+            held[self.which].clear()
         self.relay.links.discard(self.link)
         self.link.close()
+
+    def release(self) -> None:
+        """Deliver what was held for the peer, then its sender's FIN if there was one."""
+        held, peer = self.link.held, self._peer()
+        assert held is not None
+        if peer is not None and not peer.is_closing() and held[self.which]:
+            peer.write(bytes(held[self.which]))
+        if self.which in self.link.ended and peer is not None:
+            peer.close()
 
     def pause_writing(self) -> None:  # our side is full: stop reading the other
         peer = self._peer()
@@ -443,6 +469,7 @@ class _Relay:
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
         self.mode = "pass"
+        self.caught = 0  # bytes a hold kept, delivered later or dropped
         self.links: set[_Link] = set()
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -450,7 +477,7 @@ class _Relay:
         self.links.add(link)
         if self.mode == "reset":
             _reset(link.down)
-        elif self.mode == "blackhole":
+        elif self.mode in ("blackhole", "hold"):  # held: a SYN into a dead link, unanswered
             link.alive = False
         else:
             task = asyncio.get_running_loop().create_task(self._connect_up(link))
@@ -464,14 +491,27 @@ class _Relay:
         except OSError:
             _reset(link.down)
 
-    def set(self, mode: str) -> None:
+    def set(self, mode: str) -> tuple[int, int]:
+        """Take ``mode``; the bytes delivered from held links (restored to pass), and the bytes
+        every hold caught."""
         self.mode = mode
+        delivered = 0
         for link in list(self.links):
             if mode == "blackhole":
                 link.alive = False
             elif mode == "reset":
                 _reset(link.down)
                 _reset(link.up)
+            elif mode == "hold":
+                link.held = {"down": bytearray(), "up": bytearray()}
+            elif link.held is not None:  # pass again: the held links come back
+                delivered += sum(map(len, link.held.values()))
+                for side in link.sides:
+                    side.release()
+                link.held = None
+                if link.ended:
+                    self.links.discard(link)
+        return delivered, self.caught
 
 
 async def _relay_until_closed(control: Connection, target: tuple[str, int]) -> None:
@@ -490,8 +530,8 @@ async def _relay_until_closed(control: Connection, target: tuple[str, int]) -> N
             loop.remove_reader(control.fileno())
             closed.set()
             return
-        relay.set(mode)
-        control.send("ok")
+        delivered, caught = relay.set(mode)
+        control.send(f"ok {delivered} {caught}")
 
     loop.add_reader(control.fileno(), command)
     await closed.wait()
@@ -511,8 +551,11 @@ class Cable:
 
     ``cut("blackhole")``: nothing passes any more, every socket stays open (a silent cut), and
     new connections are accepted and then hear nothing. ``cut("reset")``: every connection is
-    closed with a RST, and new ones at once. ``restore()``: new connections pass again; the cut
-    ones stay dead (their streams lost bytes)."""
+    closed with a RST, and new ones at once. ``cut("hold")``: a link down that comes back: what
+    each side sends is kept and delivered on ``restore()``, as TCP retransmits it then (a side
+    that resets its socket meanwhile loses what it sent; one that closes gracefully has it
+    delivered, then its FIN). ``restore()``: new connections pass again; blackholed ones stay
+    dead (their streams lost bytes)."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self._control, child = multiprocessing.get_context("fork").Pipe()
@@ -543,16 +586,20 @@ class Cable:
         return f"127.0.0.1:{self.port}"
 
     def cut(self, how: str) -> None:
-        assert how in ("blackhole", "reset")
+        assert how in ("blackhole", "reset", "hold")
         self._command(how)
 
-    def restore(self) -> None:
-        self._command("pass")
+    def restore(self) -> tuple[int, int]:
+        """Pass again; the bytes a ``hold`` kept that are now delivered, and all it caught
+        (delivered, or dropped with a socket its sender reset)."""
+        return self._command("pass")
 
-    def _command(self, mode: str) -> None:
+    def _command(self, mode: str) -> tuple[int, int]:
         self._control.send(mode)
         assert self._control.poll(WAIT_S), f"the cable did not take {mode}"
-        assert self._control.recv() == "ok"
+        answer = str(self._control.recv()).split()
+        assert answer[0] == "ok", answer
+        return int(answer[1]), int(answer[2])
 
 
 @pytest.fixture

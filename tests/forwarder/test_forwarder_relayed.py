@@ -6,7 +6,9 @@ is checked in the daemon's raw file; the fence is the array's (a hard export del
 import asyncio
 import contextlib
 import socket
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tests.forwarder.test_forwarder_real import (
@@ -15,6 +17,7 @@ from tests.forwarder.test_forwarder_real import (
     FAST_RECONNECT,
     MIB,
     PROBE_TIMINGS,
+    WAIT_S,
     Array,
     Cable,
     Forwarder,
@@ -40,14 +43,17 @@ from vmcluster.forwarder.upstream import Address
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
 
-def _pair(procs: Processes, short_dir: Path, qsd: Array) -> tuple[Forwarder, Forwarder, str]:
-    """The coordinator's forwarder, relaying to the array, and the node's; the relay's address."""
+def _pair(procs: Processes, short_dir: Path, qsd: Array,
+          array: str | None = None) -> tuple[Forwarder, Forwarder, str]:  # fmt: skip
+    """The coordinator's forwarder, relaying to the array (at ``array``, default the daemon's
+    own address), and the node's; the relay's address."""
     (short_dir / "coordinator").mkdir()
     (short_dir / "node").mkdir()
     coordinator = _start_forwarder(procs, short_dir / "coordinator", "uvloop")
     node = _start_forwarder(procs, short_dir / "node", "uvloop")
     relay = f"127.0.0.3:{_free_port()}"
-    status = asyncio.run(coordinator.client().relay([relay], {"a1": [qsd.address()]}))
+    arrays = {"a1": [array or qsd.address()]}
+    status = asyncio.run(coordinator.client().relay([relay], arrays))
     assert status["listen"] == [relay]
     return coordinator, node, relay
 
@@ -127,3 +133,40 @@ def test_the_relay_refuses_what_is_not_a_relay_request(
     status = asyncio.run(coordinator.client().relay([relay], {"a1": [qsd.address()]}))
     assert status["refused"] == 3
     assert status["relayed"] == 0
+
+
+def _state(disk: dict[str, Any], path: str) -> str:
+    return str({p["name"]: p["state"] for p in disk["paths"]}[path])
+
+
+def test_a_write_held_in_a_relay_whose_array_link_was_cut_never_lands_over_newer_ones(
+    qsd: Array, cables: dict[str, Cable], procs: Processes, short_dir: Path
+) -> None:
+    """The coordinator's link to the array goes down under a redirected writer and comes back
+    later. The node gives the relayed path up and sends its writes another way; newer writes
+    to the same block land. What the relay had sent into the dead link must not land after
+    them when the link returns (the relay resets its array side: with a plain close, its
+    kernel delivered the old write then, over the newer ones: a lost acknowledged write)."""
+    _need("qemu-io")
+    _coordinator, node, relay = _pair(procs, short_dir, qsd, array=cables["b"].address())
+    cables["a"].cut("blackhole")  # the node's own path: down from the start
+    disk = asyncio.run(node.client().attach(_spec({"a": cables["a"].address()}, relay)))
+    assert disk["route"] == "redirected"
+    count = 400
+    commands = []
+    for version in range(1, count + 1):  # one block, rewritten: each write after the last
+        commands += ["-c", f"write -P {version % 250 + 1} 0 4k", "-c", "sleep 5"]
+        if version == 10:  # the link goes down in this pause: the next write is sent into it
+            commands += ["-c", "sleep 60"]
+    writer = procs.start("writer", ["qemu-io", "-f", "raw", *commands, nbd_uri(disk)])
+    node.wait_for("ten writes", lambda d: d["stats"]["bytes_written"] >= 10 * 4096)
+    cables["b"].cut("hold")  # the coordinator's link to the array goes down
+    node.wait_for("the relayed path given up", lambda d: _state(d, "r1") == "down")
+    cables["a"].restore()  # the node's own path comes back: the writes go on there
+    assert writer.wait(timeout=WAIT_S * 4) == 0, procs.log("writer")
+    acked = [line for line in procs.log("writer").splitlines() if line.startswith("wrote ")]
+    assert len(acked) == count
+    _, caught = cables["b"].restore()  # the coordinator's link comes back
+    assert caught >= 4096, f"no write was caught in the cut link ({caught} bytes)"
+    time.sleep(1.0)  # for anything the relay still held to land
+    _landed(qsd, bytes([count % 250 + 1]) * 4096)  # the last acknowledged version
