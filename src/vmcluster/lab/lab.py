@@ -319,8 +319,7 @@ class Lab:
             vms=VmSettings(memory_mib=NODE_VM_MEMORY_MIB, run_dir=str(self.run_dir / host.name),
                            images_dir=str(self.data.images), accel=self._accel()),
             storage=StorageSettings(forwarder_socket=str(self.forwarder_socket(host.name)),
-                                    paths=tuple(str(n) for n in STORAGE_NETWORKS),
-                                    redirected_io=True),
+                                    paths=tuple(str(n) for n in STORAGE_NETWORKS)),
             arrays={a.name: self.array_access(a) for a in plan.arrays},
         )  # fmt: skip
         path = self.host_dir(host.name) / "agent.toml"
