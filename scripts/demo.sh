@@ -7,7 +7,8 @@
 #   3. multipath and redirected I/O: web's node loses storage-a (its block forwarder goes on
 #      over storage-b in milliseconds), then storage-b too (its I/O goes through the volume's
 #      coordinator over the cluster network: redirected), then gets storage-a back (direct);
-#   4. a network link fails: the cluster sees it and keeps going on the other network;
+#   4. db's disk is grown while db runs, and its guest sees the new size;
+#      a network link fails: the cluster sees it and keeps going on the other network;
 #   5. web's node, now the volume's coordinator, is power-cut: web is fenced at the array and
 #      runs again on another node within seconds, the coordinator moves, and the VMs on the
 #      other nodes never stop; the probe checker proves that no acknowledged write was lost and
@@ -110,6 +111,15 @@ vmcluster lab fault link "$owner" storage-b up
 wait_path "$owner" storage-b up
 vmcluster volume show vol1
 vmcluster events --limit 10
+
+step "grow db's disk while db runs: the array grows its LUN, the forwarder and QEMU follow"
+vmcluster disk resize vol1/db --size 96M
+for _ in $(seq 1 150); do
+    vmcluster vm console db | grep -q "disk size now $((96 * 2048)) sectors" && break
+    sleep 0.2
+done
+vmcluster vm console db | grep "disk size now" || { echo "demo: db did not see its disk grow" >&2; exit 1; }
+vmcluster disk list --volume vol1
 
 survivor=$( [ "$owner" = n1 ] && echo n2 || echo n1 )
 step "cut node $survivor's cluster1 link: cluster1 is partitioned for it, it stays up via cluster2"
