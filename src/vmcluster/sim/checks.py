@@ -13,15 +13,21 @@
 - I4, nothing without quorum: no instance is launched, and no VM placement, instance or leader
   record is written, by an agent whose lease is not alive in etcd at that moment (checked at
   the launch and at each write, sim/machine.py and sim/etcd.py).
+- Shared volumes (docs/volumes.md): once the cluster has converged, every operation is finished
+  (done or failed), every disk of a volume has its LUN at the array, and every LUN made for a
+  volume's disk is one of its disks' (no half-made disk, no leaked space).
 """
 
-from typing import TYPE_CHECKING
+import re
+from typing import TYPE_CHECKING, Any
 
 from vmcluster.clusterstate.keys import Keys, loads
 from vmcluster.sim.model import Guest, GuestState
 
 if TYPE_CHECKING:
     from vmcluster.sim.model import World
+
+VOLUME_LUN_RE = re.compile(r".+-[0-9a-f]{10}")  # core.volumes.disk_lun's names
 
 
 def check_one_writer(world: "World") -> None:
@@ -79,6 +85,9 @@ def check_converged(world: "World") -> None:
 
 def convergence_problem(world: "World") -> str | None:
     """What keeps the cluster from having converged (None: it has)."""
+    unfinished = volume_problem(world)
+    if unfinished is not None:
+        return unfinished
     keys = Keys("sim")
     records = {e.key: e.value for e in world.db._data.values()}
     names = world.vm_names()
@@ -104,3 +113,48 @@ def convergence_problem(world: "World") -> str | None:
         if len(running) != 1 or len(good) != 1:
             return f"{vm} should run once as g{generation} on {owner}; runs {where}"
     return None
+
+
+def _volume_records(world: "World") -> dict[str, dict[str, dict[str, Any]]]:
+    """volume -> part -> name ("" for spec, coordinator) -> the record."""
+    keys = Keys("sim")
+    found: dict[str, dict[str, dict[str, Any]]] = {}
+    for key, entry in world.db._data.items():
+        split = keys.split_volume_key(key)
+        if split is not None:
+            volume, part, name = split
+            found.setdefault(volume, {}).setdefault(part, {})[name] = loads(entry.value)
+    return found
+
+
+def volume_problem(world: "World") -> str | None:
+    """An operation of a shared volume not finished yet (None: every one is)."""
+    for volume, parts in sorted(_volume_records(world).items()):
+        for op_id, op in sorted(parts.get("ops", {}).items()):
+            if op.get("state") in ("pending", "running"):
+                return f"volume {volume}: operation {op_id} ({op.get('kind')}) is {op['state']}"
+    return None
+
+
+def check_volumes(world: "World") -> None:
+    """At the end: no half-made disk and no leaked LUN in any volume."""
+    for volume, parts in sorted(_volume_records(world).items()):
+        spec = parts.get("spec", {}).get("")
+        if spec is None:
+            continue
+        array = world.arrays.get(str(spec.get("array")))
+        if array is None:
+            continue
+        disks = {name: str(d.get("lun")) for name, d in parts.get("disks", {}).items()}
+        for name, lun in sorted(disks.items()):
+            if lun not in array.luns:
+                world.violated("volumes", f"disk {volume}/{name}: its LUN {lun} is not at "
+                                          f"array {array.name}")  # fmt: skip
+                return
+        made = {lun for lun in array.luns if VOLUME_LUN_RE.fullmatch(lun)
+                and lun.startswith(f"{volume[:20].rstrip('-')}-")}  # fmt: skip
+        leaked = sorted(made - set(disks.values()))
+        if leaked:
+            world.violated("volumes", f"volume {volume}: LUN(s) {', '.join(leaked)} at array "
+                                      f"{array.name} belong to no disk (leaked)")  # fmt: skip
+            return

@@ -14,9 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
+from vmcluster.core.units import parse_size
 from vmcluster.errors import VmclusterError
 from vmcluster.service import nodes as node_service
 from vmcluster.service import vms as vm_service
+from vmcluster.service import volumes as volume_service
+from vmcluster.service.context import NodeContext
 from vmcluster.sim.model import Host
 from vmcluster.sim.net import CLUSTER_NETWORKS, STORAGE_NETWORKS
 from vmcluster.sim.world import SimWorld
@@ -335,6 +338,8 @@ class Injector:
                 elif verb == "resume":
                     await node_service.set_paused(ctx, args[0], False,
                                                   failback=args[1:] == ("failback",))  # fmt: skip
+                elif verb.startswith(("disk-", "volume-")):
+                    await _volume_admin(ctx, verb, args)
                 else:
                     raise AssertionError(verb)
             except VmclusterError as exc:
@@ -383,3 +388,24 @@ class Injector:
             self.admin("resume", node)
         self.stopped.clear()
         self.drained.clear()
+
+
+async def _volume_admin(ctx: NodeContext, verb: str, args: tuple[str, ...]) -> None:
+    """A shared volume's admin operation (sim scenarios), through the service layer."""
+    if verb == "volume-move":
+        await volume_service.move_volume(ctx, args[0], {"coordinator": args[1]})
+        return
+    volume, _, disk = args[0].partition("/")
+    if verb == "disk-create":
+        size = parse_size(args[1], what="disk size")
+        await volume_service.create_disk(ctx, volume, {"name": disk, "size_bytes": size})
+    elif verb == "disk-resize":
+        size = parse_size(args[1], what="disk size")
+        await volume_service.resize_disk(ctx, volume, disk, {"size_bytes": size})
+    elif verb == "disk-clone":
+        clone = {"name": args[1].partition("/")[2]}
+        await volume_service.copy_disk(ctx, volume, disk, clone, snapshot=False)
+    elif verb == "disk-delete":
+        await volume_service.delete_disk(ctx, volume, disk)
+    else:
+        raise AssertionError(verb)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vmcluster.clusterstate.keys import loads
-from vmcluster.sim.checks import check_acks, check_converged
+from vmcluster.sim.checks import check_acks, check_converged, check_volumes
 from vmcluster.sim.faults import Injector
 from vmcluster.sim.model import SimOptions, Violation
 from vmcluster.sim.world import SimWorld, captured_logs, cluster_setup, virtual_clocks
@@ -41,6 +41,8 @@ def simulate(
     *,
     creates: list[dict[str, Any]] | None = None,
     ha: dict[str, Any] | None = None,
+    volumes: list[tuple[str, str, int]] | None = None,
+    disks: list[tuple[str, int]] | None = None,
 ) -> SimResult:
     """Run ``seed``. ``plan`` (tests, scenarios) schedules faults of its own, with or without
     the random ones (``options.faults``); ``creates`` and ``ha`` replace the default VMs and
@@ -51,7 +53,7 @@ def simulate(
             for host in world.hosts.values():
                 if host.is_node:
                     world.start_agent(host)
-            cluster_setup(world, creates, ha)
+            cluster_setup(world, creates, ha, volumes or [], disks or [])
             injector = Injector(world)
             if options.faults:
                 injector.plan()
@@ -63,6 +65,8 @@ def simulate(
                 check_acks(world)
             if not world.violations:
                 check_converged(world)
+            if not world.violations:
+                check_volumes(world)
         finally:
             timeline = tuple(world.timeline)
             placements = _placements(world)

@@ -9,14 +9,18 @@
     options nodes=2 witness=yes seed=1 duration=40   # the cluster; faults end at 8 + duration
     ha failover_threshold=1 failover_period_s=3600   # HA settings, before the VMs
     create web {"policy": {"preferred": ["n1"]}}     # a VM: the body of POST /v1/vms
+    volume vol1 a1 256M                              # a shared volume, before the VMs
+    disk vol1/d1 64M                                 # ... and a disk in it (VMs: "vol1/d1")
     at 20 crash n2                                   # at 20 s: a fault or an admin action
 
 Faults: ``crash HOST``, ``power-on HOST``, ``hang HOST SECONDS``, ``agent-restart HOST``,
 ``isolate HOST SECONDS``, ``storage-cut HOST SECONDS``, ``link HOST NETWORK SECONDS``,
 ``qemu-crash VM``, ``array-down ARRAY SECONDS``. Admin actions (through the service layer, on
 the first node that has quorum): ``stop VM``, ``start VM``, ``drain NODE``, ``resume NODE``,
-``resume NODE failback``. The run is a normal simulated run without random faults: every
-invariant is checked, a violation fails the scenario, and everything is healed at the end.
+``resume NODE failback``, ``disk-create VOLUME/DISK SIZE``, ``disk-resize VOLUME/DISK SIZE``,
+``disk-clone VOLUME/DISK NEW``, ``disk-delete VOLUME/DISK``, ``volume-move VOLUME NODE``. The
+run is a normal simulated run without random faults: every invariant is checked, a violation
+fails the scenario, and everything is healed at the end.
 
 ``vmcluster sim scenario DIR`` runs one and compares its log with ``expected``; ``--update``
 writes the log as the new ``expected`` (after a change of behaviour made on purpose: review
@@ -31,6 +35,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from vmcluster.core.units import parse_size
 from vmcluster.errors import InvalidInput, NotFound
 from vmcluster.sim.faults import Injector
 from vmcluster.sim.model import EPOCH, SimOptions
@@ -39,7 +44,8 @@ from vmcluster.sim.world import DISK_BYTES, VM_MEMORY_MIB, SimWorld
 
 FAULTS = {"crash": 0, "power-on": 0, "hang": 1, "agent-restart": 0, "isolate": 1,
           "storage-cut": 1, "link": 2, "qemu-crash": 0, "array-down": 1}  # fmt: skip
-ADMIN = {"stop": 0, "start": 0, "drain": 0, "resume": (0, 1)}
+ADMIN = {"stop": 0, "start": 0, "drain": 0, "resume": (0, 1), "disk-create": 1,
+         "disk-resize": 1, "disk-clone": 1, "disk-delete": 0, "volume-move": 1}  # fmt: skip
 OPTIONS = {"nodes": int, "vms": int, "witness": bool, "seed": int, "duration": float}
 
 
@@ -59,6 +65,8 @@ class Scenario:
     ha: dict[str, Any] = field(default_factory=dict)
     creates: list[dict[str, Any]] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
+    volumes: list[tuple[str, str, int]] = field(default_factory=list)  # name, array, size
+    disks: list[tuple[str, int]] = field(default_factory=list)  # VOLUME/DISK, size
 
 
 def parse(directory: Path) -> Scenario:
@@ -72,6 +80,8 @@ def parse(directory: Path) -> Scenario:
     ha: dict[str, Any] = {}
     creates: list[dict[str, Any]] = []
     steps: list[Step] = []
+    volumes: list[tuple[str, str, int]] = []
+    disks: list[tuple[str, int]] = []
     for number, raw in enumerate(text.splitlines(), 1):
         where = f"{path}:{number}"
         line = raw.split("#", 1)[0].strip() if not raw.lstrip().startswith("create") else raw
@@ -95,14 +105,25 @@ def parse(directory: Path) -> Scenario:
                 raise InvalidInput(f"{where}: create {name}: the body must be a JSON object")
             creates.append({"name": name, "memory_mib": VM_MEMORY_MIB, "disks": [DISK_BYTES],
                             "start": True, **fields})  # fmt: skip
+        elif verb == "volume":
+            words = rest.split()
+            if len(words) != 3:
+                raise InvalidInput(f"{where}: volume takes NAME ARRAY SIZE")
+            volumes.append((words[0], words[1], parse_size(words[2], what=f"{where}: size")))
+        elif verb == "disk":
+            words = rest.split()
+            if len(words) != 2 or "/" not in words[0]:
+                raise InvalidInput(f"{where}: disk takes VOLUME/DISK SIZE")
+            disks.append((words[0], parse_size(words[1], what=f"{where}: size")))
         elif verb == "at":
             steps.append(_step(rest, where, number))
         else:
-            raise InvalidInput(f"{where}: unknown command {verb!r} (options, ha, create, at)")
+            raise InvalidInput(f"{where}: unknown command {verb!r} (options, ha, create, "
+                               "volume, disk, at)")  # fmt: skip
     options = SimOptions(nodes=values["nodes"], vms=values["vms"], witness=values["witness"],
                          duration_s=values["duration"], faults=False)  # fmt: skip
     return Scenario(name=directory.name, options=options, seed=values["seed"], ha=ha,
-                    creates=creates, steps=steps)  # fmt: skip
+                    creates=creates, steps=steps, volumes=volumes, disks=disks)  # fmt: skip
 
 
 def _value(kind: type, text: str, where: str, key: str) -> Any:
@@ -153,7 +174,7 @@ def run(scenario: Scenario) -> tuple[list[str], list[str]]:
 
     options = replace(scenario.options, failed_ok=True)
     result = simulate(scenario.seed, options, plan=plan, creates=scenario.creates,
-                      ha=scenario.ha)  # fmt: skip
+                      ha=scenario.ha, volumes=scenario.volumes, disks=scenario.disks)  # fmt: skip
     log = _log(result.timeline, result.events)
     return log, [f"{v.invariant} at {v.at:.1f} s: {v.text}" for v in result.violations]
 

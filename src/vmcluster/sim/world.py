@@ -10,6 +10,7 @@ every step; the first violation ends the run.
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import itertools
 import logging
@@ -19,7 +20,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -36,6 +37,7 @@ from vmcluster.clusterstate.vmrecords import ClusteredVm
 from vmcluster.errors import VmclusterError
 from vmcluster.service import ha as ha_service
 from vmcluster.service import vms as vm_service
+from vmcluster.service import volumes as volume_service
 from vmcluster.sim.arrays import SimArrayDriver
 from vmcluster.sim.checks import check_one_writer, convergence_problem
 from vmcluster.sim.etcd import NodeStore, next_expiry
@@ -632,12 +634,30 @@ def default_vms(count: int) -> list[dict[str, Any]]:
 RANDOM_RUN_HA = {"failover_threshold": 1000, "restart_limit": 1000}
 
 
+async def _retry(make: Callable[[], Awaitable[Any]], tries: int = 50) -> None:
+    """An admin request tried again while it fails (no quorum or coordinator yet); one that
+    finds its object made already is done."""
+    for _attempt in range(tries):
+        try:
+            await make()
+            return
+        except VmclusterError as exc:
+            if "already exists" in str(exc):
+                return
+            await asyncio.sleep(0.5)
+
+
 def cluster_setup(
-    world: SimWorld, creates: list[dict[str, Any]] | None, ha: dict[str, Any] | None
+    world: SimWorld,
+    creates: list[dict[str, Any]] | None,
+    ha: dict[str, Any] | None,
+    volumes: Sequence[tuple[str, str, int]] = (),
+    disks: Sequence[tuple[str, int]] = (),
 ) -> None:
     """At the end of the warm-up, through the service layer on n1: the HA settings (by
-    default the thresholds out of the way of random faults) and the VMs (by default
-    ``options.vms`` of them, their disks spread over the arrays)."""
+    default the thresholds out of the way of random faults), the shared volumes and their
+    disks (each volume once it has a coordinator), and the VMs (by default ``options.vms`` of
+    them, their disks spread over the arrays)."""
     opts = world.options
     bodies = default_vms(opts.vms) if creates is None else creates
     settings = RANDOM_RUN_HA if ha is None else ha
@@ -651,6 +671,20 @@ def cluster_setup(
                 break
             except VmclusterError:
                 await asyncio.sleep(0.5)
+        for name, array, size in volumes:
+            body = {"name": name, "array": array, "size_bytes": size}
+            await _retry(functools.partial(volume_service.create_volume, ctx, body))
+            for _wait in range(100):  # its coordinator, before the disks are asked of it
+                stored = ctx.records.volumes().get(name)
+                if stored is not None and stored.coordinator is not None:
+                    break
+                await asyncio.sleep(0.2)
+            world.note(host.name, f"admin: created volume {name}")
+        for path, size in disks:
+            volume, _, disk = path.partition("/")
+            made = {"name": disk, "size_bytes": size}
+            await _retry(functools.partial(volume_service.create_disk, ctx, volume, made))
+            world.note(host.name, f"admin: created disk {path}")
         arrays = sorted(world.arrays)
         for i, fields in enumerate(bodies):
             body = {"array": arrays[i % len(arrays)], **fields}
