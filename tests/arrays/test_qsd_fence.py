@@ -55,3 +55,31 @@ def test_a_restarted_array_exports_only_the_current_generation(daemon: Daemon) -
     assert asyncio.run(array.exports()) == ["disk2.g4"]
     with pytest.raises(InvalidState):
         asyncio.run(array.fence("disk2", 3))
+
+
+def test_a_fence_removes_resizing_markers_left_behind(daemon: Daemon) -> None:
+    """A resize cut short (its daemon connection or service died) may leave the markers that
+    tell forwarders to wait: the next fence of the LUN removes them, so that a retired
+    generation's forwarder is told it is fenced at once. And no export may pose as a marker."""
+    from vmcluster.arrays.driver import resizing_marker
+    from vmcluster.errors import InvalidInput
+    from vmcluster.hypervisor.qmp import QmpSession
+
+    array = daemon.array
+
+    async def scenario() -> list[str]:
+        await array.create_lun("disk1", 16 * MIB)
+        first = await array.fence("disk1", 1)
+        async with QmpSession(array.qmp_socket, name="qsd") as qmp:
+            await qmp.execute("blockdev-add", {"driver": "null-co", "node-name": "resizing-disk1",
+                                               "size": 512})  # fmt: skip
+            marker = resizing_marker(first)
+            await qmp.execute("block-export-add", {"type": "nbd", "id": marker,
+                              "node-name": "resizing-disk1", "name": marker})  # fmt: skip
+        with pytest.raises(InvalidInput, match=r"ends in '\.resizing'"):
+            await array.export("disk1", "mine.resizing")
+        await array.fence("disk1", 2)
+        async with QmpSession(array.qmp_socket, name="qsd") as qmp:
+            return sorted(str(e["id"]) for e in await qmp.execute("query-block-exports"))
+
+    assert asyncio.run(scenario()) == ["disk1.g2"]

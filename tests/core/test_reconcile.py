@@ -135,3 +135,13 @@ def test_no_disk_is_grown_while_busy_stopping_or_unknown() -> None:
     assert not [a for a in stopping if isinstance(a, GrowDisk)]
     unknown = Local(running=frozenset({("web", 2)}))  # QEMU's sizes not read (yet)
     assert reconcile(ME, _sized(32 << 20), unknown) == ()
+
+
+def test_two_grown_disks_are_grown_one_at_a_time() -> None:
+    (vm,) = placed(instance=InstanceStatus.RUNNING).values()
+    both = {"web": replace(vm, disk_sizes={"root": 32 << 20, "data": 16 << 20})}
+    have = {("web", 2): {"root": 16 << 20, "data": 8 << 20}}
+    local = Local(running=frozenset({("web", 2)}), disk_sizes=have)
+    assert reconcile(ME, both, local) == (
+        GrowDisk(vm="web", generation=2, disk="data", size_bytes=16 << 20),
+    )

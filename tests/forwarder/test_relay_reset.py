@@ -133,6 +133,10 @@ async def _bounds_unacknowledged_data() -> None:
         sock = pair.peer.transport.get_extra_info("socket")
         timeout_ms = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
         assert timeout_ms == int(ARRAY_USER_TIMEOUT_S * 1000)
+        assert pair.transport is not None  # the node's side: a silent node is noticed too
+        node_side = pair.transport.get_extra_info("socket")
+        assert node_side.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert node_side.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == timeout_ms
         writer.close()
         accepted.close()
     finally:

@@ -47,7 +47,7 @@ log = get_logger(__name__)
 KILL_WAIT_S = 10.0
 POWERDOWN_REPEAT_S = 2.0
 SOCKET_PATH_MAX = 100
-GROW_WAIT_S = 15.0  # for the forwarder to serve a grown disk at its new size
+GROW_WAIT_S = 5.0  # for the forwarder to serve a grown disk at its new size
 
 
 @dataclass(slots=True, kw_only=True)
@@ -384,7 +384,7 @@ class VmHost:
         await session.execute("blockdev-reopen", {"options": [
             {"driver": "raw", "node-name": node, "file": child, "cache": DISK_CACHE}]})  # fmt: skip
         for old in sorted(names - {child}):
-            if old.startswith(f"{node}-"):  # an earlier grow's connection (the first goes alone)
+            if old.startswith(f"{node}-") and old[len(node) + 1 :].isdigit():  # an earlier grow's
                 with contextlib.suppress(HypervisorError):
                     await session.execute("blockdev-del", {"node-name": old})
         await session.execute("block_resize", {"node-name": node, "size": size_bytes})

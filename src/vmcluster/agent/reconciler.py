@@ -107,6 +107,8 @@ class Reconciler:
         volumes = self.records.volumes() if shared else {}
         placed = {name: placed_of(vm, volumes) for name, vm in stored.items()}
         now = time.monotonic()
+        for gone in set(self._grow_retry) - set(self.host.instances):
+            del self._grow_retry[gone]
         local = Local(running=frozenset(self.host.instances), busy=frozenset(self._busy),
                       ended=dict(self._ended), guest_off=dict(self._guest_off),
                       disk_sizes={key: i.disk_sizes for key, i in self.host.instances.items()
@@ -134,7 +136,9 @@ class Reconciler:
 
     def _grow(self, action: GrowDisk) -> None:
         key = (action.vm, action.generation)
-        instance = self.host.instances[key]
+        instance = self.host.instances.get(key)
+        if instance is None or key in self._busy:  # it ended meanwhile, or is being handled
+            return
 
         async def grow() -> None:
             try:
@@ -157,10 +161,12 @@ class Reconciler:
                                   reason=str(exc)))  # fmt: skip
                 self._ended[key] = InstanceStatus.CRASHED
             finally:
-                self._busy.pop(key, None)
+                if self._busy.get(key) is task:
+                    del self._busy[key]
                 self._wake.set()
 
-        self._busy[key] = asyncio.create_task(runner(), name=f"vm-{key[0]}-g{key[1]}")
+        task = asyncio.create_task(runner(), name=f"vm-{key[0]}-g{key[1]}")
+        self._busy[key] = task
 
     async def _start(self, vm: StoredVm) -> None:
         generation = vm.record.generation

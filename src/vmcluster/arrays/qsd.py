@@ -228,8 +228,8 @@ class QsdArray:
                 # (driver.resizing_marker), so that a client refused in that moment knows it
                 # is not fenced. The array's lock keeps fences out until the exports are back.
                 live = [e for e in await self._lun_exports(session, lun) if not e.shutting_down]
-                await self._mark_resizing(session, lun, [e.id for e in live])
                 try:
+                    await self._mark_resizing(session, lun, [e.id for e in live])
                     for export in live:
                         await self._retire(session, lun, export)
                     try:
@@ -258,14 +258,20 @@ class QsdArray:
                     "type": "nbd", "id": marker, "node-name": node, "name": marker,
                     "writable": False})  # fmt: skip
 
-    async def _unmark_resizing(self, session: QmpSession, lun: str) -> None:
+    async def _unmark_resizing(self, session: QmpSession, lun: str, *, node_too: bool = True,
+                               ) -> None:  # fmt: skip
+        """Remove ``lun``'s resizing markers (and their node, if ``node_too`` or any was
+        found)."""
         node = f"resizing-{lun}"
+        found = False
         for export in await self._live_exports(session):
             if export.node == node and not export.shutting_down:
+                found = True
                 await session.execute("block-export-del", {"id": export.id, "mode": "hard"})
                 await self._wait_gone(session, export.id)
-        with contextlib.suppress(HypervisorError):  # not there: nothing to remove
-            await session.execute("blockdev-del", {"node-name": node})
+        if node_too or found:
+            with contextlib.suppress(HypervisorError):  # not there: nothing to remove
+                await session.execute("blockdev-del", {"node-name": node})
 
     async def copy_lun(self, source: str, target: str) -> None:
         """A new LUN ``target`` with ``source``'s data at this moment: a full backup job from
@@ -337,6 +343,9 @@ class QsdArray:
         if parse_export_name(export_name) is not None:
             raise InvalidInput(f"array {self.name}: export name {export_name!r} is a generation's; "
                                f"only fence exports a generation")  # fmt: skip
+        if export_name.endswith(RESIZING_SUFFIX):
+            raise InvalidInput(f"array {self.name}: export name {export_name!r} ends in "
+                               f"{RESIZING_SUFFIX!r}, which marks a disk being grown")  # fmt: skip
         config = ArrayConfig.load(self.config_path)
         if lun not in config.luns:
             raise NotFound(f"array {self.name}: no LUN {lun!r}")
@@ -365,6 +374,9 @@ class QsdArray:
             raise NotFound(f"array {self.name}: no LUN {lun!r}")
         wanted = export_name(lun, generation)
         async with self._session() as session:
+            # A resize's markers left by a daemon or service that died mid-way: gone, so that
+            # no forwarder of a retired generation waits on them
+            await self._unmark_resizing(session, lun, node_too=False)
             for _ in range(FENCE_ROUNDS):
                 live = await self._lun_exports(session, lun)
                 mark = high_water_mark(record, live)

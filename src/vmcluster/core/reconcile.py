@@ -185,6 +185,7 @@ def reconcile(me: str, placed: Mapping[str, Placed], local: Local) -> tuple[Node
         if key not in local.running or key in busy_or_starting:
             continue
         for disk, size in sorted(vm.disk_sizes.items()):
-            if disk in have and size > have[disk]:
+            if disk in have and size > have[disk]:  # one at a time: the next one after it
                 actions.append(GrowDisk(vm=key[0], generation=key[1], disk=disk, size_bytes=size))
+                break
     return tuple(actions)

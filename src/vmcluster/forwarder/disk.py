@@ -173,6 +173,8 @@ class ForwardedDisk:
 
     async def detach(self) -> None:
         self.detached = True
+        for task in self._asking.values():
+            task.cancel()
         if self._server is not None:
             self._server.close()
         for session in list(self._sessions):
@@ -312,7 +314,9 @@ class ForwardedDisk:
                 == _shape(self.upstream, self._contexts_seen)
                 and info.size > self.upstream.size
             ):
-                self._grown(path, info)
+                if not self._grown(path, info):  # this path's data connection is the old size
+                    self._run()
+                    return
             else:
                 # Another path must lead to the very same export: same size, flags, block
                 # sizes and metadata contexts (the requests are re-sent there unchanged).
@@ -321,8 +325,8 @@ class ForwardedDisk:
                                  self._loop.time())  # fmt: skip
                 self._run()
                 return
-        link.size = info.size
         if which == "data":
+            link.size = info.size
             link.data_ready = True
         else:
             link.probe_ready = True
@@ -330,10 +334,10 @@ class ForwardedDisk:
             self.core.connected(path, self._loop.time())
             self._run()
 
-    def _grown(self, path: str, info: ExportInfo) -> None:
+    def _grown(self, path: str, info: ExportInfo) -> bool:
         """The array grew the disk (same export, larger): new clients are told the new size,
         clients connected before keep the old one (their requests stay within it), and paths
-        still connected at the old size reconnect."""
+        whose data connection has the old size reconnect (``path`` too: then False)."""
         assert self.upstream is not None
         assert self.export is not None
         before = self.upstream.size
@@ -342,12 +346,15 @@ class ForwardedDisk:
         log.info(event("forwarder.disk.grown", disk=self.spec.disk, path=path, old=before,
                        size_bytes=info.size))  # fmt: skip
         now = self._loop.time()
+        kept = True
         for name, link in self._links.items():
-            if name != path and link.size and link.size < info.size:
+            if link.size and link.size < info.size:
                 self.core.failed(name, f"the export grew to {info.size} bytes: reconnecting",
                                  now)  # fmt: skip
+                kept = kept and name != path
         self._on_event({"event": "disk.grown", "disk": self.spec.disk, "size_bytes": info.size,
                         "at": time.time()})  # fmt: skip
+        return kept
 
     def _lost(self, path: str, epoch: int, reason: str, refused: bool) -> None:
         if self._links[path].epoch != epoch or self.detached:

@@ -64,8 +64,12 @@ class _Side(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         sockopts.nodelay(transport)
-        if self.array_side:
-            sockopts.bound_unacknowledged(transport, sockopts.ARRAY_USER_TIMEOUT_S)
+        # Either side gone silent ends the pair soon, and with it what the relay holds for the
+        # array: unacknowledged data for at most ARRAY_USER_TIMEOUT_S; an idle node side is
+        # probed by keepalive every second.
+        sockopts.bound_unacknowledged(transport, sockopts.ARRAY_USER_TIMEOUT_S)
+        if not self.array_side:
+            sockopts.keepalive(transport)
         self.transport.set_write_buffer_limits(high=HIGH_WATER_BYTES)
         sock = transport.get_extra_info("socket")
         self._fd = sock.fileno() if sock is not None else -1

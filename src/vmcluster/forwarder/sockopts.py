@@ -8,6 +8,7 @@
   back, after newer ones went another way.
 - ``bound_unacknowledged``: TCP_USER_TIMEOUT. Data the peer has not acknowledged within that
   time ends the connection (and is discarded), also when a reset never got through.
+- ``keepalive``: TCP keepalive, so that a peer gone silent is noticed on an idle connection.
 - ``pending_error``: the error a reset left on a socket that is not being read.
 """
 
@@ -66,6 +67,17 @@ def bound_unacknowledged(transport: asyncio.BaseTransport, seconds: float) -> No
     if sock is not None:
         with contextlib.suppress(OSError, ValueError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(seconds * 1000))
+
+
+def keepalive(transport: asyncio.BaseTransport, idle_s: int = 1, interval_s: int = 1,
+              count: int = 1) -> None:  # fmt: skip
+    sock = _socket(transport)
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle_s)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval_s)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
 
 
 def reset(transport: asyncio.Transport | None) -> None:
